@@ -1,0 +1,1308 @@
+"""SocioReasoner in one file: urban socio-semantic segmentation with vision-language reasoning.
+
+Reference implementation of "Urban Socio-Semantic Segmentation with Vision-Language Reasoning"
+(Wang et al.). Keep the paper open beside this file: the sections below follow it in order.
+
+    §3, A.1.1     data          SocioSeg samples: satellite tile, digital-map tile, mask, target text
+    §4.1 (1),(4)  prompts       the two questions we ask the VLM, and the one coordinate conversion
+    A.2.2         parsing       <think>...</think><answer>JSON</answer>, the binary format gate
+    §4.1 (3)      renderer D    boxes + translucent coarse mask drawn onto both tiles
+    §4.1 (2),(5)  segmenter S   SAM 2 turns boxes (stage 1) and boxes + points (stage 2) into a mask
+    A.2.2 (7-12)  rewards       Hungarian box accuracy, count reward, pixel IoU, point-count Gaussian
+    §4.2          policy        Qwen2.5-VL: loading, sampling G completions, scoring their tokens
+    Alg. 1        rollout       stage 1 -> best of G -> render -> stage 2
+    §4.2 (6)      GRPO          group-relative advantages, clipped ratio, k3 KL, gradient accumulation
+    Alg. 1        training      the RL loop, logging, atomic checkpoints, resume
+    §4.1          inference     the two stages once, with a picture of both
+                  CLI           python socioreasoner.py train | infer SAT MAP "school"
+
+The method in one paragraph. A VLM sees a digital map and a satellite image of the same place and a target
+("school", "a certain university", "educational"). Stage 1: it reasons and answers boxes; SAM turns them
+into a coarse mask. The boxes and coarse mask are drawn onto both images. Stage 2: it looks at its own
+drawing and answers boxes with points inside them; SAM turns those into the final mask. Nothing in this
+chain is differentiable, so one shared policy is trained with GRPO on rewards computed from the ground truth.
+
+Conventions used everywhere below:
+  * A box is [x1, y1, x2, y2] in continuous pixel coordinates: a pixel (row r, column c) covers
+    [c, c+1) x [r, r+1), so a box's area is (x2 - x1) * (y2 - y1) and the box of a single pixel is 1 x 1.
+  * Two coordinate frames exist and are never mixed silently: the *mask frame* (pixels of the tiles as
+    stored on disk, where SAM and the ground truth live) and the *model frame* (pixels of the tiles as the
+    Qwen2.5-VL processor resized them, the frame in which the model reads and writes numbers).
+    `to_frame` is the only place that converts between them.
+  * Shapes are written next to tensor code: B rows (prompt x completion pairs), T completion tokens,
+    G completions per prompt, H x W mask pixels.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import dataclasses
+import io
+import json
+import math
+import os
+import random
+import re
+import shutil
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+import numpy as np
+import torch
+from PIL import Image, ImageDraw
+from scipy import ndimage
+from scipy.optimize import linear_sum_assignment
+
+
+# ============================================================================================================
+# Hyperparameters (paper A.2.3 unless marked otherwise). Every field is also a command-line flag.
+# ============================================================================================================
+
+def hp(default, help):
+    """A config field whose help text becomes the flag's --help line."""
+    return field(default=default, metadata={"help": help})
+
+
+@dataclass
+class Config:
+    # --- models -------------------------------------------------------------------------------------------
+    model: str = hp("Qwen/Qwen2.5-VL-3B-Instruct", "policy to start from: hub id, local folder, or 'tiny'")
+    sam: str = hp("facebook/sam2-hiera-large", "SAM 2 (frozen): hub id, local .pt checkpoint, or 'tiny'")
+    sam_config: str = hp("configs/sam2/sam2_hiera_l.yaml", "sam2 config used with a local .pt checkpoint")
+    tiny: bool = hp(False, "offline demo: --model tiny --sam tiny (random, built in code) and small batches")
+    # --- data ---------------------------------------------------------------------------------------------
+    data: str = hp("data_sample", "SocioSeg root: <data>/<split>/<id>/{sat,map,mask}.png + question.json")
+    split: str = hp("train", "split to train on")
+    out: str = hp("runs/train", "run folder: checkpoint/, log.jsonl")
+    # --- GRPO (A.2.3) -------------------------------------------------------------------------------------
+    steps: int = hp(250, "RL steps T of Algorithm 1")
+    rollout_batch: int = hp(128, "prompts per RL step (the paper's rollout batch)")
+    group_size: int = hp(8, "G: completions sampled per prompt and stage")
+    lr: float = hp(1e-6, "AdamW learning rate")
+    clip_eps: float = hp(0.5, "PPO clip epsilon of eq. 6 (the authors' config uses 0.2)")
+    kl_beta: float = hp(0.005, "KL weight beta of eq. 6")
+    temperature: float = hp(1.0, "sampling temperature of the rollouts; logits are divided by it when scored")
+    max_new_tokens: int = hp(512, "cap on completion length; a cut-off answer fails the format gate")
+    select: str = hp("argmax", "Alg. 1 line 15: stage-1 rollout carried to stage 2, 'argmax' or 'sample' ~ exp(R1)")
+    # --- memory (one GPU) ---------------------------------------------------------------------------------
+    micro_batch: int = hp(4, "rows (prompt x completion) per forward/backward; gradients are accumulated")
+    grad_checkpointing: bool = hp(False, "recompute activations in backward: less memory, ~30% slower")
+    freeze_vision: bool = hp(False, "train the language model only; the vision tower stays as loaded")
+    # --- inference sampling (the authors' release) --------------------------------------------------------
+    infer_temperature: float = hp(1.0, "inference sampling temperature")
+    infer_top_p: float = hp(0.8, "inference nucleus sampling")
+    infer_top_k: int = hp(100, "inference top-k sampling")
+    # --- bookkeeping --------------------------------------------------------------------------------------
+    seed: int = hp(0, "seeds data order, sampling and the --tiny models")
+    save_every: int = hp(10, "write a checkpoint every N steps (and at the end)")
+    resume: bool = hp(False, "continue from <out>/checkpoint")
+
+
+# What --tiny changes when the flag itself is not given: small enough for a CPU laptop.
+TINY_DEFAULTS = dict(model="tiny", sam="tiny", rollout_batch=2, group_size=4, max_new_tokens=48,
+                     micro_batch=8, lr=1e-4, steps=20, save_every=5)
+
+
+class SocioError(Exception):
+    """A problem the user can fix (a bad file, a missing model). The CLI prints it as one line."""
+
+
+# ============================================================================================================
+# §3, A.1.1 — SocioSeg data
+# ============================================================================================================
+# A sample is a satellite tile I_s, a digital-map tile I_m of the same place (pixel-aligned, same size), a
+# binary mask M* of the target, and the target text t ("school", "a certain university", "educational").
+# On disk (the raw-file layout of the released data):
+#     <root>/<split>/<id>/sat.png  map.png  mask.png  question.json = {"problem": "<target text>"}
+# The Hugging Face export holds the same columns in parquet shards (id, problem, sat_image, map_image,
+# mask_label); `list_split` reads either. Tiles are square in SocioSeg, but no size is assumed anywhere.
+#
+# A split of 7,620 tiles does not fit in memory as decoded images, so listing a split only *checks* every
+# sample (files exist, headers readable, sizes agree) and `read_sample` decodes one when it is needed.
+
+@dataclass
+class SampleRef:
+    """Where one sample's images are: a file path, or encoded bytes from a parquet row."""
+    id: str
+    text: str
+    sat: Any
+    map: Any
+    mask: Any
+    size: tuple  # (W, H), read from the headers while listing
+
+
+@dataclass
+class Sample:
+    id: str
+    text: str
+    sat: Image.Image   # RGB, W x H
+    map: Image.Image   # RGB, W x H, pixel-aligned with sat
+    mask: np.ndarray   # (H, W) bool, the ground truth M*
+
+
+def _open_image(source, what: str, sample_id: Optional[str]) -> Image.Image:
+    """Open a path or encoded bytes; a broken file becomes one message naming the sample and the file."""
+    name = source if isinstance(source, (str, Path)) else f"{what} bytes"
+    where = f"sample {sample_id}: " if sample_id else ""
+    try:
+        return Image.open(source if isinstance(source, (str, Path)) else io.BytesIO(source))
+    except Exception as e:  # FileNotFoundError, UnidentifiedImageError, truncated headers, ...
+        raise SocioError(f"{where}cannot read {what} image {name}: {one_line(e)}") from None
+
+
+def one_line(e: Exception) -> str:
+    """An exception as one short line, for messages to the user."""
+    text = " ".join(str(e).split())
+    return f"{type(e).__name__}: {text[:200]}" if text else type(e).__name__
+
+
+def list_split(root: str | Path, split: str) -> list[SampleRef]:
+    """Check and list every sample of a split, from the raw-file layout or from parquet shards.
+
+    All broken samples are reported together (one line each) before anything is trained on.
+    """
+    root = Path(root)
+    if not (root / split).is_dir() and not list(root.glob(f"**/{split}-*.parquet")):
+        raise SocioError(f"no split '{split}' under {root}: expected {root}/{split}/<id>/ folders "
+                         f"or {split}-*.parquet shards")
+    refs, problems = [], []
+    for ref in (_list_raw(root / split, problems) if (root / split).is_dir() else _list_parquet(root, split)):
+        try:
+            sizes = {what: _open_image(getattr(ref, what), what, ref.id).size for what in ("sat", "map", "mask")}
+        except SocioError as e:
+            problems.append(str(e))
+            continue
+        if len(set(sizes.values())) != 1:
+            problems.append(f"sample {ref.id}: image sizes disagree (W x H): "
+                            + ", ".join(f"{k} {w}x{h}" for k, (w, h) in sizes.items()))
+            continue
+        ref.size = sizes["sat"]
+        refs.append(ref)
+    if problems:
+        raise SocioError(f"{len(problems)} broken sample(s) in {root}/{split}:\n  " + "\n  ".join(problems))
+    if not refs:
+        raise SocioError(f"split '{split}' under {root} holds no samples")
+    return refs
+
+
+def _list_raw(split_dir: Path, problems: list) -> list[SampleRef]:
+    refs = []
+    for d in sorted(p for p in split_dir.iterdir() if p.is_dir()):
+        q = d / "question.json"
+        try:
+            text = json.loads(q.read_text(encoding="utf-8"))["problem"]
+            if not isinstance(text, str) or not text.strip():
+                raise ValueError("'problem' is not a non-empty string")
+        except Exception as e:
+            problems.append(f"sample {d.name}: cannot read the target text from {q}: {one_line(e)}")
+            continue
+        refs.append(SampleRef(d.name, text.strip(), str(d / "sat.png"), str(d / "map.png"),
+                              str(d / "mask.png"), (0, 0)))
+    return refs
+
+
+def _list_parquet(root: Path, split: str) -> list[SampleRef]:
+    try:
+        import pyarrow.parquet as pq  # optional: only the parquet export needs it
+    except ImportError:
+        raise SocioError("reading SocioSeg parquet shards needs pyarrow: pip install pyarrow "
+                         "(or use the raw-file layout <root>/<split>/<id>/...)") from None
+    refs = []
+    for shard in sorted(root.glob(f"**/{split}-*.parquet")):
+        for row in pq.read_table(shard).to_pylist():
+            # Hugging Face image columns are structs {"bytes": ..., "path": ...}.
+            img = lambda col: (row[col] or {}).get("bytes") if isinstance(row[col], dict) else row[col]
+            refs.append(SampleRef(str(row["id"]), str(row["problem"]).strip(), img("sat_image"),
+                                  img("map_image"), img("mask_label"), (0, 0)))
+    return refs
+
+
+def read_sample(ref: SampleRef) -> Sample:
+    """Decode one sample. The mask is foreground wherever its grayscale value is > 0."""
+    def decode(what, mode):
+        try:
+            return _open_image(getattr(ref, what), what, ref.id).convert(mode)
+        except OSError as e:  # truncated or corrupt pixel data only shows up when decoding
+            raise SocioError(f"sample {ref.id}: cannot decode {what} image: {one_line(e)}") from None
+    mask = np.asarray(decode("mask", "L")) > 0
+    return Sample(ref.id, ref.text, decode("sat", "RGB"), decode("map", "RGB"), mask)
+
+
+def mask_to_boxes(mask: np.ndarray) -> np.ndarray:
+    """Ground-truth boxes B*: one box per 8-connected component of the mask. (H, W) bool -> (J, 4) float."""
+    labels, _ = ndimage.label(mask, structure=np.ones((3, 3), dtype=int))
+    boxes = [[sx.start, sy.start, sx.stop, sy.stop] for sy, sx in ndimage.find_objects(labels)]
+    return np.asarray(boxes, dtype=np.float64).reshape(-1, 4)
+
+
+# ============================================================================================================
+# §4.1, eqs. (1) and (4) — prompts and the coordinate frames
+# ============================================================================================================
+# The model input is [map image, satellite image, text], map first (as in the released data pipeline).
+# Qwen2.5-VL reads and writes coordinates as absolute pixels of the image *as its processor resized it*
+# (a "smart resize" to multiples of 28 within a pixel budget), so the prompt states that frame's size, and
+# every number the model writes is converted to the mask frame before SAM or the rewards see it.
+#
+# The authors' release compares ground-truth boxes in original-mask pixels with predictions in the resized
+# frame without converting either: at 768 px tiles resized to 756 px the error is small enough to hide.
+# Here the frames are explicit.
+
+STAGE1_PROMPT = (
+    "The first image is a digital map and the second a satellite image of the same place; both are "
+    "{w}x{h} pixels and aligned pixel for pixel. Target: \"{target}\".\n"
+    "Use the map's labels, colours and icons together with what the ground looks like to find every area "
+    "that is the target. Reason step by step inside <think></think>, then write the answer inside "
+    "<answer></answer> as a JSON list with one object per area, boxes in pixels of the images:\n"
+    "<think>...</think><answer>[{{\"bbox_2d\": [x1, y1, x2, y2]}}]</answer>"
+)
+
+STAGE2_PROMPT = (
+    "The first image is a digital map and the second a satellite image of the same place; both are "
+    "{w}x{h} pixels and aligned pixel for pixel. Target: \"{target}\".\n"
+    "A first attempt is drawn on both images: its boxes are outlined in yellow and the mask it produced is "
+    "shaded red. Its boxes were: {boxes}.\n"
+    "Check the drawing against the map and the ground. Keep, move or drop boxes, and inside each box give "
+    "points that lie on the target, where the shaded mask misses it or spills over it. Reason step by step "
+    "inside <think></think>, then answer inside <answer></answer>:\n"
+    "<think>...</think><answer>[{{\"bbox_2d\": [x1, y1, x2, y2], \"points\": [[x, y], [x, y]]}}]</answer>"
+)
+
+
+def to_frame(coords: np.ndarray, src_hw: tuple, dst_hw: tuple) -> np.ndarray:
+    """Convert x/y coordinates between the mask frame and the model frame (either direction).
+
+    coords: (..., 2k) with x, y alternating on the last axis: boxes (K, 4) or points (N, 2).
+    Box edges are continuous coordinates, so a plain ratio maps edge to edge exactly. (A point names a pixel
+    by its corner rather than its centre; that half-pixel is below the resolution of anything here.)
+    """
+    coords = np.asarray(coords, dtype=np.float64)
+    (sh, sw), (dh, dw) = src_hw, dst_hw
+    scale = np.tile([dw / sw, dh / sh], coords.shape[-1] // 2)
+    return coords * scale
+
+
+# ============================================================================================================
+# A.2.2 — parsing the answer; the binary format gate R_form
+# ============================================================================================================
+# The policy writes free text. R_form = 1 iff the whole completion is <think>...</think><answer>JSON</answer>
+# and the JSON is a list of objects with exactly the stage's keys: stage 1 {"bbox_2d": [x1, y1, x2, y2]},
+# stage 2 {"bbox_2d": [...], "points": [[x, y], ...]}. Our precise rules, written down because RL finds
+# every loophole:
+#   * numbers are finite ints or floats (JSON's NaN/Infinity and booleans are rejected);
+#   * a box has positive width and height (x1 < x2, y1 < y2); where it lies is not judged here: boxes and
+#     points outside the image are clipped when they are handed to SAM;
+#   * an empty list is a valid answer ("nothing here"); more than MAX_OBJECTS objects, or more than
+#     MAX_POINTS points in a group, is not;
+#   * a completion cut off by max_new_tokens has no closing </answer> and so fails.
+# The authors' release gives partial format credit per well-formed item; the paper's gate is binary.
+
+MAX_OBJECTS = 32
+MAX_POINTS = 16
+ANSWER_RE = re.compile(r"\s*<think>(.*?)</think>\s*<answer>(.*?)</answer>\s*", re.DOTALL)
+
+
+def _reject_constant(name):
+    raise ValueError(f"non-finite number {name}")
+
+
+def _number(v) -> Optional[float]:
+    if isinstance(v, bool) or not isinstance(v, (int, float)):
+        return None
+    try:
+        v = float(v)
+    except OverflowError:  # a JSON integer with hundreds of digits
+        return None
+    return v if math.isfinite(v) else None
+
+
+def parse_answer(completion: str, stage: int) -> Optional[list[dict]]:
+    """Parse a completion into [{"bbox_2d": [4 floats], ("points": [[x, y], ...])}] or None (R_form = 0).
+
+    Never raises, whatever the text: that is what an RL policy will eventually write.
+    """
+    if not isinstance(completion, str) or len(completion) > 100_000:
+        return None
+    m = ANSWER_RE.fullmatch(completion)
+    if m is None:
+        return None
+    try:
+        items = json.loads(m.group(2), parse_constant=_reject_constant)
+    except (ValueError, RecursionError):  # malformed JSON, NaN/Infinity, absurd nesting, huge ints
+        return None
+    keys = {"bbox_2d"} if stage == 1 else {"bbox_2d", "points"}
+    if not isinstance(items, list) or len(items) > MAX_OBJECTS:
+        return None
+    parsed = []
+    for item in items:
+        if not isinstance(item, dict) or set(item) != keys:
+            return None
+        box = item["bbox_2d"]
+        if not isinstance(box, list) or len(box) != 4:
+            return None
+        box = [_number(v) for v in box]
+        if None in box or not (box[0] < box[2] and box[1] < box[3]):
+            return None
+        out = {"bbox_2d": box}
+        if stage == 2:
+            pts = item["points"]
+            if not isinstance(pts, list) or len(pts) > MAX_POINTS:
+                return None
+            pts = [[_number(v) for v in p] if isinstance(p, list) and len(p) == 2 else [None] for p in pts]
+            if any(None in p for p in pts):
+                return None
+            out["points"] = pts
+        parsed.append(out)
+    return parsed
+
+
+def thinking(completion: str) -> str:
+    """The free-form reasoning channel, for printing (empty if absent)."""
+    m = re.search(r"<think>(.*?)</think>", completion, re.DOTALL)
+    return m.group(1).strip() if m else ""
+
+
+# ============================================================================================================
+# §4.1, eq. (3) — the renderer D
+# ============================================================================================================
+# Stage 2 needs visual feedback: the stage-1 boxes and the coarse mask M_c drawn onto *both* tiles, so the
+# model can compare its attempt with the map's labels and the ground. Drawing happens in the mask frame on
+# the stored tiles; the processor then resizes the drawing like any other input.
+
+MASK_RGB, BOX_RGB, POINT_RGB = (255, 0, 0), (255, 230, 0), (0, 200, 255)
+
+
+def render(image: Image.Image, boxes: np.ndarray, mask: Optional[np.ndarray],
+           points: Optional[list] = None, alpha: float = 0.4) -> Image.Image:
+    """D(I, B, M): the image with `mask` shaded red, `boxes` (K, 4) outlined, `points` [(n, 2)] as dots.
+
+    All coordinates in the image's own (mask) frame. Points are only drawn for the inference picture.
+    """
+    img = np.asarray(image.convert("RGB"), dtype=np.float32)            # (H, W, 3)
+    if mask is not None and mask.any():
+        img[mask] = (1 - alpha) * img[mask] + alpha * np.asarray(MASK_RGB, dtype=np.float32)
+    out = Image.fromarray(img.round().astype(np.uint8))
+    draw = ImageDraw.Draw(out)
+    width = max(1, round(min(out.size) / 150))
+    for x1, y1, x2, y2 in np.asarray(boxes, dtype=np.float64).reshape(-1, 4):
+        draw.rectangle([x1, y1, x2 - 1, y2 - 1], outline=BOX_RGB, width=width)
+    for group in points or []:
+        for x, y in np.asarray(group, dtype=np.float64).reshape(-1, 2):
+            r = 2 * width
+            draw.ellipse([x - r, y - r, x + r, y + r], fill=POINT_RGB, outline=(0, 0, 0))
+    return out
+
+
+# ============================================================================================================
+# §4.1, eqs. (2) and (5) — the segmenter S
+# ============================================================================================================
+# S is a frozen SAM 2 (A.2.3). It only ever sees the *satellite* tile, in the mask frame: the model's
+# coordinates are converted by `to_frame` before they get here. The interface is two calls, so that the
+# rollout can be handed any segmenter (the tests hand it a fake that fills boxes):
+#     encoding = segmenter.encode(image)               # (H, W, 3) uint8, the expensive image encoder
+#     mask = segmenter.segment(encoding, boxes, points) # (K, 4) boxes, None or K arrays (n_k, 2) -> (H, W) bool
+# One tile is encoded once per training step and reused for the coarse mask and all G final masks.
+#
+# Following the authors' release: each object (a box, plus its points in stage 2, all labelled
+# foreground) is one SAM prompt, SAM returns three candidate masks, the highest-scoring is kept, and the
+# objects' masks are OR-ed into one. Objects with the same number of points go through SAM in one batched
+# call; padding point lists to a common length with SAM's "no point" label would change the masks, since
+# the decoder attends to the padding token.
+#
+# Prompts are made safe first: coordinates are clipped to the image, and a box left with no area is dropped
+# (SAM would accept it, silently, and segment something arbitrary).
+
+class Sam2Segmenter:
+    def __init__(self, predictor):
+        self.predictor = predictor
+
+    def encode(self, image: np.ndarray) -> dict:
+        self.predictor.set_image(np.array(image))    # a writable copy, as torchvision wants
+        # SAM2ImagePredictor keeps one image's features in these attributes; we keep them per tile.
+        return {k: getattr(self.predictor, k) for k in ("_features", "_orig_hw", "_is_image_set", "_is_batch")}
+
+    @torch.no_grad()
+    def segment(self, encoding: dict, boxes: np.ndarray, points: Optional[list] = None) -> np.ndarray:
+        h, w = encoding["_orig_hw"][0]
+        boxes, points = clip_prompts(boxes, points, (h, w))
+        mask = np.zeros((h, w), bool)
+        if len(boxes) == 0:
+            return mask
+        for k, v in encoding.items():
+            setattr(self.predictor, k, v)
+        counts = [0] * len(boxes) if points is None else [len(p) for p in points]
+        for n in sorted(set(counts)):
+            idx = [i for i, c in enumerate(counts) if c == n]
+            kw = {"box": boxes[idx].astype(np.float32)}
+            if n:
+                kw["point_coords"] = np.stack([points[i] for i in idx]).astype(np.float32)   # (k, n, 2)
+                kw["point_labels"] = np.ones((len(idx), n), dtype=np.int32)                  # foreground
+            masks, scores, _ = self.predictor.predict(multimask_output=True, **kw)
+            masks = masks.reshape(len(idx), -1, h, w)                                        # (k, 3, H, W)
+            best = scores.reshape(len(idx), -1).argmax(axis=1)
+            mask |= (masks[np.arange(len(idx)), best] > 0).any(axis=0)
+        return mask
+
+
+def clip_prompts(boxes: np.ndarray, points: Optional[list], hw: tuple):
+    """Clip boxes and points to an H x W image; drop boxes (and their points) that have no area left."""
+    h, w = hw
+    boxes = np.asarray(boxes, dtype=np.float64).reshape(-1, 4).copy()
+    boxes[:, [0, 2]] = boxes[:, [0, 2]].clip(0, w)
+    boxes[:, [1, 3]] = boxes[:, [1, 3]].clip(0, h)
+    keep = (boxes[:, 2] > boxes[:, 0]) & (boxes[:, 3] > boxes[:, 1])
+    if points is not None:
+        points = [np.asarray(p, dtype=np.float64).reshape(-1, 2).clip(0, [w - 1, h - 1])
+                  for p, k in zip(points, keep) if k]
+    return boxes[keep], points
+
+
+def load_segmenter(cfg: Config, device: torch.device) -> Sam2Segmenter:
+    """SAM 2 from the hub (cfg.sam an id), a local .pt checkpoint, or, with --tiny, a random small SAM 2."""
+    import warnings
+    warnings.filterwarnings("ignore", message=".*torch.jit.script.*", category=FutureWarning)
+    from sam2.build_sam import build_sam2
+    from sam2.sam2_image_predictor import SAM2ImagePredictor
+    if cfg.sam == "tiny":
+        # Random weights from the package's smallest config: the masks mean nothing, the plumbing is real.
+        torch.manual_seed(cfg.seed)
+        return Sam2Segmenter(SAM2ImagePredictor(build_sam2("configs/sam2.1/sam2.1_hiera_t.yaml", None,
+                                                           device=str(device))))
+    try:
+        if Path(cfg.sam).is_file():      # a checkpoint holding {"model": state_dict}, with its config
+            return Sam2Segmenter(SAM2ImagePredictor(build_sam2(cfg.sam_config, cfg.sam, device=str(device))))
+        return Sam2Segmenter(SAM2ImagePredictor.from_pretrained(cfg.sam, device=str(device)))
+    except Exception as e:
+        raise SocioError(f"cannot load SAM 2 '{cfg.sam}' ({one_line(e)}). Offline? Pass "
+                         f"--sam PATH to a local .pt checkpoint (with --sam-config), or --tiny") from None
+
+
+# ============================================================================================================
+# A.2.2, eqs. (7)-(12) — rewards
+# ============================================================================================================
+# Both stages score R = R_form + R_acc + R_len, with R = 0 whenever R_form = 0 (the gate overrides the rest).
+#
+# Stage 1 (eqs. 7-9), K predicted and J ground-truth boxes in the same frame:
+#     R_acc = N_m / max(K, J), N_m = matches of a Hungarian assignment on cost 1 - [IoU > 0.5]
+#     R_len = exp(-2 |K - J| / J)
+# Stage 2 (eqs. 10-12):
+#     R_acc = IoU(M_f, M*) in pixels
+#     R_len = mean over the G' groups of r(n) = exp(-(n - mu)^2 / (2 sigma^2)), mu = 2, sigma = 2
+#
+# Cases the paper leaves open, decided here:
+#   * J = 0 (no ground truth; SocioSeg always has some, but user data may not): an empty answer is exactly
+#     right, R_acc = 1; any box is wrong, R_acc = 0. R_len divides by max(J, 1), i.e. exp(-2K).
+#   * K = 0 with J > 0: R_acc = 0 / J = 0 and R_len = exp(-2); the format is still fine.
+#   * Stage 2 with no groups (G' = 0): R_len = 0 (the mean of nothing rewards nothing); the mask is empty.
+#   * IoU of two empty masks is 1 (nothing to find, nothing found), as the authors' gIoU does.
+#
+# What the authors' release does instead (not implemented here, noted for readers comparing numbers):
+#   * its stage-1 cost also counts a mean L1 box distance < 10 px, cost = 2 - [IoU > 0.5] - [L1 < 10], and
+#     scores (N_m - sum cost) / max(K, J), which ranges over [-1, 1];
+#   * its stage 2 requires each box to equal its stage-1 box and every point to lie inside its box;
+#   * it normalises advantages by the group's standard deviation (see group_advantages).
+
+def box_iou(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """IoU of every box in a (K, 4) with every box in b (J, 4) -> (K, J); boxes [x1, y1, x2, y2]."""
+    a = np.asarray(a, dtype=np.float64).reshape(-1, 4)[:, None, :]      # (K, 1, 4)
+    b = np.asarray(b, dtype=np.float64).reshape(-1, 4)[None, :, :]      # (1, J, 4)
+    iw = np.clip(np.minimum(a[..., 2], b[..., 2]) - np.maximum(a[..., 0], b[..., 0]), 0, None)
+    ih = np.clip(np.minimum(a[..., 3], b[..., 3]) - np.maximum(a[..., 1], b[..., 1]), 0, None)
+    inter = iw * ih                                                     # (K, J)
+    area = lambda x: np.clip(x[..., 2] - x[..., 0], 0, None) * np.clip(x[..., 3] - x[..., 1], 0, None)
+    union = area(a) + area(b) - inter
+    return np.divide(inter, union, out=np.zeros_like(inter), where=union > 0)
+
+
+def hungarian_matches(pred: np.ndarray, gt: np.ndarray, iou_threshold: float = 0.5) -> int:
+    """N_m of eq. 7: the most one-to-one pairs with IoU > threshold (linear assignment on 1 - match)."""
+    if len(pred) == 0 or len(gt) == 0:
+        return 0
+    match = (box_iou(pred, gt) > iou_threshold).astype(np.float64)      # (K, J) binary M
+    rows, cols = linear_sum_assignment(1.0 - match)                     # rectangular is fine
+    return int(match[rows, cols].sum())
+
+
+def mask_iou(pred: np.ndarray, gt: np.ndarray) -> float:
+    """Pixel IoU of two (H, W) boolean masks; 1.0 when both are empty."""
+    pred, gt = np.asarray(pred, dtype=bool), np.asarray(gt, dtype=bool)
+    union = np.count_nonzero(pred | gt)
+    return 1.0 if union == 0 else np.count_nonzero(pred & gt) / union
+
+
+def point_count_score(n: np.ndarray | int, mu: float = 2.0, sigma: float = 2.0) -> np.ndarray:
+    """r(n) of eq. 11: a Gaussian in the number of points of one group, 1 at n = mu."""
+    return np.exp(-((np.asarray(n, dtype=np.float64) - mu) ** 2) / (2 * sigma ** 2))
+
+
+def _reward(fmt: float, acc: float, length: float) -> dict:
+    total = fmt + acc + length if fmt else 0.0
+    return {"format": float(fmt), "accuracy": float(acc) if fmt else 0.0,
+            "length": float(length) if fmt else 0.0, "total": float(total)}
+
+
+def stage1_reward(completion: str, gt_boxes: np.ndarray) -> dict:
+    """R_1 of eq. 9. gt_boxes (J, 4) must be in the frame the model writes in (the model frame)."""
+    answer = parse_answer(completion, stage=1)
+    if answer is None:
+        return _reward(0, 0, 0)
+    pred = np.asarray([o["bbox_2d"] for o in answer], dtype=np.float64).reshape(-1, 4)
+    K, J = len(pred), len(gt_boxes)
+    acc = (1.0 if K == 0 else 0.0) if J == 0 else hungarian_matches(pred, gt_boxes) / max(K, J)
+    length = math.exp(-2 * abs(K - J) / max(J, 1))
+    return _reward(1, acc, length)
+
+
+def stage2_reward(completion: str, pred_mask: np.ndarray, gt_mask: np.ndarray, mu: float = 2.0) -> dict:
+    """R_2 of eq. 12. pred_mask is S's final mask M_f for this completion, in the mask frame like gt_mask.
+
+    mu is the point count the length reward peaks at (the paper's Table 3 ablates 1, 2, 3).
+    """
+    answer = parse_answer(completion, stage=2)
+    if answer is None:
+        return _reward(0, 0, 0)
+    counts = [len(o["points"]) for o in answer]
+    length = float(point_count_score(counts, mu=mu).mean()) if counts else 0.0
+    return _reward(1, mask_iou(pred_mask, gt_mask), length)
+
+
+# ============================================================================================================
+# §4.2 — the policy: Qwen2.5-VL, loading, sampling G completions, scoring their tokens
+# ============================================================================================================
+# One Qwen2.5-VL serves both stages (A.2.1: shared parameters). Three details decide whether the
+# log-probabilities GRPO trains on are those of the distribution that was sampled:
+#   * Sampling parameters are passed explicitly. The released checkpoint's generation_config asks for
+#     top_k=1, top_p=0.001, temperature 0.1 and a repetition penalty, and generate() silently merges any
+#     field we leave out (even top_k=50 from the library's defaults). Training samples the full softmax at
+#     the rollout temperature (top_k=0, top_p=1), which is exactly what completion_logprobs scores.
+#   * Vision placeholder tokens (<|image_pad|> and friends) are never sampled and are removed from the
+#     scoring softmax too: a completion containing one would make the re-scoring forward fail ("image
+#     features and image tokens do not match"), and removing them on one side only would skew the ratio.
+#   * Only completion tokens are scored, up to and including the first EOS; never prompt or image tokens.
+
+VISION_TOKENS = ["<|vision_start|>", "<|vision_end|>", "<|vision_pad|>", "<|image_pad|>", "<|video_pad|>"]
+
+
+@dataclass
+class Policy:
+    model: Any                        # Qwen2_5_VLForConditionalGeneration, float32 weights
+    processor: Any                    # Qwen2_5_VLProcessor
+    eos_ids: list                     # a completion ends at the first of these (<|im_end|>, <|endoftext|>)
+    pad_id: int
+    vision_ids: list                  # never sampled, never scored
+    device: torch.device
+
+
+def make_policy(model, processor, device) -> Policy:
+    tok = processor.tokenizer
+    ids = lambda names: [i for i in tok.convert_tokens_to_ids(names) if i is not None and i != tok.unk_token_id]
+    eos = model.generation_config.eos_token_id
+    eos_ids = sorted(set(ids(["<|im_end|>", "<|endoftext|>"])) | set(eos if isinstance(eos, list) else [eos]) - {None})
+    pad = tok.pad_token_id if tok.pad_token_id is not None else eos_ids[0]
+    return Policy(model.to(device).eval(), processor, eos_ids, pad, ids(VISION_TOKENS), device)
+
+
+def load_policy(name_or_path: str, device: torch.device) -> Policy:
+    """A Qwen2.5-VL checkpoint (hub id or local folder) with its processor; weights in float32."""
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+    try:
+        processor = AutoProcessor.from_pretrained(name_or_path)
+        model = AutoModelForImageTextToText.from_pretrained(name_or_path, dtype=torch.float32)
+    except Exception as e:
+        raise SocioError(f"cannot load model '{name_or_path}' ({one_line(e)}). Offline? "
+                         f"Pass --model PATH to a local folder, or --tiny for a tiny random model") from None
+    return make_policy(model, processor, device)
+
+
+def load_or_build_policy(cfg: Config, device: torch.device) -> Policy:
+    return build_tiny_policy(cfg.seed, device) if cfg.model == "tiny" else load_policy(cfg.model, device)
+
+
+def vision_tower(model):
+    return model.model.visual
+
+
+def model_frame(policy: Policy, image_size: tuple) -> tuple:
+    """(H', W') of an image of (W, H) pixels after the processor's smart resize: the model's frame."""
+    from transformers.models.qwen2_vl.image_processing_qwen2_vl import smart_resize
+    ip = policy.processor.image_processor
+    w, h = image_size
+    return smart_resize(h, w, factor=ip.patch_size * ip.merge_size,
+                        min_pixels=ip.size.shortest_edge, max_pixels=ip.size.longest_edge)
+
+
+def policy_inputs(policy: Policy, images: list, template: str, target: str, **fields) -> tuple:
+    """Chat-formatted prompt [map, satellite, text] -> (processor tensors on the device, (H', W'))."""
+    model_hw = model_frame(policy, images[0].size)
+    text = template.format(w=model_hw[1], h=model_hw[0], target=target, **fields)
+    messages = [{"role": "user", "content": [{"type": "image"}, {"type": "image"}, {"type": "text", "text": text}]}]
+    prompt = policy.processor.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    inputs = policy.processor(text=[prompt], images=images, return_tensors="pt")
+    grid = inputs["image_grid_thw"][0]                           # (t, h, w) in patches of patch_size pixels
+    patch = policy.processor.image_processor.patch_size
+    assert (int(grid[1]) * patch, int(grid[2]) * patch) == model_hw, "processor frame != smart_resize frame"
+    return {k: v.to(policy.device) for k, v in inputs.items()}, model_hw
+
+
+def _autocast(device):
+    # bf16 matmuls on a GPU; float32 on a CPU, where bf16 is slow and buys nothing.
+    return torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else torch.autocast("cpu", enabled=False)
+
+
+@torch.no_grad()
+def sample_completions(policy: Policy, inputs: dict, n: int, temperature: float, top_p: float, top_k: int,
+                       max_new_tokens: int) -> list:
+    """n sampled completions of one prompt -> n LongTensors (T_g,) on the CPU, cut after the first EOS."""
+    with _autocast(policy.device):
+        out = policy.model.generate(
+            **inputs, do_sample=True, num_return_sequences=n, max_new_tokens=max_new_tokens,
+            temperature=temperature, top_p=top_p, top_k=top_k, min_p=None, typical_p=1.0,
+            repetition_penalty=1.0, no_repeat_ngram_size=0, suppress_tokens=policy.vision_ids,
+            eos_token_id=policy.eos_ids, pad_token_id=policy.pad_id)
+    completions = []
+    for seq in out[:, inputs["input_ids"].shape[1]:].cpu():                      # (n, T_max)
+        ends = torch.isin(seq, torch.tensor(policy.eos_ids)).nonzero()
+        completions.append(seq[: int(ends[0]) + 1] if len(ends) else seq)       # keep the EOS itself
+    return completions
+
+
+def decode(policy: Policy, completion: torch.Tensor) -> str:
+    """Text of a completion without its final EOS (special tokens inside the text are kept and fail the format)."""
+    ids = completion[:-1] if len(completion) and int(completion[-1]) in policy.eos_ids else completion
+    return policy.processor.tokenizer.decode(ids, skip_special_tokens=False)
+
+
+def completion_logprobs(policy: Policy, model, rows: list, temperature: float) -> tuple:
+    """log pi(y_t | y_<t, x) of every completion token, from one forward pass over prompt + completion.
+
+    rows: [(prompt inputs, completion ids (T_i,))]. Returns logp (B, T) float32 and mask (B, T) where
+    T = max T_i. Rows are right-padded, so real tokens keep their positions. Each row repeats its prompt's
+    images: pixel_values are the patches of all images in batch order, so rows are concatenated, never
+    interleaved.
+    """
+    device = policy.device
+    prompts = [inp["input_ids"][0] for inp, _ in rows]
+    comps = [c.to(device) for _, c in rows]
+    P = torch.tensor([len(p) for p in prompts], device=device)                   # (B,)
+    Tc = torch.tensor([len(c) for c in comps], device=device)                    # (B,)
+    L, T = int((P + Tc).max()), int(Tc.max())
+    ids = torch.full((len(rows), L), policy.pad_id, dtype=torch.long, device=device)
+    attn = torch.zeros_like(ids)
+    mm_types = torch.zeros_like(ids)
+    for i, ((inp, _), c) in enumerate(zip(rows, comps)):
+        p = len(prompts[i])
+        ids[i, :p], ids[i, p:p + len(c)] = prompts[i], c
+        attn[i, : p + len(c)] = 1
+        mm_types[i, :p] = inp["mm_token_type_ids"][0]
+    # Logits are only needed from the earliest completion start on: skip the lm_head over long prompts.
+    keep = L - int(P.min()) + 1
+    with _autocast(device):
+        logits = model(input_ids=ids, attention_mask=attn, mm_token_type_ids=mm_types, use_cache=False,
+                       pixel_values=torch.cat([inp["pixel_values"] for inp, _ in rows]),
+                       image_grid_thw=torch.cat([inp["image_grid_thw"] for inp, _ in rows]),
+                       logits_to_keep=keep).logits                               # (B, keep, V)
+    # The logit at position j predicts token j+1: completion token t of row i is predicted at P_i - 1 + t.
+    t = torch.arange(T, device=device)
+    pos = (P[:, None] - 1 + t[None, :]).clamp(max=L - 1) - (L - keep)            # (B, T) into kept logits
+    logits = logits.gather(1, pos[..., None].expand(-1, -1, logits.shape[-1])).float() / temperature
+    logits[..., policy.vision_ids] = float("-inf")                               # as at sampling time
+    targets = torch.stack([torch.nn.functional.pad(c, (0, T - len(c)), value=policy.pad_id) for c in comps])
+    logp = logits.log_softmax(-1).gather(-1, targets[..., None]).squeeze(-1)     # (B, T) float32
+    mask = (t[None, :] < Tc[:, None]).float()                                    # (B, T)
+    return logp * mask, mask
+
+
+# --- a tiny random Qwen2.5-VL, built in code (--tiny, the tests) --------------------------------------------
+# The real classes with toy sizes: a byte-level BPE tokenizer with no merges (every UTF-8 byte is a token,
+# plus Qwen's special tokens), 112 x 112-pixel model frames (16 image tokens per tile), a 2-layer, 64-wide
+# language model and a 2-block vision tower: about 0.2 M parameters, under 1 MB on disk. It loads, samples,
+# scores and saves exactly like the 3B checkpoint, so every code path above runs offline.
+
+TINY_CHAT_TEMPLATE = (
+    "{%- for m in messages -%}<|im_start|>{{ m['role'] }}\n"
+    "{%- if m['content'] is string -%}{{ m['content'] }}{%- else -%}{%- for c in m['content'] -%}"
+    "{%- if c['type'] == 'image' -%}<|vision_start|><|image_pad|><|vision_end|>"
+    "{%- elif c['type'] == 'text' -%}{{ c['text'] }}{%- endif -%}{%- endfor -%}{%- endif -%}<|im_end|>\n"
+    "{%- endfor -%}{%- if add_generation_prompt -%}<|im_start|>assistant\n{%- endif -%}"
+)
+
+
+def build_tiny_policy(seed: int, device: torch.device = torch.device("cpu")) -> Policy:
+    from transformers import (GenerationConfig, Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration,
+                              Qwen2_5_VLProcessor, Qwen2Tokenizer, Qwen2VLImageProcessor, Qwen2VLVideoProcessor)
+    from transformers.convert_slow_tokenizer import bytes_to_unicode
+    specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"] + VISION_TOKENS
+    vocab = {ch: i for i, ch in enumerate(bytes_to_unicode()[b] for b in range(256))}
+    vocab.update({t: 256 + i for i, t in enumerate(specials)})
+    tok = Qwen2Tokenizer(vocab=vocab, merges=[], unk_token=None, eos_token="<|im_end|>",
+                         pad_token="<|endoftext|>", extra_special_tokens=specials[1:])
+    size = {"shortest_edge": 56 * 56, "longest_edge": 112 * 112}
+    processor = Qwen2_5_VLProcessor(image_processor=Qwen2VLImageProcessor(size=size), tokenizer=tok,
+                                    video_processor=Qwen2VLVideoProcessor(size=size),
+                                    chat_template=TINY_CHAT_TEMPLATE)
+    tid = tok.convert_tokens_to_ids
+    config = Qwen2_5_VLConfig(
+        text_config=dict(vocab_size=len(vocab), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=4096,
+                         # M-RoPE splits head_dim / 2 = 8 frequency pairs over (time, height, width)
+                         rope_parameters={"rope_type": "default", "rope_theta": 1e6, "mrope_section": [2, 3, 3]},
+                         bos_token_id=None, eos_token_id=tid("<|im_end|>"), pad_token_id=tid("<|endoftext|>")),
+        vision_config=dict(depth=2, hidden_size=32, intermediate_size=64, num_heads=2, out_hidden_size=64,
+                           patch_size=14, spatial_merge_size=2, temporal_patch_size=2, window_size=112,
+                           fullatt_block_indexes=[1]),
+        image_token_id=tid("<|image_pad|>"), video_token_id=tid("<|video_pad|>"),
+        vision_start_token_id=tid("<|vision_start|>"), vision_end_token_id=tid("<|vision_end|>"),
+        tie_word_embeddings=False)
+    torch.manual_seed(seed)
+    model = Qwen2_5_VLForConditionalGeneration(config)
+    model.generation_config = GenerationConfig(bos_token_id=None, eos_token_id=tid("<|im_end|>"),
+                                               pad_token_id=tid("<|endoftext|>"))
+    return make_policy(model, processor, device)
+
+
+# ============================================================================================================
+# §4.2, eq. (6) — GRPO
+# ============================================================================================================
+# For each prompt x, G completions y^(g) with rewards R^(g). Per completion token t:
+#     r_t = pi_theta(y_t | y_<t, x) / pi_old(y_t | y_<t, x)                        (token importance ratio)
+#     l_t = -min(r_t A, clip(r_t, 1 - eps, 1 + eps) A) + beta * KL_t
+# with A = R - mean_g R the group-relative advantage, and KL_t the k3 estimator of KL(pi_theta || pi_ref):
+#     KL_t = exp(q_t) - q_t - 1,  q_t = log pi_ref(y_t) - log pi_theta(y_t)
+# (unbiased, always >= 0, zero exactly when the two agree on the sampled token).
+#
+# Normalisation. Eq. 6 sums l_t over a completion's tokens and averages over the G completions, which makes
+# long answers weigh more. Like the authors' release we take the token *mean* per completion, then the mean
+# over completions. Under gradient accumulation each micro-batch's mean is weighted by its share of the
+# rows, so the accumulated gradient equals the full-batch gradient however the batch is cut.
+#
+# Old policy. Algorithm 1 refreshes pi_old once per step and updates once per stage, so the completions are
+# scored by the very weights that sampled them: pi_old = pi_theta (detached), r_t = 1 and the clip is
+# inactive in the first and only update. The gradient of r_t A is still A * grad log pi_theta, i.e. plain
+# REINFORCE with a group baseline. The clip only bites when old log-probs are stored and reused by further
+# updates; grpo_loss takes old_logp explicitly so that case is a call away (and is tested).
+
+def group_advantages(rewards: torch.Tensor, group_size: int) -> torch.Tensor:
+    """A = R - mean of its group (Alg. 1 lines 12-13). rewards (B*G,), groups contiguous -> (B*G,).
+
+    The authors' release also divides by the group's std + 1e-6; the paper does not, and neither do we:
+    dividing blows tiny reward differences up to unit size. A group whose rewards are all equal gets
+    exactly zero advantage (and so no policy gradient) either way.
+    """
+    r = rewards.float().view(-1, group_size)                             # (B, G)
+    return (r - r.mean(dim=1, keepdim=True)).view(-1)
+
+
+def grpo_loss(logp: torch.Tensor, old_logp: torch.Tensor, ref_logp: torch.Tensor,
+              advantages: torch.Tensor, mask: torch.Tensor, clip_eps: float, kl_beta: float):
+    """Eq. 6 as (loss, stats). logp/old_logp/ref_logp/mask (B, T) float32, advantages (B,).
+
+    mask is 1 on completion tokens up to and including the first EOS, 0 on padding.
+    """
+    mask = mask.float()
+    adv = advantages.float()[:, None]                                    # (B, 1)
+    ratio = torch.exp(logp - old_logp)                                   # (B, T)
+    surrogate = torch.minimum(ratio * adv, ratio.clamp(1 - clip_eps, 1 + clip_eps) * adv)
+    # k3; q is clamped only so that a diverged policy gives a large finite penalty rather than inf.
+    q = (ref_logp - logp).clamp(-20, 20)
+    kl = torch.exp(q) - q - 1                                            # (B, T) >= 0
+    per_token = -surrogate + kl_beta * kl
+    n_tokens = mask.sum(dim=1).clamp(min=1)                              # (B,)
+    per_seq = (per_token * mask).sum(dim=1) / n_tokens                   # token mean per completion
+    loss = per_seq.mean()                                                # mean over completions
+    with torch.no_grad():
+        clipped = ((ratio > 1 + clip_eps) & (adv > 0)) | ((ratio < 1 - clip_eps) & (adv < 0))
+        stats = {"kl": ((kl * mask).sum(dim=1) / n_tokens).mean().item(),
+                 "clipped": ((clipped.float() * mask).sum() / mask.sum().clamp(min=1)).item()}
+    return loss, stats
+
+
+# ============================================================================================================
+# Appendix — synthetic SocioSeg-style tiles (data_sample/)
+# ============================================================================================================
+# SocioSeg itself cannot be downloaded on every machine, and tests must never download anything, so the
+# project ships a few tiles made by this seeded generator in the raw-file layout. Each tile holds a few
+# places of different kinds. The digital map shows each place as a flat area in its kind's colour with a
+# darker icon dot at its centre (the way a web map shows an area of interest); the satellite image shows
+# the ground: a texture per kind over a noisy urban background, crossed by roads. The target text names a
+# kind present in the tile, as a class ("school") or a function ("educational"); the mask is every place of
+# that kind. Regenerate with:  python socioreasoner.py make-data --out data_sample
+
+PLACE_KINDS = {
+    # class         function        map fill         map icon        ground colour    ground texture
+    "school":      ("educational", (250, 214, 160), (200, 120, 30), (150, 90, 70), "track"),
+    "park":        ("green space", (176, 226, 160), (40, 140, 60), (70, 120, 55), "trees"),
+    "hospital":    ("medical", (246, 196, 206), (200, 40, 70), (215, 215, 220), "roof"),
+    "residential": ("housing", (226, 218, 204), (140, 120, 100), (170, 150, 130), "blocks"),
+}
+
+
+def _random_polygon(rng: np.random.Generator, size: int) -> list[tuple]:
+    """An irregular convex-ish polygon somewhere in a size x size tile, 12%-35% of the side across."""
+    cx, cy = rng.uniform(0.2, 0.8, 2) * size
+    r = rng.uniform(0.06, 0.17) * size
+    angles = np.sort(rng.uniform(0, 2 * np.pi, rng.integers(5, 9)))
+    radii = r * rng.uniform(0.7, 1.0, len(angles))
+    return [(float(cx + rr * np.cos(a)), float(cy + rr * np.sin(a))) for a, rr in zip(angles, radii)]
+
+
+def make_synthetic_sample(rng: np.random.Generator, size: int = 224):
+    """One (sat, map, mask, text) tile pair. Places never overlap, so the mask is exactly the target's."""
+    sat = rng.normal(120, 18, (size, size, 3)).clip(0, 255)             # urban background noise
+    sat += rng.normal(0, 10, (1, 1, 3))                                 # per-tile colour cast
+    map_img = Image.new("RGB", (size, size), (242, 239, 233))
+    map_draw = ImageDraw.Draw(map_img)
+    for _ in range(rng.integers(1, 4)):                                 # roads: white on the map, dark below
+        horizontal, at, w = rng.random() < 0.5, rng.integers(0, size), int(rng.integers(3, 7))
+        line = [(0, at), (size, at)] if horizontal else [(at, 0), (at, size)]
+        map_draw.line(line, fill=(255, 255, 255), width=w + 2)
+        road = Image.new("L", (size, size)); ImageDraw.Draw(road).line(line, fill=255, width=w)
+        sat[np.asarray(road) > 0] = (60, 60, 62)
+    taken = np.zeros((size, size), bool)
+    places = []                                                         # (kind, (H, W) bool)
+    for _ in range(rng.integers(2, 5)):
+        kind = list(PLACE_KINDS)[rng.integers(len(PLACE_KINDS))]
+        for _attempt in range(20):
+            poly = _random_polygon(rng, size)
+            layer = Image.new("L", (size, size)); ImageDraw.Draw(layer).polygon(poly, fill=255)
+            region = np.asarray(layer) > 0
+            grown = ndimage.binary_dilation(region, iterations=3)
+            if region.sum() > 30 and not (grown & taken).any():
+                taken |= grown
+                places.append((kind, region))
+                break
+    if not places:                                                      # vanishingly rare; try again
+        return make_synthetic_sample(rng, size)
+    for kind, region in places:
+        _, fill, icon, ground, texture = PLACE_KINDS[kind]
+        noise = rng.normal(0, 12, (size, size, 1))
+        look = np.asarray(ground, float)[None, None] + noise
+        yy, xx = np.mgrid[:size, :size]
+        if texture == "trees":                                          # dark blobs of canopy
+            look -= 35 * (np.sin(xx / 2.3 + rng.uniform(0, 9)) * np.sin(yy / 2.1) > 0.6)[..., None]
+        elif texture == "track":                                        # bright track lines
+            look += 50 * ((yy // 3) % 4 == 0)[..., None]
+        elif texture == "blocks":                                       # a grid of small roofs
+            look += 45 * (((xx // 5) % 3 == 0) | ((yy // 5) % 3 == 0))[..., None]
+        sat[region] = look[region]
+        ys, xs = np.nonzero(region)
+        map_draw.bitmap((0, 0), Image.fromarray((region * 255).astype(np.uint8)).convert("1"), fill=fill)
+        cx, cy = xs.mean(), ys.mean()
+        map_draw.ellipse([cx - 3, cy - 3, cx + 3, cy + 3], fill=icon)
+    kind = places[rng.integers(len(places))][0]
+    text = kind if rng.random() < 0.5 else PLACE_KINDS[kind][0]
+    mask = np.zeros((size, size), bool)
+    for k, region in places:
+        if k == kind:
+            mask |= region
+    sat_img = Image.fromarray(sat.clip(0, 255).astype(np.uint8))
+    return sat_img, map_img, mask, text
+
+
+def make_synthetic_data(out: str | Path, n_train: int = 24, n_val: int = 8, size: int = 224, seed: int = 0):
+    """Write train/ and val/ splits of synthetic tiles in the SocioSeg raw-file layout."""
+    rng = np.random.default_rng(seed)
+    for split, n in (("train", n_train), ("val", n_val)):
+        for i in range(n):
+            sat, map_img, mask, text = make_synthetic_sample(rng, size)
+            d = Path(out) / split / f"{split}_{i:04d}"
+            d.mkdir(parents=True, exist_ok=True)
+            sat.save(d / "sat.png"); map_img.save(d / "map.png")
+            Image.fromarray((mask * 255).astype(np.uint8)).save(d / "mask.png")
+            (d / "question.json").write_text(json.dumps({"problem": text}) + "\n", encoding="utf-8")
+
+
+# ============================================================================================================
+# Algorithm 1 — the two-stage rollout
+# ============================================================================================================
+# One prompt and its G completions form a Group. Stage 1 (lines 5-11): G answers with boxes, rewards R_1.
+# Lines 15-17: the answer g* carried forward, its boxes given to SAM for the coarse mask M_c, both drawn
+# onto the tiles. Stage 2 (lines 18-24): G answers with boxes and points, SAM's final mask per answer,
+# rewards R_2. Algorithm 1 runs SAM on all G stage-1 answers (line 9), but only M_c of g* is ever used, so
+# only that one is computed. The same functions serve inference with G = 1.
+
+@dataclass
+class Group:
+    stage: int
+    inputs: dict                      # processor output for the one prompt (batch 1)
+    model_hw: tuple                   # (H', W') of the tiles as the model sees them
+    completions: list                 # G x LongTensor (T_g,), through the first EOS
+    texts: list                       # G decoded completions
+    answers: list                     # G x parse_answer(...) (None = malformed)
+    masks: list = None                # stage 2: G final masks M_f (H, W) bool, mask frame
+    rewards: list = None              # G reward dicts
+
+
+def stage1_rollout(policy, sample: Sample, n: int, sampling: dict) -> Group:
+    """Eq. 1: n stage-1 answers for one sample."""
+    inputs, model_hw = policy_inputs(policy, [sample.map, sample.sat], STAGE1_PROMPT, sample.text)
+    return _sample_group(policy, 1, inputs, model_hw, n, sampling)
+
+
+def stage2_rollout(policy, sample: Sample, boxes_model: np.ndarray, model_hw: tuple, coarse: np.ndarray,
+                   n: int, sampling: dict) -> Group:
+    """Eqs. 3-4: draw the stage-1 boxes and coarse mask onto both tiles, then n stage-2 answers.
+
+    boxes_model (K, 4) are the carried stage-1 boxes as the model wrote them (model frame, listed in the
+    prompt as such); the drawing needs them in the mask frame. The rendered tiles keep their size, so the
+    stage-2 model frame is the stage-1 one.
+    """
+    boxes_mask = to_frame(boxes_model, model_hw, sample.mask.shape)
+    rendered = [render(sample.map, boxes_mask, coarse), render(sample.sat, boxes_mask, coarse)]
+    listed = json.dumps([[round(float(v), 1) if v % 1 else int(v) for v in b] for b in boxes_model])
+    inputs, model_hw = policy_inputs(policy, rendered, STAGE2_PROMPT, sample.text, boxes=listed)
+    return _sample_group(policy, 2, inputs, model_hw, n, sampling)
+
+
+def _sample_group(policy, stage, inputs, model_hw, n, sampling) -> Group:
+    completions = sample_completions(policy, inputs, n, **sampling)
+    texts = [decode(policy, c) for c in completions]
+    return Group(stage, inputs, model_hw, completions, texts, [parse_answer(t, stage) for t in texts])
+
+
+def answer_prompts(answer: Optional[list], model_hw: tuple, mask_hw: tuple):
+    """A parsed answer as SAM prompts in the mask frame: boxes (K, 4) and, in stage 2, K point arrays."""
+    if not answer:
+        return np.zeros((0, 4)), None
+    boxes = to_frame([o["bbox_2d"] for o in answer], model_hw, mask_hw)
+    if "points" not in answer[0]:
+        return boxes, None
+    return boxes, [to_frame(np.asarray(o["points"], dtype=np.float64).reshape(-1, 2), model_hw, mask_hw)
+                   for o in answer]
+
+
+def segment_answer(segmenter, encoding, answer, model_hw, mask_hw) -> np.ndarray:
+    """S(I_s, prompt = answer): eq. 2 for a stage-1 answer, eq. 5 for a stage-2 answer. (H, W) bool."""
+    boxes, points = answer_prompts(answer, model_hw, mask_hw)
+    return segmenter.segment(encoding, boxes, points)
+
+
+def select_carried(rewards: list, how: str, rng: np.random.Generator) -> int:
+    """Alg. 1 line 15: g* = argmax_g R_1, or g* drawn with probability proportional to exp(R_1)."""
+    r = np.asarray(rewards, dtype=np.float64)
+    if how == "argmax":
+        return int(np.argmax(r))
+    p = np.exp(r - r.max())
+    return int(rng.choice(len(r), p=p / p.sum()))
+
+
+# ============================================================================================================
+# Algorithm 1 — training: one GRPO update per stage per step, on one GPU
+# ============================================================================================================
+# Memory on one GPU. The policy's weights stay float32 (AdamW at lr 1e-6 changes a weight of size ~1e-2 by
+# ~1e-6, far below bf16's resolution of ~1e-4 there: the update would round away). Forward passes run under
+# bf16 autocast on a GPU, log-probs are taken in float32, and the frozen reference is a bf16 copy. The rows
+# of a stage (rollout_batch x G) are cut into micro-batches whose gradients are accumulated; see grpo_loss
+# for why the sum equals the full-batch gradient.
+
+def accumulate_grpo_gradients(policy, reference, rows: list, advantages: torch.Tensor, cfg: Config) -> dict:
+    """Backward of eq. 6 over all rows, micro-batch by micro-batch, into the parameters' .grad.
+
+    rows: [(prompt inputs, completion ids)], advantages (N,). Each micro-batch's loss is weighted by its
+    share of the N rows, so the accumulated gradient is the full-batch gradient (a test checks this).
+    """
+    n, stats = len(rows), {"kl": 0.0, "clipped": 0.0, "loss": 0.0}
+    for start in range(0, n, cfg.micro_batch):
+        part = slice(start, start + cfg.micro_batch)
+        logp, mask = completion_logprobs(policy, policy.model, rows[part], cfg.temperature)     # (b, T)
+        with torch.no_grad():   # the reference never needs a graph
+            ref_logp, _ = completion_logprobs(policy, reference, rows[part], cfg.temperature)
+        # pi_old = the weights that sampled these completions = the current weights (see §4.2 above).
+        loss, st = grpo_loss(logp, logp.detach(), ref_logp, advantages[part], mask, cfg.clip_eps, cfg.kl_beta)
+        share = len(rows[part]) / n
+        (loss * share).backward()
+        for k, v in (("loss", loss.item()), *st.items()):
+            stats[k] += v * share
+    return stats
+
+
+def grpo_update(policy, reference, optimizer, groups: list, cfg: Config) -> dict:
+    """Alg. 1 lines 12-14 (or 25-27) for all groups of one stage: advantages, eq. 6, one optimizer step."""
+    rows = [(g.inputs, c) for g in groups for c in g.completions]                   # B*G rows
+    rewards = torch.tensor([r["total"] for g in groups for r in g.rewards])          # (B*G,)
+    advantages = group_advantages(rewards, len(groups[0].completions))               # (B*G,)
+    policy.model.train()        # Qwen2.5-VL has no dropout; train mode is what gradient checkpointing needs
+    optimizer.zero_grad(set_to_none=True)
+    stats = accumulate_grpo_gradients(policy, reference, rows, advantages, cfg)
+    finite = all(torch.isfinite(p.grad).all() for p in policy.model.parameters() if p.grad is not None)
+    if finite:
+        optimizer.step()
+    else:  # one non-finite step would destroy the weights: skip it, and say so in the log
+        print(f"  stage {groups[0].stage}: non-finite gradient, update skipped", flush=True)
+    optimizer.zero_grad(set_to_none=True)
+    policy.model.eval()         # back to sampling, with the KV cache
+    stats["skipped"] = not finite
+    return stats
+
+
+def train_step(step: int, refs: list, policy, reference, optimizer, segmenter, cfg: Config) -> dict:
+    """One RL step of Algorithm 1 on a batch of samples: stage 1, update, stage 2, update."""
+    torch.manual_seed(cfg.seed * 100_003 + step)            # sampling is reproducible per step (resume)
+    rng = np.random.default_rng([cfg.seed, step])
+    sampling = dict(temperature=cfg.temperature, top_p=1.0, top_k=0, max_new_tokens=cfg.max_new_tokens)
+    samples = [read_sample(r) for r in refs]
+    # Each satellite tile is encoded by SAM once and reused by the coarse mask and all G final masks.
+    encodings = [segmenter.encode(np.asarray(s.sat)) for s in samples]
+
+    # ---- Stage 1: localisation (lines 5-14) ----
+    groups1 = [stage1_rollout(policy, s, cfg.group_size, sampling) for s in samples]
+    for s, g in zip(samples, groups1):
+        gt_model = to_frame(mask_to_boxes(s.mask), s.mask.shape, g.model_hw)    # B* in the model's frame
+        g.rewards = [stage1_reward(t, gt_model) for t in g.texts]
+    stats1 = grpo_update(policy, reference, optimizer, groups1, cfg)
+
+    # ---- Carry g*, render, stage 2: refinement (lines 15-27) ----
+    groups2 = []
+    for s, enc, g in zip(samples, encodings, groups1):
+        best = select_carried([r["total"] for r in g.rewards], cfg.select, rng)
+        answer = g.answers[best] or []
+        coarse = segment_answer(segmenter, enc, answer, g.model_hw, s.mask.shape)       # M_c of g*
+        boxes_model = np.asarray([o["bbox_2d"] for o in answer], dtype=np.float64).reshape(-1, 4)
+        groups2.append(stage2_rollout(policy, s, boxes_model, g.model_hw, coarse, cfg.group_size, sampling))
+    for s, enc, g in zip(samples, encodings, groups2):
+        g.masks = [segment_answer(segmenter, enc, a, g.model_hw, s.mask.shape) for a in g.answers]
+        g.rewards = [stage2_reward(t, m, s.mask) for t, m in zip(g.texts, g.masks)]
+    stats2 = grpo_update(policy, reference, optimizer, groups2, cfg)
+
+    mean = lambda groups, key: float(np.mean([r[key] for g in groups for r in g.rewards]))
+    return {"reward1": mean(groups1, "total"), "reward2": mean(groups2, "total"),
+            "format1": mean(groups1, "format"), "format2": mean(groups2, "format"),
+            "iou2": mean(groups2, "accuracy"), "kl": (stats1["kl"] + stats2["kl"]) / 2,
+            "kl1": stats1["kl"], "kl2": stats2["kl"], "clipped": (stats1["clipped"] + stats2["clipped"]) / 2,
+            "skipped": int(stats1["skipped"]) + int(stats2["skipped"])}
+
+
+def batch_indices(step: int, n: int, batch: int, seed: int) -> list[int]:
+    """Samples of a step: a fresh seeded permutation per epoch, so any step's batch can be recomputed."""
+    out = []
+    for pos in range(step * batch, (step + 1) * batch):
+        epoch, i = divmod(pos, n)
+        out.append(int(np.random.default_rng([seed, epoch]).permutation(n)[i]))
+    return out
+
+
+# --- checkpoints: written atomically, loadable without unpickling code ---------------------------------------
+# <out>/checkpoint/ holds the policy and processor (save_pretrained: safetensors + json) and trainer_state.pt
+# (optimizer state, step, RNG state, the run's config: tensors and plain Python only, so torch.load with
+# weights_only=True reads it). A checkpoint is written to checkpoint.tmp/ and renamed into place; the
+# previous one stays as checkpoint.old/ until then, so a kill at any moment leaves one complete checkpoint.
+
+def save_checkpoint(out: Path, policy, optimizer, step: int, cfg: Config):
+    tmp, final, old = out / "checkpoint.tmp", out / "checkpoint", out / "checkpoint.old"
+    shutil.rmtree(tmp, ignore_errors=True)
+    policy.model.save_pretrained(tmp)
+    policy.processor.save_pretrained(tmp)
+    torch.save({"step": step, "optimizer": optimizer.state_dict(), "torch_rng": torch.get_rng_state(),
+                "config": dataclasses.asdict(cfg)}, tmp / "trainer_state.pt")
+    if final.exists():
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(final, old)
+    os.replace(tmp, final)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def latest_checkpoint(out: Path) -> Optional[Path]:
+    for d in (out / "checkpoint", out / "checkpoint.old"):
+        if (d / "trainer_state.pt").exists():
+            return d
+    return None
+
+
+def train(cfg: Config):
+    """Algorithm 1: T steps of two-stage GRPO, a log line per step, checkpoints every save_every steps."""
+    out = Path(cfg.out)
+    out.mkdir(parents=True, exist_ok=True)
+    refs = list_split(cfg.data, cfg.split)           # every sample checked before any model is loaded
+    device = pick_device()
+    start, state, ckpt = 0, None, latest_checkpoint(out) if cfg.resume else None
+    if cfg.resume and ckpt is None:
+        raise SocioError(f"--resume: no checkpoint in {out}")
+    if ckpt is not None:
+        state = torch.load(ckpt / "trainer_state.pt", weights_only=True)
+        start = state["step"]
+        for k in ("model", "seed"):          # the reference policy must be the run's original one
+            setattr(cfg, k, state["config"][k])
+        print(f"resuming from {ckpt} at step {start}")
+    reference = load_or_build_policy(cfg, device).model      # pi_ref: the starting weights, frozen
+    policy = load_policy(str(ckpt), device) if ckpt else load_or_build_policy(cfg, device)
+    reference.requires_grad_(False).eval()
+    if device.type == "cuda":
+        reference.to(torch.bfloat16)
+    if cfg.freeze_vision:
+        vision_tower(policy.model).requires_grad_(False)
+    if cfg.grad_checkpointing:
+        policy.model.gradient_checkpointing_enable()
+    params = [p for p in policy.model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.0)   # no decay: zero advantage, no move
+    if state is not None:
+        optimizer.load_state_dict(state["optimizer"])
+        torch.set_rng_state(state["torch_rng"])
+    segmenter = load_segmenter(cfg, device)
+
+    log_path = out / "log.jsonl"
+    if log_path.exists():                            # drop lines of steps after the checkpoint we resume
+        keep = [l for l in log_path.read_text().splitlines() if l.strip() and json.loads(l)["step"] <= start]
+        log_path.write_text("".join(l + "\n" for l in keep))
+    print(f"training on {len(refs)} samples of {cfg.data}/{cfg.split}: {cfg.steps} steps x {cfg.rollout_batch} "
+          f"prompts x G={cfg.group_size}, device {device}")
+    for step in range(start, cfg.steps):
+        t0 = time.time()
+        batch = [refs[i] for i in batch_indices(step, len(refs), cfg.rollout_batch, cfg.seed)]
+        stats = train_step(step, batch, policy, reference, optimizer, segmenter, cfg)
+        record = {"step": step + 1, **{k: round(v, 5) for k, v in stats.items()},
+                  "seconds": round(time.time() - t0, 3)}
+        with open(log_path, "a") as f:
+            f.write(json.dumps(record) + "\n")
+        print(f"step {step + 1:4d}/{cfg.steps}  R1 {stats['reward1']:.3f}  R2 {stats['reward2']:.3f}  "
+              f"(format {stats['format1']:.2f}/{stats['format2']:.2f}, IoU {stats['iou2']:.3f})  "
+              f"KL {stats['kl']:.4f}  clipped {stats['clipped']:.3f}  {record['seconds']:.1f}s", flush=True)
+        if (step + 1) % cfg.save_every == 0 or step + 1 == cfg.steps:
+            save_checkpoint(out, policy, optimizer, step + 1, cfg)
+    print(f"done: checkpoint in {out / 'checkpoint'}, log in {log_path}")
+
+
+# ============================================================================================================
+# §4.1 — inference: both stages once
+# ============================================================================================================
+# Sampling as in the authors' release (temperature 1.0, top_p 0.8, top_k 100). If the stage-2 answer is
+# malformed the coarse stage-1 mask is kept: a usable mask beats an empty one.
+
+@dataclass
+class Prediction:
+    stage1: Group
+    stage2: Group
+    coarse: np.ndarray                # M_c (H, W) bool
+    final: np.ndarray                 # M_f (H, W) bool
+
+
+def predict(policy, segmenter, sample: Sample, cfg: Config, encoding=None) -> Prediction:
+    sampling = dict(temperature=cfg.infer_temperature, top_p=cfg.infer_top_p, top_k=cfg.infer_top_k,
+                    max_new_tokens=cfg.max_new_tokens)
+    encoding = encoding if encoding is not None else segmenter.encode(np.asarray(sample.sat))
+    g1 = stage1_rollout(policy, sample, 1, sampling)
+    answer1 = g1.answers[0] or []
+    coarse = segment_answer(segmenter, encoding, answer1, g1.model_hw, sample.mask.shape)
+    boxes_model = np.asarray([o["bbox_2d"] for o in answer1], dtype=np.float64).reshape(-1, 4)
+    g2 = stage2_rollout(policy, sample, boxes_model, g1.model_hw, coarse, 1, sampling)
+    if g2.answers[0] is None:
+        final = coarse
+    else:
+        final = segment_answer(segmenter, encoding, g2.answers[0], g2.model_hw, sample.mask.shape)
+    return Prediction(g1, g2, coarse, final)
+
+
+def prediction_picture(sample: Sample, pred: Prediction) -> Image.Image:
+    """2 x 2 panel in the spirit of the paper's Fig. 3: rows = stage 1 / stage 2, columns = map / satellite."""
+    w, h = sample.sat.size
+    panel = Image.new("RGB", (2 * w, 2 * h), (255, 255, 255))
+    for row, (group, mask) in enumerate(((pred.stage1, pred.coarse), (pred.stage2, pred.final))):
+        boxes, points = answer_prompts(group.answers[0], group.model_hw, sample.mask.shape)
+        for col, tile in enumerate((sample.map, sample.sat)):
+            panel.paste(render(tile, boxes, mask, points), (col * w, row * h))
+    return panel
+
+
+def infer(cfg: Config, sat_path: str, map_path: str, text: str):
+    sat = _open_image(sat_path, "satellite", None).convert("RGB")
+    map_img = _open_image(map_path, "map", None).convert("RGB")
+    if sat.size != map_img.size:
+        raise SocioError(f"{sat_path} is {sat.size[0]}x{sat.size[1]} but {map_path} is "
+                         f"{map_img.size[0]}x{map_img.size[1]}: the tiles must be pixel-aligned")
+    sample = Sample("input", text, sat, map_img, np.zeros(sat.size[::-1], bool))   # no ground truth
+    device = pick_device()
+    policy = load_or_build_policy(cfg, device)
+    segmenter = load_segmenter(cfg, device)
+    torch.manual_seed(cfg.seed)
+    t0 = time.time()
+    pred = predict(policy, segmenter, sample, cfg)
+    seconds = time.time() - t0
+    for g, mask in ((pred.stage1, pred.coarse), (pred.stage2, pred.final)):
+        print(f"--- stage {g.stage} ---")
+        print("reasoning:", thinking(g.texts[0]) or "(none)")
+        if g.answers[0] is None:
+            print("answer: malformed (format gate failed); raw completion:", repr(g.texts[0][:500]))
+        else:
+            boxes, points = answer_prompts(g.answers[0], g.model_hw, sample.mask.shape)
+            for i, b in enumerate(boxes):
+                pts = "" if points is None else f"  points {np.round(points[i]).astype(int).tolist()}"
+                print(f"  box {np.round(b).astype(int).tolist()}{pts}   (satellite-image pixels)")
+        print(f"mask: {int(mask.sum())} pixels")
+    if pred.stage2.answers[0] is None:
+        print("stage-2 answer malformed: keeping the stage-1 mask")
+    out = Path(cfg.out)
+    out.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(pred.final.astype(np.uint8) * 255).save(out / "mask.png")
+    prediction_picture(sample, pred).save(out / "overlay.png")
+    print(f"wrote {out / 'mask.png'} ({sat.size[0]}x{sat.size[1]}) and {out / 'overlay.png'} in {seconds:.1f}s")
+
+
+# ============================================================================================================
+# Command line
+# ============================================================================================================
+
+def pick_device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def _add_config_flags(parser: argparse.ArgumentParser, names: list, defaults: dict):
+    fields = {f.name: f for f in dataclasses.fields(Config)}
+    for name in names:
+        f, flag = fields[name], "--" + name.replace("_", "-")
+        default = defaults.get(name, f.default)
+        if f.type == "bool":
+            parser.add_argument(flag, action="store_true", default=None, help=f.metadata["help"])
+        else:
+            parser.add_argument(flag, type=type(f.default), default=None,
+                                help=f"{f.metadata['help']} (default {default})")
+
+
+def config_from_args(args, defaults: dict) -> Config:
+    """Flags given win; then --tiny's small defaults; then the command's defaults; then Config's."""
+    cfg = Config(**defaults)
+    given = {k: v for k, v in vars(args).items() if v is not None and hasattr(cfg, k)}
+    if given.get("tiny"):
+        given = {**{k: v for k, v in TINY_DEFAULTS.items() if hasattr(cfg, k)}, **given}
+    return dataclasses.replace(cfg, **given)
+
+
+TRAIN_FLAGS = [f.name for f in dataclasses.fields(Config) if not f.name.startswith("infer_")]
+INFER_FLAGS = ["model", "sam", "sam_config", "tiny", "out", "seed", "max_new_tokens",
+               "infer_temperature", "infer_top_p", "infer_top_k"]
+INFER_DEFAULTS = dict(model="vvangfaye/SocioReasoner-3B", out="runs/infer")
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(prog="socioreasoner.py", description=__doc__.split("\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("train", help="two-stage GRPO training (Algorithm 1)")
+    _add_config_flags(p, TRAIN_FLAGS, {})
+    p = sub.add_parser("infer", help="segment one place: infer SAT MAP \"school\"")
+    p.add_argument("sat", help="satellite tile (PNG/JPEG)")
+    p.add_argument("map", help="digital-map tile, same size, pixel-aligned")
+    p.add_argument("text", help="the target, e.g. \"school\", \"a certain university\", \"educational\"")
+    _add_config_flags(p, INFER_FLAGS, INFER_DEFAULTS)
+    p = sub.add_parser("make-data", help="write synthetic SocioSeg-style train/ and val/ splits")
+    p.add_argument("--out", default="data_sample")
+    p.add_argument("--train", type=int, default=24)
+    p.add_argument("--val", type=int, default=8)
+    p.add_argument("--size", type=int, default=224)
+    p.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args(argv)
+    try:
+        if args.command == "train":
+            train(config_from_args(args, {}))
+        elif args.command == "infer":
+            infer(config_from_args(args, INFER_DEFAULTS), args.sat, args.map, args.text)
+        elif args.command == "make-data":
+            make_synthetic_data(args.out, args.train, args.val, args.size, args.seed)
+            print(f"wrote {args.train} train and {args.val} val samples to {args.out}")
+    except SocioError as e:
+        sys.exit(f"error: {e}")
+    except KeyboardInterrupt:
+        sys.exit("interrupted: the last checkpoint written is complete; continue with --resume")
+
+
+if __name__ == "__main__":
+    main()

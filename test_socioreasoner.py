@@ -1,0 +1,627 @@
+"""Specification of socioreasoner.py, as tests. Each test names the equation or behaviour it pins.
+
+Run:  python -m pytest -q test_socioreasoner.py
+Nothing here downloads anything: the VLM and SAM 2 are tiny random models built from their configs.
+"""
+
+import itertools
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import socioreasoner as sr
+
+HERE = Path(__file__).resolve().parent
+
+
+def answer(items, think="look at the map"):
+    return f"<think>{think}</think><answer>{json.dumps(items)}</answer>"
+
+
+# ------------------------------------------------------------------------------------------------------------
+# §3 data: ground-truth boxes, loading, clear errors
+# ------------------------------------------------------------------------------------------------------------
+
+def test_mask_to_boxes_uses_8_connected_components_and_continuous_edges():
+    mask = np.zeros((10, 12), bool)
+    mask[1:3, 2:5] = True            # component A: rows 1-2, cols 2-4
+    mask[3, 5] = True                # touches A only diagonally: 8-connected, so part of A
+    mask[7:9, 9:11] = True           # component B
+    boxes = sr.mask_to_boxes(mask)
+    assert boxes.tolist() == [[2, 1, 6, 4], [9, 7, 11, 9]]
+    assert sr.mask_to_boxes(np.zeros((4, 4), bool)).shape == (0, 4)
+
+
+def _write_sample(d: Path, size=(32, 32), text="school", mask_size=None):
+    d.mkdir(parents=True)
+    Image.new("RGB", size, (10, 20, 30)).save(d / "sat.png")
+    Image.new("RGB", size, (200, 200, 200)).save(d / "map.png")
+    m = np.zeros(mask_size or size[::-1], np.uint8)
+    m[4:10, 5:12] = 255
+    Image.fromarray(m).save(d / "mask.png")
+    (d / "question.json").write_text(json.dumps({"problem": text}))
+
+
+def test_list_and_read_split_raw_layout(tmp_path):
+    _write_sample(tmp_path / "train" / "a", size=(40, 30))
+    refs = sr.list_split(tmp_path, "train")
+    assert [r.id for r in refs] == ["a"] and refs[0].size == (40, 30)
+    s = sr.read_sample(refs[0])
+    assert s.text == "school" and s.sat.size == (40, 30) and s.mask.shape == (30, 40)
+    assert s.mask.sum() == 6 * 7
+
+
+def test_bad_data_is_reported_per_sample_with_the_file(tmp_path):
+    _write_sample(tmp_path / "train" / "ok")
+    _write_sample(tmp_path / "train" / "sizes", mask_size=(20, 20))
+    _write_sample(tmp_path / "train" / "nomap")
+    (tmp_path / "train" / "nomap" / "map.png").unlink()
+    _write_sample(tmp_path / "train" / "garbled")
+    (tmp_path / "train" / "garbled" / "sat.png").write_bytes(b"not a png")
+    _write_sample(tmp_path / "train" / "noq")
+    (tmp_path / "train" / "noq" / "question.json").write_text("{")
+    with pytest.raises(sr.SocioError) as e:
+        sr.list_split(tmp_path, "train")
+    msg = str(e.value)
+    assert "4 broken sample(s)" in msg
+    assert "sample sizes: image sizes disagree" in msg
+    assert "nomap" in msg and "map.png" in msg
+    assert "garbled" in msg and "sat.png" in msg
+    assert "noq" in msg and "question.json" in msg
+    with pytest.raises(sr.SocioError, match="no split 'val'"):
+        sr.list_split(tmp_path, "val")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(sr.SocioError, match="holds no samples"):
+        sr.list_split(tmp_path, "empty")
+
+
+def test_shipped_data_sample_is_valid():
+    for split in ("train", "val"):
+        refs = sr.list_split(HERE / "data_sample", split)
+        assert refs and all(sr.read_sample(r).mask.any() for r in refs[:3])
+
+
+# ------------------------------------------------------------------------------------------------------------
+# §4.1 coordinates: one conversion, both ways
+# ------------------------------------------------------------------------------------------------------------
+
+def test_to_frame_scales_x_and_y_separately_and_round_trips():
+    boxes = np.array([[10, 20, 30, 40]])
+    model = sr.to_frame(boxes, src_hw=(200, 100), dst_hw=(100, 50))       # mask (H=200, W=100) -> model
+    assert model.tolist() == [[5, 10, 15, 20]]
+    assert np.allclose(sr.to_frame(model, (100, 50), (200, 100)), boxes)
+    pts = sr.to_frame(np.array([[28.0, 56.0]]), (56, 28), (112, 112))
+    assert pts.tolist() == [[112.0, 112.0]]
+
+
+# ------------------------------------------------------------------------------------------------------------
+# A.2.2 format gate: parse_answer
+# ------------------------------------------------------------------------------------------------------------
+
+def test_parse_answer_accepts_the_schema_of_each_stage():
+    s1 = answer([{"bbox_2d": [1, 2, 3, 4]}, {"bbox_2d": [0.5, 0, 9, 9.5]}])
+    assert sr.parse_answer(s1, 1) == [{"bbox_2d": [1, 2, 3, 4]}, {"bbox_2d": [0.5, 0, 9, 9.5]}]
+    s2 = answer([{"bbox_2d": [1, 2, 3, 4], "points": [[2, 3], [2.5, 3]]}])
+    assert sr.parse_answer(s2, 2) == [{"bbox_2d": [1, 2, 3, 4], "points": [[2, 3], [2.5, 3]]}]
+    assert sr.parse_answer(answer([]), 1) == []                           # "nothing here" is well-formed
+    assert sr.parse_answer("  \n" + s1 + "<|im_end|>"[:0] + "\n", 1) is not None  # surrounding whitespace ok
+
+
+@pytest.mark.parametrize("text", [
+    "",
+    "[{\"bbox_2d\": [1, 2, 3, 4]}]",                                       # no tags
+    "<answer>[{\"bbox_2d\": [1, 2, 3, 4]}]</answer>",                      # no think
+    "<think>x</think><answer>[{\"bbox_2d\": [1, 2, 3, 4]}]",                # cut off before </answer>
+    "<think>x</think><answer>[{\"bbox_2d\": [1, 2, 3, 4]}]</answer> and more",
+    answer({"bbox_2d": [1, 2, 3, 4]}),                                      # object, not list
+    answer([[1, 2, 3, 4]]),                                                 # list of lists
+    answer([{"bbox_2d": [1, 2, 3]}]),                                       # 3 numbers
+    answer([{"bbox_2d": [1, 2, "3", 4]}]),                                  # a string
+    answer([{"bbox_2d": [1, 2, True, 4]}]),                                 # a boolean
+    answer([{"bbox_2d": [5, 2, 3, 4]}]),                                    # x2 < x1
+    answer([{"bbox_2d": [1, 4, 3, 4]}]),                                    # zero height
+    answer([{"bbox_2d": [1, 2, 3, 4], "points": [[2, 3]]}]),                # stage-2 key in stage 1
+    "<think>x</think><answer>[{\"bbox_2d\": [1, 2, NaN, 4]}]</answer>",
+    "<think>x</think><answer>[{\"bbox_2d\": [1, 2, Infinity, 4]}]</answer>",
+    "<think>x</think><answer>[{\"bbox_2d\": [1, 2, 1e999, 4]}]</answer>",
+    "<think>x</think><answer>[{\"bbox_2d\": [1, 2, " + "9" * 5000 + ", 4]}]</answer>",
+    "<think>x</think><answer>" + "[" * 100000 + "</answer>",
+    answer([{"bbox_2d": [0, 0, 1, 1]}] * (sr.MAX_OBJECTS + 1)),
+])
+def test_parse_answer_rejects_malformed_stage1(text):
+    assert sr.parse_answer(text, 1) is None
+
+
+@pytest.mark.parametrize("items", [
+    [{"bbox_2d": [1, 2, 3, 4]}],                                            # no points
+    [{"bbox_2d": [1, 2, 3, 4], "points": [2, 3]}],                          # flat list
+    [{"bbox_2d": [1, 2, 3, 4], "points": [[2, 3, 4]]}],                     # 3-d point
+    [{"bbox_2d": [1, 2, 3, 4], "points": [[2, None]]}],
+    [{"bbox_2d": [1, 2, 3, 4], "points": [[2, 3]] * (sr.MAX_POINTS + 1)}],
+])
+def test_parse_answer_rejects_malformed_stage2(items):
+    assert sr.parse_answer(answer(items), 2) is None
+
+
+def test_parse_answer_never_raises_on_random_text():
+    rng = np.random.default_rng(0)
+    alphabet = list('<>/[]{}",:.-0123456789eE thinkanswerbox_2dpointsNaI\n\\u') + ["<think>", "</think>",
+                                                                                   "<answer>", "</answer>"]
+    good = answer([{"bbox_2d": [1, 2, 30, 40], "points": [[5, 6]]}])
+    for i in range(3000):
+        if i % 2:
+            text = "".join(rng.choice(alphabet, size=rng.integers(0, 80)))
+        else:  # mutate a valid answer: delete, duplicate or replace a few characters
+            chars = list(good)
+            for _ in range(rng.integers(1, 4)):
+                j = rng.integers(len(chars))
+                op = rng.integers(3)
+                if op == 0:
+                    del chars[j]
+                elif op == 1:
+                    chars.insert(j, chars[j])
+                else:
+                    chars[j] = str(rng.choice(alphabet))
+            text = "".join(chars)
+        for stage in (1, 2):
+            out = sr.parse_answer(text, stage)
+            assert out is None or isinstance(out, list)
+
+
+# ------------------------------------------------------------------------------------------------------------
+# A.2.2 stage 1: box IoU, Hungarian accuracy (eq. 7), length (eq. 8), total (eq. 9)
+# ------------------------------------------------------------------------------------------------------------
+
+def test_box_iou_hand_computed():
+    a = np.array([[0, 0, 2, 2], [0, 0, 1, 1]])
+    b = np.array([[1, 1, 3, 3], [0, 0, 2, 2], [5, 5, 6, 6]])
+    iou = sr.box_iou(a, b)
+    assert iou.shape == (2, 3)
+    assert np.allclose(iou, [[1 / 7, 1, 0], [0, 1 / 4, 0]])
+    assert sr.box_iou(np.zeros((0, 4)), b).shape == (0, 3)
+
+
+def test_hungarian_matches_against_brute_force():
+    rng = np.random.default_rng(1)
+
+    def boxes(n):
+        corner = rng.uniform(0, 20, (n, 2))
+        return np.concatenate([corner, corner + rng.uniform(1, 10, (n, 2))], 1)
+
+    for _ in range(300):
+        K, J = int(rng.integers(0, 5)), int(rng.integers(0, 5))
+        pred, gt = boxes(K), boxes(J)
+        for k in range(min(K, J)):                       # near-copies, so that matches and conflicts happen
+            if rng.random() < 0.6:
+                pred[k] = gt[rng.integers(J)] + rng.uniform(-1.5, 1.5, 4)
+                pred[k, 2:] = np.maximum(pred[k, 2:], pred[k, :2] + 0.5)
+        m = sr.box_iou(pred, gt) > 0.5
+        # every one-to-one assignment of the smaller side into the larger
+        if K <= J:
+            best = max(sum(m[k, j] for k, j in enumerate(p)) for p in itertools.permutations(range(J), K))
+        else:
+            best = max(sum(m[k, j] for j, k in enumerate(p)) for p in itertools.permutations(range(K), J))
+        assert sr.hungarian_matches(pred, gt) == best
+
+
+def test_stage1_reward_hand_computed():
+    gt = np.array([[0, 0, 10, 10], [20, 20, 30, 30]])                     # J = 2
+    # K = 3: two boxes match (IoU 1 and 81/100 > 0.5), one is elsewhere.
+    r = sr.stage1_reward(answer([{"bbox_2d": [0, 0, 10, 10]}, {"bbox_2d": [21, 21, 30, 30]},
+                                 {"bbox_2d": [50, 50, 60, 60]}]), gt)
+    assert r["format"] == 1
+    assert r["accuracy"] == pytest.approx(2 / 3)                        # N_m / max(K, J)
+    assert r["length"] == pytest.approx(math.exp(-2 * 1 / 2))           # exp(-2|K-J|/J)
+    assert r["total"] == pytest.approx(1 + 2 / 3 + math.exp(-1))
+    # Two predictions on the same ground-truth box: one-to-one, so only one match.
+    r = sr.stage1_reward(answer([{"bbox_2d": [0, 0, 10, 10]}, {"bbox_2d": [0, 0, 10, 9]}]), gt)
+    assert r["accuracy"] == pytest.approx(1 / 2) and r["length"] == pytest.approx(1.0)
+    # IoU exactly 0.5 is not a match (the threshold is strict).
+    r = sr.stage1_reward(answer([{"bbox_2d": [0, 0, 10, 5]}]), gt[:1])
+    assert r["accuracy"] == 0.0
+    # K = 0: well-formed, nothing matched.
+    r = sr.stage1_reward(answer([]), gt)
+    assert (r["format"], r["accuracy"], r["length"]) == (1.0, 0.0, pytest.approx(math.exp(-2)))
+
+
+def test_stage1_reward_no_ground_truth_and_format_gate():
+    none = np.zeros((0, 4))
+    assert sr.stage1_reward(answer([]), none)["total"] == pytest.approx(3.0)
+    r = sr.stage1_reward(answer([{"bbox_2d": [0, 0, 1, 1]}] * 2), none)
+    assert (r["accuracy"], r["length"]) == (0.0, pytest.approx(math.exp(-4)))
+    r = sr.stage1_reward("<think>x</think><answer>[{\"bbox_2d\": [0, 0, 10, 10]}", np.array([[0, 0, 10, 10]]))
+    assert r == {"format": 0.0, "accuracy": 0.0, "length": 0.0, "total": 0.0}
+
+
+# ------------------------------------------------------------------------------------------------------------
+# A.2.2 stage 2: pixel IoU (eq. 10), point-count Gaussian (eq. 11), total (eq. 12)
+# ------------------------------------------------------------------------------------------------------------
+
+def test_mask_iou_hand_computed():
+    a = np.zeros((4, 4), bool); a[:2, :2] = True                          # 4 px
+    b = np.zeros((4, 4), bool); b[1:3, 1:3] = True                        # 4 px, 1 shared
+    assert sr.mask_iou(a, b) == pytest.approx(1 / 7)
+    assert sr.mask_iou(a, a) == 1.0
+    assert sr.mask_iou(np.zeros((4, 4), bool), np.zeros((4, 4), bool)) == 1.0
+    assert sr.mask_iou(a, np.zeros((4, 4), bool)) == 0.0
+
+
+def test_point_count_score_is_a_gaussian_peaking_at_mu():
+    assert sr.point_count_score(2) == pytest.approx(1.0)
+    assert sr.point_count_score(0) == pytest.approx(math.exp(-4 / 8))
+    assert sr.point_count_score(5) == pytest.approx(math.exp(-9 / 8))
+    assert sr.point_count_score(1, mu=1) == pytest.approx(1.0)
+
+
+def test_stage2_reward_hand_computed():
+    gt = np.zeros((8, 8), bool); gt[:4, :4] = True                        # 16 px
+    pred = np.zeros((8, 8), bool); pred[:4, :2] = True                    # 8 px inside
+    text = answer([{"bbox_2d": [0, 0, 4, 4], "points": [[1, 1], [2, 2]]},
+                   {"bbox_2d": [4, 4, 8, 8], "points": [[5, 5], [6, 6], [7, 7], [5, 6]]}])
+    r = sr.stage2_reward(text, pred, gt)
+    assert r["format"] == 1 and r["accuracy"] == pytest.approx(0.5)
+    assert r["length"] == pytest.approx((1 + math.exp(-4 / 8)) / 2)      # mean over G' = 2 groups
+    assert r["total"] == pytest.approx(1 + 0.5 + (1 + math.exp(-0.5)) / 2)
+    r = sr.stage2_reward(answer([]), np.zeros((8, 8), bool), gt)          # no groups
+    assert (r["accuracy"], r["length"], r["total"]) == (0.0, 0.0, 1.0)
+    # stage-1 syntax is not stage-2 syntax: the gate zeroes everything, even a perfect mask.
+    assert sr.stage2_reward(answer([{"bbox_2d": [0, 0, 4, 4]}]), gt, gt)["total"] == 0.0
+
+
+# ------------------------------------------------------------------------------------------------------------
+# eq. 3 renderer
+# ------------------------------------------------------------------------------------------------------------
+
+def test_render_shades_the_mask_and_outlines_boxes_without_touching_the_input():
+    img = Image.new("RGB", (20, 10), (0, 0, 255))
+    mask = np.zeros((10, 20), bool); mask[2:4, 2:4] = True
+    out = np.asarray(sr.render(img, np.array([[10, 2, 18, 8]]), mask))
+    assert tuple(out[3, 3]) == (102, 0, 153)                              # 0.4 red + 0.6 blue
+    assert tuple(out[0, 0]) == (0, 0, 255)                                # untouched
+    assert tuple(out[2, 10]) == sr.BOX_RGB and tuple(out[5, 14]) == (0, 0, 255)  # outline, not fill
+    assert np.asarray(img)[3, 3].tolist() == [0, 0, 255]
+
+
+# ------------------------------------------------------------------------------------------------------------
+# §4.2 GRPO: advantages and eq. 6
+# ------------------------------------------------------------------------------------------------------------
+
+def test_group_advantages_subtract_each_groups_mean():
+    r = torch.tensor([1.0, 2.0, 3.0, 5.0, 5.0, 5.0])
+    assert sr.group_advantages(r, 3).tolist() == [-1.0, 0.0, 1.0, 0.0, 0.0, 0.0]
+
+
+def _loss_inputs(B=3, T=5, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    logp = (-torch.rand(B, T, generator=g) * 3).requires_grad_()
+    mask = torch.ones(B, T)
+    mask[1, 3:] = 0
+    return logp, mask
+
+
+def test_grpo_loss_at_ratio_one_is_minus_mean_advantage_and_k3_vanishes():
+    logp, mask = _loss_inputs()
+    adv = torch.tensor([1.0, -2.0, 0.5])
+    loss, st = sr.grpo_loss(logp, logp.detach(), logp.detach(), adv, mask, clip_eps=0.2, kl_beta=0.1)
+    assert loss.item() == pytest.approx(-adv.mean().item())              # ratio 1, token mean = A
+    assert st["kl"] == pytest.approx(0.0) and st["clipped"] == 0.0
+    loss.backward()
+    # d loss / d logp_t = -A / (T_i * B) on unmasked tokens: REINFORCE with a baseline.
+    expected = -adv[:, None] / mask.sum(1, keepdim=True) / 3 * mask
+    assert torch.allclose(logp.grad, expected)
+
+
+def test_grpo_loss_clips_on_both_sides_for_both_advantage_signs():
+    eps = 0.2
+    old = torch.zeros(4, 1)
+    # ratio 1.5: clipped for A > 0 (no gain past 1 + eps), not for A < 0 (pessimistic min keeps 1.5 A).
+    # ratio 0.5: clipped for A < 0, not for A > 0.
+    logp = torch.log(torch.tensor([[1.5], [1.5], [0.5], [0.5]])).requires_grad_()
+    adv = torch.tensor([1.0, -1.0, 1.0, -1.0])
+    loss, st = sr.grpo_loss(logp, old, logp.detach(), adv, torch.ones(4, 1), eps, kl_beta=0.0)
+    assert loss.item() == pytest.approx(-(1.2 * 1 + 1.5 * -1 + 0.5 * 1 + 0.8 * -1) / 4)
+    assert st["clipped"] == pytest.approx(0.5)
+    loss.backward()
+    # clipped rows get no gradient; unclipped rows get -A * ratio / B (d ratio / d logp = ratio)
+    assert torch.allclose(logp.grad.view(-1), torch.tensor([0.0, 1.5 / 4, -0.5 / 4, 0.0]))
+
+
+def test_k3_kl_is_zero_when_policies_agree_and_positive_otherwise():
+    logp = torch.log(torch.tensor([[0.5, 0.2]]))
+    ref = torch.log(torch.tensor([[0.25, 0.4]]))
+    _, st = sr.grpo_loss(logp, logp, logp, torch.zeros(1), torch.ones(1, 2), 0.2, 1.0)
+    assert st["kl"] == 0.0
+    loss, st = sr.grpo_loss(logp, logp, ref, torch.zeros(1), torch.ones(1, 2), 0.2, 1.0)
+    q = torch.log(torch.tensor([0.5, 2.0]))                               # log ref/pi per token
+    expected = (torch.exp(q) - q - 1).mean().item()
+    assert st["kl"] == pytest.approx(expected) and loss.item() == pytest.approx(expected) and expected > 0
+
+
+def test_masked_tokens_get_no_gradient():
+    logp, mask = _loss_inputs()
+    ref = logp.detach() - 0.3
+    loss, _ = sr.grpo_loss(logp, logp.detach(), ref, torch.tensor([1.0, -1.0, 2.0]), mask, 0.2, 0.05)
+    loss.backward()
+    assert (logp.grad[mask == 0] == 0).all() and (logp.grad[mask == 1] != 0).all()
+
+
+def test_equal_rewards_give_zero_advantage_zero_gradient_and_no_nan():
+    adv = sr.group_advantages(torch.full((8,), 2.5), 8)
+    assert (adv == 0).all()
+    logp, mask = _loss_inputs(B=8)
+    loss, _ = sr.grpo_loss(logp, logp.detach(), logp.detach(), adv, mask, 0.5, 0.005)
+    loss.backward()
+    assert torch.isfinite(loss) and (logp.grad == 0).all()
+
+
+# ------------------------------------------------------------------------------------------------------------
+# §4.2 the policy: a tiny random Qwen2.5-VL built from its real classes
+# ------------------------------------------------------------------------------------------------------------
+
+CPU = torch.device("cpu")
+
+
+@pytest.fixture(scope="module")
+def policy():
+    return sr.build_tiny_policy(seed=0)
+
+
+@pytest.fixture(scope="module")
+def sample():
+    return sr.read_sample(sr.list_split(HERE / "data_sample", "train")[0])
+
+
+def test_model_frame_is_the_processors_resized_frame(policy, sample):
+    inputs, hw = sr.policy_inputs(policy, [sample.map, sample.sat], sr.STAGE1_PROMPT, sample.text)
+    assert hw == (112, 112) and sample.sat.size == (224, 224)            # the tiny processor halves the tiles
+    assert sr.model_frame(policy, (200, 150)) == (84, 112)               # (W, H) = (200, 150) -> (H', W')
+    prompt = policy.processor.tokenizer.decode(inputs["input_ids"][0])
+    assert "112x112 pixels" in prompt and sample.text in prompt
+    assert prompt.index("<|image_pad|>") < prompt.index("Target")        # images first, then the text
+
+
+def test_logprobs_from_one_forward_match_generates_logits(policy, sample):
+    """Re-scoring prompt + completion in one forward reproduces generate's own distribution (pitfalls 2, 6)."""
+    inputs, _ = sr.policy_inputs(policy, [sample.map, sample.sat], sr.STAGE1_PROMPT, sample.text)
+    torch.manual_seed(3)
+    T = 1.3
+    out = policy.model.generate(**inputs, do_sample=True, temperature=T, top_k=0, top_p=1.0, num_return_sequences=3,
+                                max_new_tokens=12, suppress_tokens=policy.vision_ids, output_logits=True,
+                                return_dict_in_generate=True, eos_token_id=policy.eos_ids, pad_token_id=policy.pad_id)
+    P = inputs["input_ids"].shape[1]
+    comps = [seq[P:] for seq in out.sequences]
+    # generate's raw logits -> the sampled distribution: / T, vision tokens removed
+    raw = torch.stack(out.logits, 1).float() / T                         # (3, 12, V)
+    raw[..., policy.vision_ids] = float("-inf")
+    expected = raw.log_softmax(-1).gather(-1, torch.stack(comps)[..., None]).squeeze(-1)
+    logp, mask = sr.completion_logprobs(policy, policy.model, [(inputs, c) for c in comps], T)
+    assert mask.shape == (3, 12) and mask.all()
+    assert torch.allclose(logp, expected, atol=1e-5)
+
+
+def test_completions_end_at_the_first_eos_and_only_completion_tokens_are_scored(policy, sample):
+    inputs, _ = sr.policy_inputs(policy, [sample.map, sample.sat], sr.STAGE1_PROMPT, sample.text)
+    eos = policy.eos_ids[0]
+    short = torch.tensor([60, 61, eos])                                   # '<=' then EOS: 3 tokens
+    long = torch.tensor([60, 61, 62, 63, 64])                             # cut off by max_new_tokens
+    logp, mask = sr.completion_logprobs(policy, policy.model, [(inputs, short), (inputs, long)], 1.0)
+    assert mask.tolist() == [[1, 1, 1, 0, 0], [1, 1, 1, 1, 1]]           # EOS counts, padding does not
+    assert (logp[0, 3:] == 0).all() and (logp[mask.bool()] < 0).all()
+    # the same row scored alone gives the same numbers: padding does not leak into real positions
+    alone, _ = sr.completion_logprobs(policy, policy.model, [(inputs, short)], 1.0)
+    assert torch.allclose(alone[0], logp[0, :3], atol=1e-5)
+    assert sr.decode(policy, short) == "<="                               # the EOS is not part of the text
+
+
+def _rows(policy, samples, texts):
+    """Rows of (prompt inputs, completion ids) built from hand-written completions, prompts of different lengths."""
+    tok = policy.processor.tokenizer
+    rows = []
+    for s, text in zip(samples, texts):
+        inputs, _ = sr.policy_inputs(policy, [s.map, s.sat], sr.STAGE1_PROMPT, s.text)
+        ids = torch.tensor(tok(text)["input_ids"] + [policy.eos_ids[0]])
+        rows.append((inputs, ids))
+    return rows
+
+
+def test_accumulated_gradient_equals_full_batch_gradient():
+    """GRPO pitfall 1: micro-batching must not change the gradient (token mean per row, mean over rows)."""
+    refs = sr.list_split(HERE / "data_sample", "train")[:3]
+    samples = [sr.read_sample(r) for r in refs] * 2
+    pol = sr.build_tiny_policy(seed=1)
+    reference = sr.build_tiny_policy(seed=2).model                      # differs, so the KL term has a gradient
+    texts = ["<think>a</think><answer>[]</answer>", "x" * 9, "<think>bb</think>", "y", "zz" * 7, "<answer>"]
+    rows = _rows(pol, samples, texts)
+    adv = torch.tensor([0.5, -1.0, 2.0, 0.0, -0.3, 0.7])
+    grads = []
+    for micro in (6, 4, 1):
+        cfg = sr.Config(micro_batch=micro, kl_beta=0.3)
+        pol.model.zero_grad(set_to_none=True)
+        sr.accumulate_grpo_gradients(pol, reference, rows, adv, cfg)
+        grads.append(torch.cat([p.grad.flatten() for p in pol.model.parameters() if p.grad is not None]))
+    assert grads[0].abs().max() > 0
+    for g in grads[1:]:
+        assert torch.allclose(g, grads[0], atol=1e-6, rtol=1e-4)
+
+
+def test_grpo_update_moves_the_policy_only_when_rewards_differ(sample):
+    """A stage update with unequal rewards changes the weights; with equal rewards (and pi = pi_ref) it cannot."""
+    cfg = sr.Config(lr=1e-3, micro_batch=2)
+    pol = sr.build_tiny_policy(seed=0)
+    reference = sr.build_tiny_policy(seed=0).model
+    texts = ["<think>a</think><answer>[]</answer>", "junk", "more junk", "<think>"]
+    rows = _rows(pol, [sample] * 4, texts)
+    for rewards, should_move in (([1.0, 1.0, 1.0, 1.0], False), ([3.0, 0.0, 0.0, 0.0], True)):
+        group = sr.Group(1, rows[0][0], (112, 112), [c for _, c in rows], texts, [None] * 4,
+                         rewards=[{"total": r} for r in rewards])
+        before = [p.detach().clone() for p in pol.model.parameters()]
+        opt = torch.optim.AdamW(pol.model.parameters(), lr=cfg.lr, weight_decay=0.0)
+        stats = sr.grpo_update(pol, reference, opt, [group], cfg)
+        moved = any(not torch.equal(b, p) for b, p in zip(before, pol.model.parameters()))
+        assert moved == should_move and not stats["skipped"]
+    # and the move raised the probability of the rewarded completion
+    after, _ = sr.completion_logprobs(pol, pol.model, rows[:1], 1.0)
+    start, _ = sr.completion_logprobs(pol, reference, rows[:1], 1.0)
+    assert after.sum() > start.sum()
+
+
+def test_tiny_policy_saves_and_loads_through_the_real_loading_path(policy, sample, tmp_path):
+    policy.model.save_pretrained(tmp_path)
+    policy.processor.save_pretrained(tmp_path)
+    loaded = sr.load_policy(str(tmp_path), CPU)
+    assert loaded.eos_ids == policy.eos_ids and loaded.vision_ids == policy.vision_ids
+    inputs, _ = sr.policy_inputs(policy, [sample.map, sample.sat], sr.STAGE1_PROMPT, sample.text)
+    inputs2, _ = sr.policy_inputs(loaded, [sample.map, sample.sat], sr.STAGE1_PROMPT, sample.text)
+    assert torch.equal(inputs["input_ids"], inputs2["input_ids"])
+    c = torch.tensor([65, 66, 67])
+    a, _ = sr.completion_logprobs(policy, policy.model, [(inputs, c)], 1.0)
+    b, _ = sr.completion_logprobs(loaded, loaded.model, [(inputs2, c)], 1.0)
+    assert torch.allclose(a, b)
+
+
+def test_a_missing_model_is_one_clear_line(tmp_path):
+    with pytest.raises(sr.SocioError) as e:
+        sr.load_policy(str(tmp_path / "nowhere"), CPU)
+    assert "--model PATH" in str(e.value) and "--tiny" in str(e.value) and "\n" not in str(e.value)
+
+
+# ------------------------------------------------------------------------------------------------------------
+# eqs. 2, 5: the segmenter, and Algorithm 1's rollout with a fake one
+# ------------------------------------------------------------------------------------------------------------
+
+class BoxFiller:
+    """A fake segmenter: each box becomes its filled rectangle; records what it was asked."""
+
+    def __init__(self):
+        self.calls, self.encoded = [], 0
+
+    def encode(self, image):
+        self.encoded += 1
+        return {"hw": image.shape[:2]}
+
+    def segment(self, encoding, boxes, points=None):
+        self.calls.append((np.asarray(boxes).copy(), points))
+        mask = np.zeros(encoding["hw"], bool)
+        for x1, y1, x2, y2 in np.round(boxes).astype(int):
+            mask[max(y1, 0):y2, max(x1, 0):x2] = True
+        return mask
+
+
+def test_sam2_segmenter_with_a_random_small_model():
+    seg = sr.load_segmenter(sr.Config(sam="tiny"), CPU)
+    rng = np.random.default_rng(0)
+    a = rng.integers(0, 255, (60, 80, 3), dtype=np.uint8)
+    b = rng.integers(0, 255, (50, 50, 3), dtype=np.uint8)
+    enc_a = seg.encode(a)
+    boxes = np.array([[5, 5, 40, 30], [50, 10, 70, 50], [10, 35, 30, 55]])
+    points = [np.array([[10, 10]]), np.array([[60, 20], [65, 40]]), np.zeros((0, 2))]
+    m1 = seg.segment(enc_a, boxes, points)
+    assert m1.shape == (60, 80) and m1.dtype == bool
+    seg.encode(b)                                                        # another tile in between
+    assert np.array_equal(seg.segment(enc_a, boxes, points), m1)         # the stored encoding is reused
+    # union of per-object masks: segmenting objects one by one and OR-ing gives the same mask
+    union = np.zeros_like(m1)
+    for i in range(3):
+        union |= seg.segment(enc_a, boxes[i:i + 1], points[i:i + 1])
+    assert np.array_equal(union, m1)
+    # prompts are made safe: outside the image -> dropped, no call; partly outside -> clipped
+    assert not seg.segment(enc_a, np.array([[100, 100, 120, 130]])).any()
+    assert not seg.segment(enc_a, np.zeros((0, 4))).any()
+    clipped, _ = sr.clip_prompts(np.array([[-10, 5, 500, 30], [90, 0, 99, 9]]), None, (60, 80))
+    assert clipped.tolist() == [[0, 5, 80, 30]]
+
+
+def test_two_stage_rollout_converts_frames_and_carries_the_chosen_boxes(policy, sample):
+    """Algorithm 1 lines 5-22 with a fake segmenter: model-frame answers reach S in the mask frame."""
+    seg = BoxFiller()
+    enc = seg.encode(np.asarray(sample.sat))
+    model_hw, mask_hw = (112, 112), sample.mask.shape                    # tiles are 224 px: factor 2
+    carried = [{"bbox_2d": [10.0, 20.0, 30.0, 40.0]}]
+    coarse = sr.segment_answer(seg, enc, carried, model_hw, mask_hw)
+    assert seg.calls[-1][0].tolist() == [[20, 40, 60, 80]] and coarse.sum() == 40 * 40
+    sampling = dict(temperature=1.0, top_p=1.0, top_k=0, max_new_tokens=8)
+    g2 = sr.stage2_rollout(policy, sample, np.array([[10, 20, 30, 40]]), model_hw, coarse, 3, sampling)
+    prompt = policy.processor.tokenizer.decode(g2.inputs["input_ids"][0])
+    assert "[[10, 20, 30, 40]]" in prompt                                 # the carried boxes, model frame
+    assert len(g2.completions) == len(g2.texts) == len(g2.answers) == 3
+    # stage 2 answers: box and points converted to the mask frame
+    answer2 = [{"bbox_2d": [10.0, 20.0, 30.0, 40.0], "points": [[15.0, 25.0]]}]
+    boxes, points = sr.answer_prompts(answer2, model_hw, mask_hw)
+    assert boxes.tolist() == [[20, 40, 60, 80]] and points[0].tolist() == [[30, 50]]
+    # the stage-1 reward compares in the model frame: ground truth scaled down by 2 matches itself exactly
+    gt_model = sr.to_frame(sr.mask_to_boxes(sample.mask), mask_hw, model_hw)
+    perfect = answer([{"bbox_2d": b} for b in gt_model.tolist()])
+    assert sr.stage1_reward(perfect, gt_model)["total"] == pytest.approx(3.0)
+
+
+def test_select_carried_argmax_and_sampled():
+    rng = np.random.default_rng(0)
+    assert sr.select_carried([0.0, 2.5, 1.0], "argmax", rng) == 1
+    picks = [sr.select_carried([0.0, 2.0, 0.0], "sample", rng) for _ in range(2000)]
+    share = np.mean(np.array(picks) == 1)
+    assert share == pytest.approx(math.exp(2) / (math.exp(2) + 2), abs=0.03)   # proportional to exp(R1)
+
+
+def test_train_step_runs_both_stages_with_a_fake_segmenter():
+    refs = sr.list_split(HERE / "data_sample", "train")[:2]
+    cfg = sr.Config(group_size=3, max_new_tokens=6, micro_batch=3, lr=1e-3)
+    pol = sr.build_tiny_policy(seed=0)
+    reference = sr.build_tiny_policy(seed=0).model
+    opt = torch.optim.AdamW(pol.model.parameters(), lr=cfg.lr, weight_decay=0.0)
+    seg = BoxFiller()
+    stats = sr.train_step(0, refs, pol, reference, opt, seg, cfg)
+    assert seg.encoded == 2                                               # one SAM encoding per sample per step
+    assert set(stats) >= {"reward1", "reward2", "kl", "clipped", "skipped"}
+    assert all(np.isfinite(v) for v in stats.values())
+
+
+# ------------------------------------------------------------------------------------------------------------
+# The command line, as a user runs it
+# ------------------------------------------------------------------------------------------------------------
+
+def run_cli(*args, cwd=HERE):
+    return subprocess.run([sys.executable, str(HERE / "socioreasoner.py"), *args], cwd=cwd,
+                          capture_output=True, text=True, timeout=600)
+
+
+def test_cli_train_tiny_writes_log_and_checkpoint_and_resumes(tmp_path):
+    out = tmp_path / "run"
+    r = run_cli("train", "--tiny", "--steps", "1", "--out", str(out))
+    assert r.returncode == 0, r.stderr
+    lines = [json.loads(l) for l in (out / "log.jsonl").read_text().splitlines()]
+    assert [l["step"] for l in lines] == [1]
+    assert {"step", "reward1", "reward2", "kl", "seconds"} <= set(lines[0])
+    state = torch.load(out / "checkpoint" / "trainer_state.pt", weights_only=True)
+    assert state["step"] == 1 and state["config"]["model"] == "tiny"
+    assert (out / "checkpoint" / "model.safetensors").exists()
+    r = run_cli("train", "--tiny", "--steps", "2", "--out", str(out), "--resume")
+    assert r.returncode == 0, r.stderr
+    assert "resuming from" in r.stdout
+    assert [json.loads(l)["step"] for l in (out / "log.jsonl").read_text().splitlines()] == [1, 2]
+
+
+def test_cli_infer_tiny_writes_a_mask_the_size_of_the_satellite_image(tmp_path):
+    sat = HERE / "data_sample" / "val" / "val_0000" / "sat.png"
+    mp = HERE / "data_sample" / "val" / "val_0000" / "map.png"
+    r = run_cli("infer", str(sat), str(mp), "school", "--tiny", "--out", str(tmp_path))
+    assert r.returncode == 0, r.stderr
+    assert "--- stage 1 ---" in r.stdout and "--- stage 2 ---" in r.stdout
+    mask = Image.open(tmp_path / "mask.png")
+    assert mask.size == Image.open(sat).size and mask.mode == "L"
+    overlay = Image.open(tmp_path / "overlay.png")
+    assert overlay.size == (2 * mask.size[0], 2 * mask.size[1])
+
+
+def test_cli_errors_are_one_line(tmp_path):
+    r = run_cli("infer", str(tmp_path / "nope.png"), str(tmp_path / "nope.png"), "park", "--tiny")
+    assert r.returncode != 0 and r.stderr.strip().count("\n") == 0
+    assert "nope.png" in r.stderr and "Traceback" not in r.stderr
+    r = run_cli("train", "--tiny", "--data", str(tmp_path), "--out", str(tmp_path / "o"))
+    assert r.returncode != 0 and "no split 'train'" in r.stderr and "Traceback" not in r.stderr
