@@ -36,7 +36,7 @@ Conventions used everywhere below:
 from __future__ import annotations
 
 import argparse
-import copy
+import contextlib
 import dataclasses
 import io
 import json
@@ -62,9 +62,9 @@ from scipy.optimize import linear_sum_assignment
 # Hyperparameters (paper A.2.3 unless marked otherwise). Every field is also a command-line flag.
 # ============================================================================================================
 
-def hp(default, help):
-    """A config field whose help text becomes the flag's --help line."""
-    return field(default=default, metadata={"help": help})
+def hp(default, doc):
+    """A config field whose doc becomes the flag's --help line."""
+    return field(default=default, metadata={"doc": doc})
 
 
 @dataclass
@@ -73,7 +73,6 @@ class Config:
     model: str = hp("Qwen/Qwen2.5-VL-3B-Instruct", "policy to start from: hub id, local folder, or 'tiny'")
     sam: str = hp("facebook/sam2-hiera-large", "SAM 2 (frozen): hub id, local .pt checkpoint, or 'tiny'")
     sam_config: str = hp("configs/sam2/sam2_hiera_l.yaml", "sam2 config used with a local .pt checkpoint")
-    tiny: bool = hp(False, "offline demo: --model tiny --sam tiny (random, built in code) and small batches")
     # --- data ---------------------------------------------------------------------------------------------
     data: str = hp("data_sample", "SocioSeg root: <data>/<split>/<id>/{sat,map,mask}.png + question.json")
     split: str = hp("train", "split to train on")
@@ -88,23 +87,47 @@ class Config:
     temperature: float = hp(1.0, "sampling temperature of the rollouts; logits are divided by it when scored")
     max_new_tokens: int = hp(512, "cap on completion length; a cut-off answer fails the format gate")
     select: str = hp("argmax", "Alg. 1 line 15: stage-1 rollout carried to stage 2, 'argmax' or 'sample' ~ exp(R1)")
+    points_mu: float = hp(2.0, "mu of the stage-2 point-count reward, eq. 11 (Table 3 ablates 1, 2, 3)")
     # --- memory (one GPU) ---------------------------------------------------------------------------------
     micro_batch: int = hp(4, "rows (prompt x completion) per forward/backward; gradients are accumulated")
     grad_checkpointing: bool = hp(False, "recompute activations in backward: less memory, ~30% slower")
     freeze_vision: bool = hp(False, "train the language model only; the vision tower stays as loaded")
+    # --- supervised steps: the SFT baseline, and the warm-up before GRPO (A.2.3) ---------------------------
+    sft_steps: int = hp(0, "supervised steps before GRPO (0 = none); the sft command's length")
+    sft_lr: float = hp(1e-5, "AdamW learning rate of the supervised steps (not given in the paper)")
+    sft_batch: int = hp(8, "samples per supervised step, each giving a stage-1 and a stage-2 example")
+    sft_points: int = hp(3, "points per ground-truth region in stage-2 targets (A.2.3: three)")
+    # --- evaluation ---------------------------------------------------------------------------------------
+    eval_split: str = hp("", "after training, compare warm-up and trained policy on this split ('' = no)")
+    eval_limit: int = hp(0, "evaluate at most this many samples (0 = all)")
     # --- inference sampling (the authors' release) --------------------------------------------------------
     infer_temperature: float = hp(1.0, "inference sampling temperature")
     infer_top_p: float = hp(0.8, "inference nucleus sampling")
     infer_top_k: int = hp(100, "inference top-k sampling")
     # --- bookkeeping --------------------------------------------------------------------------------------
-    seed: int = hp(0, "seeds data order, sampling and the --tiny models")
-    save_every: int = hp(10, "write a checkpoint every N steps (and at the end)")
+    seed: int = hp(0, "seeds data order, sampling and the tiny models")
+    save_every: int = hp(10, "write a checkpoint every N steps (and at the end of each phase)")
     resume: bool = hp(False, "continue from <out>/checkpoint")
 
 
-# What --tiny changes when the flag itself is not given: small enough for a CPU laptop.
-TINY_DEFAULTS = dict(model="tiny", sam="tiny", rollout_batch=2, group_size=4, max_new_tokens=48,
-                     micro_batch=8, lr=1e-4, steps=20, save_every=5)
+# --tiny: the offline demo. Fields given as flags still win. A tiny random Qwen2.5-VL and the weights-free
+# GrowSegmenter; an SFT warm-up that teaches the answer format; GRPO with a learning rate a tiny model needs.
+TINY_DEFAULTS = dict(model="tiny", sam="grow", rollout_batch=4, group_size=8, max_new_tokens=64, micro_batch=16,
+                     lr=2e-4, steps=80, sft_steps=300, sft_lr=1e-3, sft_batch=8, eval_split="val", save_every=20)
+
+
+def check_config(cfg: Config):
+    """Reject values that would fail later, deep inside a library, with one clear message."""
+    problems = [msg for bad, msg in [
+        (cfg.select not in ("argmax", "sample"), f"--select must be 'argmax' or 'sample', not '{cfg.select}'"),
+        (cfg.group_size < 2, "--group-size must be at least 2: advantages are relative to the group"),
+        (min(cfg.rollout_batch, cfg.micro_batch, cfg.sft_batch, cfg.max_new_tokens) < 1,
+         "--rollout-batch, --micro-batch, --sft-batch and --max-new-tokens must be positive"),
+        (cfg.steps < 0 or cfg.sft_steps < 0, "--steps and --sft-steps cannot be negative"),
+        (cfg.temperature <= 0, "--temperature must be positive"),
+        (cfg.save_every < 1, "--save-every must be positive")] if bad]
+    if problems:
+        raise SocioError("; ".join(problems))
 
 
 class SocioError(Exception):
@@ -305,10 +328,6 @@ MAX_POINTS = 16
 ANSWER_RE = re.compile(r"\s*<think>(.*?)</think>\s*<answer>(.*?)</answer>\s*", re.DOTALL)
 
 
-def _reject_constant(name):
-    raise ValueError(f"non-finite number {name}")
-
-
 def _number(v) -> Optional[float]:
     if isinstance(v, bool) or not isinstance(v, (int, float)):
         return None
@@ -330,8 +349,8 @@ def parse_answer(completion: str, stage: int) -> Optional[list[dict]]:
     if m is None:
         return None
     try:
-        items = json.loads(m.group(2), parse_constant=_reject_constant)
-    except (ValueError, RecursionError):  # malformed JSON, NaN/Infinity, absurd nesting, huge ints
+        items = json.loads(m.group(2))    # NaN/Infinity parse here, and are rejected by _number below
+    except (ValueError, RecursionError):  # malformed JSON, absurd nesting, integers of thousands of digits
         return None
     keys = {"bbox_2d"} if stage == 1 else {"bbox_2d", "points"}
     if not isinstance(items, list) or len(items) > MAX_OBJECTS:
@@ -388,7 +407,8 @@ def render(image: Image.Image, boxes: np.ndarray, mask: Optional[np.ndarray],
     draw = ImageDraw.Draw(out)
     width = max(1, round(min(out.size) / 150))
     for x1, y1, x2, y2 in np.asarray(boxes, dtype=np.float64).reshape(-1, 4):
-        draw.rectangle([x1, y1, x2 - 1, y2 - 1], outline=BOX_RGB, width=width)
+        # the outline covers the box's edge pixels; a box under one pixel wide is still drawn as one pixel
+        draw.rectangle([x1, y1, max(x1, x2 - 1), max(y1, y2 - 1)], outline=BOX_RGB, width=width)
     for group in points or []:
         for x, y in np.asarray(group, dtype=np.float64).reshape(-1, 2):
             r = 2 * width
@@ -405,15 +425,13 @@ def render(image: Image.Image, boxes: np.ndarray, mask: Optional[np.ndarray],
 #     encoding = segmenter.encode(image)               # (H, W, 3) uint8, the expensive image encoder
 #     mask = segmenter.segment(encoding, boxes, points) # (K, 4) boxes, None or K arrays (n_k, 2) -> (H, W) bool
 # One tile is encoded once per training step and reused for the coarse mask and all G final masks.
+# Prompts reach a segmenter already made safe by `clip_prompts`: inside the image, every box with an area.
 #
 # Following the authors' release: each object (a box, plus its points in stage 2, all labelled
 # foreground) is one SAM prompt, SAM returns three candidate masks, the highest-scoring is kept, and the
 # objects' masks are OR-ed into one. Objects with the same number of points go through SAM in one batched
 # call; padding point lists to a common length with SAM's "no point" label would change the masks, since
 # the decoder attends to the padding token.
-#
-# Prompts are made safe first: coordinates are clipped to the image, and a box left with no area is dropped
-# (SAM would accept it, silently, and segment something arbitrary).
 
 class Sam2Segmenter:
     def __init__(self, predictor):
@@ -427,9 +445,8 @@ class Sam2Segmenter:
     @torch.no_grad()
     def segment(self, encoding: dict, boxes: np.ndarray, points: Optional[list] = None) -> np.ndarray:
         h, w = encoding["_orig_hw"][0]
-        boxes, points = clip_prompts(boxes, points, (h, w))
         mask = np.zeros((h, w), bool)
-        if len(boxes) == 0:
+        if len(boxes) == 0:        # SAM 2 cannot be called with no prompt at all
             return mask
         for k, v in encoding.items():
             setattr(self.predictor, k, v)
@@ -447,8 +464,45 @@ class Sam2Segmenter:
         return mask
 
 
+class GrowSegmenter:
+    """A weights-free stand-in for SAM that still answers to its prompts, for the offline demo.
+
+    A box alone gives its rectangle. A box with points gives, inside the box, the pixels connected to a
+    point through colours close to that point's (on a lightly smoothed tile): a point on the target grows
+    into the target's shape, a point on the background grows into background. So, as with SAM, stage-2
+    points can make the mask better or worse than stage 1's boxes, which is what stage 2 must learn.
+    """
+
+    def __init__(self, tolerance: float = 40.0):
+        self.tolerance = tolerance           # colour distance (0-255 RGB) still counted as "the same stuff"
+
+    def encode(self, image: np.ndarray) -> dict:
+        smooth = ndimage.uniform_filter(np.asarray(image, dtype=np.float32), size=(5, 5, 1))
+        return {"image": smooth, "hw": smooth.shape[:2]}
+
+    def segment(self, encoding: dict, boxes: np.ndarray, points: Optional[list] = None) -> np.ndarray:
+        img, (h, w) = encoding["image"], encoding["hw"]
+        mask = np.zeros((h, w), bool)
+        for k, (x1, y1, x2, y2) in enumerate(np.asarray(boxes).reshape(-1, 4)):
+            c1, r1, c2, r2 = int(x1), int(y1), int(math.ceil(x2)), int(math.ceil(y2))
+            pts = np.zeros((0, 2)) if points is None else np.asarray(points[k]).reshape(-1, 2)
+            inside = [(int(y) - r1, int(x) - c1) for x, y in pts if c1 <= x < c2 and r1 <= y < r2]
+            if not inside:                   # no usable point: the box itself
+                mask[r1:r2, c1:c2] = True
+                continue
+            crop = img[r1:r2, c1:c2]                                         # (h_k, w_k, 3)
+            seeds = np.stack([crop[r, c] for r, c in inside])                # (n, 3)
+            near = np.linalg.norm(crop[:, :, None] - seeds[None, None], axis=-1) < self.tolerance  # (h_k, w_k, n)
+            for i, (r, c) in enumerate(inside):                              # the part connected to each point
+                labels, _ = ndimage.label(near[..., i])
+                mask[r1:r2, c1:c2] |= labels == labels[r, c]
+        return mask
+
+
 def clip_prompts(boxes: np.ndarray, points: Optional[list], hw: tuple):
-    """Clip boxes and points to an H x W image; drop boxes (and their points) that have no area left."""
+    """Make prompts safe for any segmenter: clip boxes and points to an H x W image, and drop boxes (with
+    their points) that have no area left. A point outside its own box is kept; what it means is the
+    segmenter's business (SAM uses it, GrowSegmenter ignores it)."""
     h, w = hw
     boxes = np.asarray(boxes, dtype=np.float64).reshape(-1, 4).copy()
     boxes[:, [0, 2]] = boxes[:, [0, 2]].clip(0, w)
@@ -460,8 +514,10 @@ def clip_prompts(boxes: np.ndarray, points: Optional[list], hw: tuple):
     return boxes[keep], points
 
 
-def load_segmenter(cfg: Config, device: torch.device) -> Sam2Segmenter:
-    """SAM 2 from the hub (cfg.sam an id), a local .pt checkpoint, or, with --tiny, a random small SAM 2."""
+def load_segmenter(cfg: Config, device: torch.device):
+    """SAM 2 from the hub (an id) or a local .pt checkpoint; 'tiny': a random small SAM 2; 'grow': GrowSegmenter."""
+    if cfg.sam == "grow":
+        return GrowSegmenter()
     import warnings
     warnings.filterwarnings("ignore", message=".*torch.jit.script.*", category=FutureWarning)
     from sam2.build_sam import build_sam2
@@ -586,6 +642,10 @@ def stage2_reward(completion: str, pred_mask: np.ndarray, gt_mask: np.ndarray, m
 VISION_TOKENS = ["<|vision_start|>", "<|vision_end|>", "<|vision_pad|>", "<|image_pad|>", "<|video_pad|>"]
 
 
+def pick_device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
 @dataclass
 class Policy:
     model: Any                        # Qwen2_5_VLForConditionalGeneration, float32 weights
@@ -600,7 +660,7 @@ def make_policy(model, processor, device) -> Policy:
     tok = processor.tokenizer
     ids = lambda names: [i for i in tok.convert_tokens_to_ids(names) if i is not None and i != tok.unk_token_id]
     eos = model.generation_config.eos_token_id
-    eos_ids = sorted(set(ids(["<|im_end|>", "<|endoftext|>"])) | set(eos if isinstance(eos, list) else [eos]) - {None})
+    eos_ids = sorted((set(ids(["<|im_end|>", "<|endoftext|>"])) | set(eos if isinstance(eos, list) else [eos])) - {None})
     pad = tok.pad_token_id if tok.pad_token_id is not None else eos_ids[0]
     return Policy(model.to(device).eval(), processor, eos_ids, pad, ids(VISION_TOKENS), device)
 
@@ -643,13 +703,14 @@ def policy_inputs(policy: Policy, images: list, template: str, target: str, **fi
     inputs = policy.processor(text=[prompt], images=images, return_tensors="pt")
     grid = inputs["image_grid_thw"][0]                           # (t, h, w) in patches of patch_size pixels
     patch = policy.processor.image_processor.patch_size
-    assert (int(grid[1]) * patch, int(grid[2]) * patch) == model_hw, "processor frame != smart_resize frame"
+    if (int(grid[1]) * patch, int(grid[2]) * patch) != model_hw:   # the prompt would state the wrong size
+        raise RuntimeError(f"processor resized to {tuple(grid[1:].tolist())} patches, expected {model_hw} px")
     return {k: v.to(policy.device) for k, v in inputs.items()}, model_hw
 
 
 def _autocast(device):
     # bf16 matmuls on a GPU; float32 on a CPU, where bf16 is slow and buys nothing.
-    return torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else torch.autocast("cpu", enabled=False)
+    return torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else contextlib.nullcontext()
 
 
 @torch.no_grad()
@@ -716,10 +777,12 @@ def completion_logprobs(policy: Policy, model, rows: list, temperature: float) -
 
 
 # --- a tiny random Qwen2.5-VL, built in code (--tiny, the tests) --------------------------------------------
-# The real classes with toy sizes: a byte-level BPE tokenizer with no merges (every UTF-8 byte is a token,
-# plus Qwen's special tokens), 112 x 112-pixel model frames (16 image tokens per tile), a 2-layer, 64-wide
-# language model and a 2-block vision tower: about 0.2 M parameters, under 1 MB on disk. It loads, samples,
-# scores and saves exactly like the 3B checkpoint, so every code path above runs offline.
+# The real classes with toy sizes: 112 x 112-pixel model frames (16 image tokens per tile), a 4-layer,
+# 128-wide language model and a 2-block vision tower, about 1 M parameters and a few MB on disk. It loads,
+# samples, scores and saves exactly like the 3B checkpoint, so every code path above runs offline.
+# The tokenizer is byte-level BPE with no merges (every UTF-8 byte is a token) plus Qwen's special tokens,
+# and, like a real BPE vocabulary's frequent pieces, single tokens for the answer's syntax and for the
+# numbers 0-255: an answer is then ~20 tokens instead of ~60, which a model this small can learn to write.
 
 TINY_CHAT_TEMPLATE = (
     "{%- for m in messages -%}<|im_start|>{{ m['role'] }}\n"
@@ -728,6 +791,12 @@ TINY_CHAT_TEMPLATE = (
     "{%- elif c['type'] == 'text' -%}{{ c['text'] }}{%- endif -%}{%- endfor -%}{%- endif -%}<|im_end|>\n"
     "{%- endfor -%}{%- if add_generation_prompt -%}<|im_start|>assistant\n{%- endif -%}"
 )
+TINY_PIECES = ["<think>", "</think>", "<answer>", "</answer>", '[{"bbox_2d": [', '{"bbox_2d": [', ", ", "]}",
+               '], "points": [[', "], [", "]]}"] + [str(i) for i in range(256)]
+# ...and the fixed stretches of our two prompts, as a trained BPE would compress a text it has seen often:
+# a prompt is then ~40 tokens plus the images, not ~600 bytes.
+TINY_PIECES += [part for template in (STAGE1_PROMPT, STAGE2_PROMPT)
+                for part in re.split(r"\{[a-z]+\}", template.replace("{{", "{").replace("}}", "}")) if len(part) > 3]
 
 
 def build_tiny_policy(seed: int, device: torch.device = torch.device("cpu")) -> Policy:
@@ -739,18 +808,19 @@ def build_tiny_policy(seed: int, device: torch.device = torch.device("cpu")) -> 
     vocab.update({t: 256 + i for i, t in enumerate(specials)})
     tok = Qwen2Tokenizer(vocab=vocab, merges=[], unk_token=None, eos_token="<|im_end|>",
                          pad_token="<|endoftext|>", extra_special_tokens=specials[1:])
+    tok.add_tokens(TINY_PIECES)                     # matched longest-first before the byte-level BPE
     size = {"shortest_edge": 56 * 56, "longest_edge": 112 * 112}
     processor = Qwen2_5_VLProcessor(image_processor=Qwen2VLImageProcessor(size=size), tokenizer=tok,
                                     video_processor=Qwen2VLVideoProcessor(size=size),
                                     chat_template=TINY_CHAT_TEMPLATE)
     tid = tok.convert_tokens_to_ids
     config = Qwen2_5_VLConfig(
-        text_config=dict(vocab_size=len(vocab), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+        text_config=dict(vocab_size=len(tok), hidden_size=128, intermediate_size=256, num_hidden_layers=4,
                          num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=4096,
-                         # M-RoPE splits head_dim / 2 = 8 frequency pairs over (time, height, width)
-                         rope_parameters={"rope_type": "default", "rope_theta": 1e6, "mrope_section": [2, 3, 3]},
+                         # M-RoPE splits head_dim / 2 = 16 frequency pairs over (time, height, width)
+                         rope_parameters={"rope_type": "default", "rope_theta": 1e4, "mrope_section": [4, 6, 6]},
                          bos_token_id=None, eos_token_id=tid("<|im_end|>"), pad_token_id=tid("<|endoftext|>")),
-        vision_config=dict(depth=2, hidden_size=32, intermediate_size=64, num_heads=2, out_hidden_size=64,
+        vision_config=dict(depth=2, hidden_size=64, intermediate_size=128, num_heads=2, out_hidden_size=128,
                            patch_size=14, spatial_merge_size=2, temporal_patch_size=2, window_size=112,
                            fullatt_block_indexes=[1]),
         image_token_id=tid("<|image_pad|>"), video_token_id=tid("<|video_pad|>"),
@@ -792,7 +862,10 @@ def group_advantages(rewards: torch.Tensor, group_size: int) -> torch.Tensor:
     exactly zero advantage (and so no policy gradient) either way.
     """
     r = rewards.float().view(-1, group_size)                             # (B, G)
-    return (r - r.mean(dim=1, keepdim=True)).view(-1)
+    adv = r - r.mean(dim=1, keepdim=True)
+    # A float mean of equal numbers can be off by an ulp; an all-equal group must get exactly zero.
+    adv[r.amax(dim=1) == r.amin(dim=1)] = 0.0
+    return adv.view(-1)
 
 
 def grpo_loss(logp: torch.Tensor, old_logp: torch.Tensor, ref_logp: torch.Tensor,
@@ -805,8 +878,10 @@ def grpo_loss(logp: torch.Tensor, old_logp: torch.Tensor, ref_logp: torch.Tensor
     adv = advantages.float()[:, None]                                    # (B, 1)
     ratio = torch.exp(logp - old_logp)                                   # (B, T)
     surrogate = torch.minimum(ratio * adv, ratio.clamp(1 - clip_eps, 1 + clip_eps) * adv)
-    # k3; q is clamped only so that a diverged policy gives a large finite penalty rather than inf.
-    q = (ref_logp - logp).clamp(-20, 20)
+    # k3. exp(q) can only overflow for q >> 0 (the policy far less likely than pi_ref on its own sample,
+    # which sampling makes rare), so only that side is clamped; q << 0 keeps its gradient back to pi_ref.
+    # (The authors' release clamps q to +-10.)
+    q = (ref_logp - logp).clamp(max=20)
     kl = torch.exp(q) - q - 1                                            # (B, T) >= 0
     per_token = -surrogate + kl_beta * kl
     n_tokens = mask.sum(dim=1).clamp(min=1)                              # (B,)
@@ -820,101 +895,6 @@ def grpo_loss(logp: torch.Tensor, old_logp: torch.Tensor, ref_logp: torch.Tensor
 
 
 # ============================================================================================================
-# Appendix — synthetic SocioSeg-style tiles (data_sample/)
-# ============================================================================================================
-# SocioSeg itself cannot be downloaded on every machine, and tests must never download anything, so the
-# project ships a few tiles made by this seeded generator in the raw-file layout. Each tile holds a few
-# places of different kinds. The digital map shows each place as a flat area in its kind's colour with a
-# darker icon dot at its centre (the way a web map shows an area of interest); the satellite image shows
-# the ground: a texture per kind over a noisy urban background, crossed by roads. The target text names a
-# kind present in the tile, as a class ("school") or a function ("educational"); the mask is every place of
-# that kind. Regenerate with:  python socioreasoner.py make-data --out data_sample
-
-PLACE_KINDS = {
-    # class         function        map fill         map icon        ground colour    ground texture
-    "school":      ("educational", (250, 214, 160), (200, 120, 30), (150, 90, 70), "track"),
-    "park":        ("green space", (176, 226, 160), (40, 140, 60), (70, 120, 55), "trees"),
-    "hospital":    ("medical", (246, 196, 206), (200, 40, 70), (215, 215, 220), "roof"),
-    "residential": ("housing", (226, 218, 204), (140, 120, 100), (170, 150, 130), "blocks"),
-}
-
-
-def _random_polygon(rng: np.random.Generator, size: int) -> list[tuple]:
-    """An irregular convex-ish polygon somewhere in a size x size tile, 12%-35% of the side across."""
-    cx, cy = rng.uniform(0.2, 0.8, 2) * size
-    r = rng.uniform(0.06, 0.17) * size
-    angles = np.sort(rng.uniform(0, 2 * np.pi, rng.integers(5, 9)))
-    radii = r * rng.uniform(0.7, 1.0, len(angles))
-    return [(float(cx + rr * np.cos(a)), float(cy + rr * np.sin(a))) for a, rr in zip(angles, radii)]
-
-
-def make_synthetic_sample(rng: np.random.Generator, size: int = 224):
-    """One (sat, map, mask, text) tile pair. Places never overlap, so the mask is exactly the target's."""
-    sat = rng.normal(120, 18, (size, size, 3)).clip(0, 255)             # urban background noise
-    sat += rng.normal(0, 10, (1, 1, 3))                                 # per-tile colour cast
-    map_img = Image.new("RGB", (size, size), (242, 239, 233))
-    map_draw = ImageDraw.Draw(map_img)
-    for _ in range(rng.integers(1, 4)):                                 # roads: white on the map, dark below
-        horizontal, at, w = rng.random() < 0.5, rng.integers(0, size), int(rng.integers(3, 7))
-        line = [(0, at), (size, at)] if horizontal else [(at, 0), (at, size)]
-        map_draw.line(line, fill=(255, 255, 255), width=w + 2)
-        road = Image.new("L", (size, size)); ImageDraw.Draw(road).line(line, fill=255, width=w)
-        sat[np.asarray(road) > 0] = (60, 60, 62)
-    taken = np.zeros((size, size), bool)
-    places = []                                                         # (kind, (H, W) bool)
-    for _ in range(rng.integers(2, 5)):
-        kind = list(PLACE_KINDS)[rng.integers(len(PLACE_KINDS))]
-        for _attempt in range(20):
-            poly = _random_polygon(rng, size)
-            layer = Image.new("L", (size, size)); ImageDraw.Draw(layer).polygon(poly, fill=255)
-            region = np.asarray(layer) > 0
-            grown = ndimage.binary_dilation(region, iterations=3)
-            if region.sum() > 30 and not (grown & taken).any():
-                taken |= grown
-                places.append((kind, region))
-                break
-    if not places:                                                      # vanishingly rare; try again
-        return make_synthetic_sample(rng, size)
-    for kind, region in places:
-        _, fill, icon, ground, texture = PLACE_KINDS[kind]
-        noise = rng.normal(0, 12, (size, size, 1))
-        look = np.asarray(ground, float)[None, None] + noise
-        yy, xx = np.mgrid[:size, :size]
-        if texture == "trees":                                          # dark blobs of canopy
-            look -= 35 * (np.sin(xx / 2.3 + rng.uniform(0, 9)) * np.sin(yy / 2.1) > 0.6)[..., None]
-        elif texture == "track":                                        # bright track lines
-            look += 50 * ((yy // 3) % 4 == 0)[..., None]
-        elif texture == "blocks":                                       # a grid of small roofs
-            look += 45 * (((xx // 5) % 3 == 0) | ((yy // 5) % 3 == 0))[..., None]
-        sat[region] = look[region]
-        ys, xs = np.nonzero(region)
-        map_draw.bitmap((0, 0), Image.fromarray((region * 255).astype(np.uint8)).convert("1"), fill=fill)
-        cx, cy = xs.mean(), ys.mean()
-        map_draw.ellipse([cx - 3, cy - 3, cx + 3, cy + 3], fill=icon)
-    kind = places[rng.integers(len(places))][0]
-    text = kind if rng.random() < 0.5 else PLACE_KINDS[kind][0]
-    mask = np.zeros((size, size), bool)
-    for k, region in places:
-        if k == kind:
-            mask |= region
-    sat_img = Image.fromarray(sat.clip(0, 255).astype(np.uint8))
-    return sat_img, map_img, mask, text
-
-
-def make_synthetic_data(out: str | Path, n_train: int = 24, n_val: int = 8, size: int = 224, seed: int = 0):
-    """Write train/ and val/ splits of synthetic tiles in the SocioSeg raw-file layout."""
-    rng = np.random.default_rng(seed)
-    for split, n in (("train", n_train), ("val", n_val)):
-        for i in range(n):
-            sat, map_img, mask, text = make_synthetic_sample(rng, size)
-            d = Path(out) / split / f"{split}_{i:04d}"
-            d.mkdir(parents=True, exist_ok=True)
-            sat.save(d / "sat.png"); map_img.save(d / "map.png")
-            Image.fromarray((mask * 255).astype(np.uint8)).save(d / "mask.png")
-            (d / "question.json").write_text(json.dumps({"problem": text}) + "\n", encoding="utf-8")
-
-
-# ============================================================================================================
 # Algorithm 1 — the two-stage rollout
 # ============================================================================================================
 # One prompt and its G completions form a Group. Stage 1 (lines 5-11): G answers with boxes, rewards R_1.
@@ -922,17 +902,22 @@ def make_synthetic_data(out: str | Path, n_train: int = 24, n_val: int = 8, size
 # onto the tiles. Stage 2 (lines 18-24): G answers with boxes and points, SAM's final mask per answer,
 # rewards R_2. Algorithm 1 runs SAM on all G stage-1 answers (line 9), but only M_c of g* is ever used, so
 # only that one is computed. The same functions serve inference with G = 1.
+#
+# Algorithm 1 as printed puts the two updates inside the loop over the samples of a batch (lines 14, 27),
+# with pi_old refreshed once per step (line 29); §4.2's training schedule and the authors' release update
+# once per stage per step, on the whole batch. We do the latter: stage 1 for all samples, one update, then
+# stage 2 for all samples, sampled from the updated policy, one update.
 
 @dataclass
 class Group:
     stage: int
-    inputs: dict                      # processor output for the one prompt (batch 1)
+    inputs: dict                      # processor output for one prompt: input_ids (1, P), pixel_values of 2 tiles,
+                                      # image_grid_thw (2, 3), mm_token_type_ids (1, P)
     model_hw: tuple                   # (H', W') of the tiles as the model sees them
     completions: list                 # G x LongTensor (T_g,), through the first EOS
     texts: list                       # G decoded completions
     answers: list                     # G x parse_answer(...) (None = malformed)
-    masks: list = None                # stage 2: G final masks M_f (H, W) bool, mask frame
-    rewards: list = None              # G reward dicts
+    rewards: list = None              # G reward dicts, once computed
 
 
 def stage1_rollout(policy, sample: Sample, n: int, sampling: dict) -> Group:
@@ -941,19 +926,28 @@ def stage1_rollout(policy, sample: Sample, n: int, sampling: dict) -> Group:
     return _sample_group(policy, 1, inputs, model_hw, n, sampling)
 
 
-def stage2_rollout(policy, sample: Sample, boxes_model: np.ndarray, model_hw: tuple, coarse: np.ndarray,
-                   n: int, sampling: dict) -> Group:
-    """Eqs. 3-4: draw the stage-1 boxes and coarse mask onto both tiles, then n stage-2 answers.
+def stage2_inputs(policy, sample: Sample, boxes_model: np.ndarray, model_hw: tuple, coarse: np.ndarray) -> dict:
+    """Eq. 3 and the stage-2 prompt x_2: the carried boxes and coarse mask drawn onto both tiles.
 
-    boxes_model (K, 4) are the carried stage-1 boxes as the model wrote them (model frame, listed in the
-    prompt as such); the drawing needs them in the mask frame. The rendered tiles keep their size, so the
-    stage-2 model frame is the stage-1 one.
+    boxes_model (K, 4) are the carried stage-1 boxes in the model frame, where the prompt lists them; the
+    drawing needs them in the mask frame. The rendered tiles keep their size, so the model frame is unchanged.
     """
     boxes_mask = to_frame(boxes_model, model_hw, sample.mask.shape)
     rendered = [render(sample.map, boxes_mask, coarse), render(sample.sat, boxes_mask, coarse)]
     listed = json.dumps([[round(float(v), 1) if v % 1 else int(v) for v in b] for b in boxes_model])
-    inputs, model_hw = policy_inputs(policy, rendered, STAGE2_PROMPT, sample.text, boxes=listed)
-    return _sample_group(policy, 2, inputs, model_hw, n, sampling)
+    return policy_inputs(policy, rendered, STAGE2_PROMPT, sample.text, boxes=listed)[0]
+
+
+def refine(policy, segmenter, encoding, sample: Sample, stage1: Group, g: int, n: int, sampling: dict):
+    """Alg. 1 lines 15-20 for the carried answer g: coarse mask M_c (eq. 2), drawing (eq. 3), n stage-2 answers
+    (eq. 4). Returns (M_c, stage-2 Group). A malformed carried answer carries no boxes."""
+    answer = stage1.answers[g] or []
+    coarse = segment_answer(segmenter, encoding, answer, stage1.model_hw, sample.mask.shape)
+    # Listed and drawn are the boxes as the segmenter saw them: clipped to the frame, empty ones dropped
+    # (a box at 1e300 would otherwise be spelled out digit by digit in the next prompt).
+    boxes_model = clip_prompts([o["bbox_2d"] for o in answer], None, stage1.model_hw)[0]
+    inputs = stage2_inputs(policy, sample, boxes_model, stage1.model_hw, coarse)
+    return coarse, _sample_group(policy, 2, inputs, stage1.model_hw, n, sampling)
 
 
 def _sample_group(policy, stage, inputs, model_hw, n, sampling) -> Group:
@@ -975,7 +969,9 @@ def answer_prompts(answer: Optional[list], model_hw: tuple, mask_hw: tuple):
 
 def segment_answer(segmenter, encoding, answer, model_hw, mask_hw) -> np.ndarray:
     """S(I_s, prompt = answer): eq. 2 for a stage-1 answer, eq. 5 for a stage-2 answer. (H, W) bool."""
-    boxes, points = answer_prompts(answer, model_hw, mask_hw)
+    boxes, points = clip_prompts(*answer_prompts(answer, model_hw, mask_hw), mask_hw)
+    if len(boxes) == 0:                  # nothing left to segment: no segmenter call at all
+        return np.zeros(mask_hw, bool)
     return segmenter.segment(encoding, boxes, points)
 
 
@@ -993,9 +989,10 @@ def select_carried(rewards: list, how: str, rng: np.random.Generator) -> int:
 # ============================================================================================================
 # Memory on one GPU. The policy's weights stay float32 (AdamW at lr 1e-6 changes a weight of size ~1e-2 by
 # ~1e-6, far below bf16's resolution of ~1e-4 there: the update would round away). Forward passes run under
-# bf16 autocast on a GPU, log-probs are taken in float32, and the frozen reference is a bf16 copy. The rows
-# of a stage (rollout_batch x G) are cut into micro-batches whose gradients are accumulated; see grpo_loss
-# for why the sum equals the full-batch gradient.
+# bf16 autocast on a GPU and log-probs are taken in float32. The frozen reference is a bf16 copy to save
+# 7.5 GB; its log-probs then differ from the policy's by bf16 rounding, so on a GPU the logged KL starts at a
+# small floor instead of exactly 0. The rows of a stage (rollout_batch x G) are cut into micro-batches whose
+# gradients are accumulated; see grpo_loss for why the sum equals the full-batch gradient.
 
 def accumulate_grpo_gradients(policy, reference, rows: list, advantages: torch.Tensor, cfg: Config) -> dict:
     """Backward of eq. 6 over all rows, micro-batch by micro-batch, into the parameters' .grad.
@@ -1018,6 +1015,17 @@ def accumulate_grpo_gradients(policy, reference, rows: list, advantages: torch.T
     return stats
 
 
+def optimizer_step(policy, optimizer, what: str) -> bool:
+    """Apply the accumulated gradient, unless it is not finite: one NaN step would destroy the weights."""
+    finite = all(torch.isfinite(p.grad).all() for p in policy.model.parameters() if p.grad is not None)
+    if finite:
+        optimizer.step()
+    else:
+        print(f"  {what}: non-finite loss or gradient, update skipped", flush=True)
+    optimizer.zero_grad(set_to_none=True)
+    return finite
+
+
 def grpo_update(policy, reference, optimizer, groups: list, cfg: Config) -> dict:
     """Alg. 1 lines 12-14 (or 25-27) for all groups of one stage: advantages, eq. 6, one optimizer step."""
     rows = [(g.inputs, c) for g in groups for c in g.completions]                   # B*G rows
@@ -1026,23 +1034,16 @@ def grpo_update(policy, reference, optimizer, groups: list, cfg: Config) -> dict
     policy.model.train()        # Qwen2.5-VL has no dropout; train mode is what gradient checkpointing needs
     optimizer.zero_grad(set_to_none=True)
     stats = accumulate_grpo_gradients(policy, reference, rows, advantages, cfg)
-    finite = all(torch.isfinite(p.grad).all() for p in policy.model.parameters() if p.grad is not None)
-    if finite:
-        optimizer.step()
-    else:  # one non-finite step would destroy the weights: skip it, and say so in the log
-        print(f"  stage {groups[0].stage}: non-finite gradient, update skipped", flush=True)
-    optimizer.zero_grad(set_to_none=True)
+    stats["skipped"] = not optimizer_step(policy, optimizer, f"stage {groups[0].stage}")
     policy.model.eval()         # back to sampling, with the KV cache
-    stats["skipped"] = not finite
     return stats
 
 
-def train_step(step: int, refs: list, policy, reference, optimizer, segmenter, cfg: Config) -> dict:
+def train_step(step: int, batch_refs: list, policy, reference, optimizer, segmenter, cfg: Config) -> dict:
     """One RL step of Algorithm 1 on a batch of samples: stage 1, update, stage 2, update."""
-    torch.manual_seed(cfg.seed * 100_003 + step)            # sampling is reproducible per step (resume)
     rng = np.random.default_rng([cfg.seed, step])
     sampling = dict(temperature=cfg.temperature, top_p=1.0, top_k=0, max_new_tokens=cfg.max_new_tokens)
-    samples = [read_sample(r) for r in refs]
+    samples = [read_sample(r) for r in batch_refs]
     # Each satellite tile is encoded by SAM once and reused by the coarse mask and all G final masks.
     encodings = [segmenter.encode(np.asarray(s.sat)) for s in samples]
 
@@ -1053,48 +1054,123 @@ def train_step(step: int, refs: list, policy, reference, optimizer, segmenter, c
         g.rewards = [stage1_reward(t, gt_model) for t in g.texts]
     stats1 = grpo_update(policy, reference, optimizer, groups1, cfg)
 
-    # ---- Carry g*, render, stage 2: refinement (lines 15-27) ----
+    # ---- Carry g*, render, stage 2: refinement (lines 15-27), sampled from the updated policy ----
     groups2 = []
     for s, enc, g in zip(samples, encodings, groups1):
         best = select_carried([r["total"] for r in g.rewards], cfg.select, rng)
-        answer = g.answers[best] or []
-        coarse = segment_answer(segmenter, enc, answer, g.model_hw, s.mask.shape)       # M_c of g*
-        boxes_model = np.asarray([o["bbox_2d"] for o in answer], dtype=np.float64).reshape(-1, 4)
-        groups2.append(stage2_rollout(policy, s, boxes_model, g.model_hw, coarse, cfg.group_size, sampling))
+        groups2.append(refine(policy, segmenter, enc, s, g, best, cfg.group_size, sampling)[1])
     for s, enc, g in zip(samples, encodings, groups2):
-        g.masks = [segment_answer(segmenter, enc, a, g.model_hw, s.mask.shape) for a in g.answers]
-        g.rewards = [stage2_reward(t, m, s.mask) for t, m in zip(g.texts, g.masks)]
+        masks = [segment_answer(segmenter, enc, a, g.model_hw, s.mask.shape) for a in g.answers]
+        g.rewards = [stage2_reward(t, m, s.mask, mu=cfg.points_mu) for t, m in zip(g.texts, masks)]
     stats2 = grpo_update(policy, reference, optimizer, groups2, cfg)
 
     mean = lambda groups, key: float(np.mean([r[key] for g in groups for r in g.rewards]))
     return {"reward1": mean(groups1, "total"), "reward2": mean(groups2, "total"),
             "format1": mean(groups1, "format"), "format2": mean(groups2, "format"),
-            "iou2": mean(groups2, "accuracy"), "kl": (stats1["kl"] + stats2["kl"]) / 2,
+            "iou2": mean(groups2, "accuracy"), "loss1": stats1["loss"], "loss2": stats2["loss"],
+            "kl": (stats1["kl"] + stats2["kl"]) / 2,
             "kl1": stats1["kl"], "kl2": stats2["kl"], "clipped": (stats1["clipped"] + stats2["clipped"]) / 2,
             "skipped": int(stats1["skipped"]) + int(stats2["skipped"])}
 
 
 def batch_indices(step: int, n: int, batch: int, seed: int) -> list[int]:
     """Samples of a step: a fresh seeded permutation per epoch, so any step's batch can be recomputed."""
-    out = []
+    perms, out = {}, []
     for pos in range(step * batch, (step + 1) * batch):
         epoch, i = divmod(pos, n)
-        out.append(int(np.random.default_rng([seed, epoch]).permutation(n)[i]))
+        if epoch not in perms:
+            perms[epoch] = np.random.default_rng([seed, epoch]).permutation(n)
+        out.append(int(perms[epoch][i]))
     return out
 
 
-# --- checkpoints: written atomically, loadable without unpickling code ---------------------------------------
-# <out>/checkpoint/ holds the policy and processor (save_pretrained: safetensors + json) and trainer_state.pt
-# (optimizer state, step, RNG state, the run's config: tensors and plain Python only, so torch.load with
-# weights_only=True reads it). A checkpoint is written to checkpoint.tmp/ and renamed into place; the
-# previous one stays as checkpoint.old/ until then, so a kill at any moment leaves one complete checkpoint.
+# ============================================================================================================
+# A.2.3 — supervised fine-tuning: the paper's SFT baseline, and the warm-up before GRPO
+# ============================================================================================================
+# The paper's SFT baseline (Table 4) trains on answers made from the ground truth: the box of each region
+# plus three points sampled inside its mask. We build such a target for each stage, in that stage's answer
+# schema and with an empty <think></think> (the SFT baseline has no reasoning to imitate). A stage-2 prompt
+# needs a first attempt to look at: we draw the ground-truth boxes jittered by up to 10% of their size, and
+# the segmenter's coarse mask for those, so the model learns to refine rather than to copy.
+# The loss is the mean negative log-likelihood per target token (token mean per answer, mean over answers),
+# computed by the same completion_logprobs that GRPO uses.
+#
+# `python socioreasoner.py sft` runs only this phase. `train --sft-steps N` runs it before GRPO: a random
+# policy never writes a well-formed answer, every reward is 0 and every advantage is 0, so without a warm-up
+# nothing would move. After the warm-up the KL reference of GRPO is the warmed-up policy.
 
-def save_checkpoint(out: Path, policy, optimizer, step: int, cfg: Config):
+def format_answer(items: list) -> str:
+    """The answer text for a list of {"bbox_2d": [...], ("points": [[x, y], ...])} in the model's frame."""
+    rounded = [{k: np.round(v).astype(int).tolist() for k, v in item.items()} for item in items]
+    return f"<think></think><answer>{json.dumps(rounded)}</answer>"
+
+
+def sft_examples(policy, segmenter, sample: Sample, n_points: int, rng: np.random.Generator) -> list:
+    """The two supervised rows (prompt inputs, target token ids) of one sample: stage 1 and stage 2."""
+    mask_hw = sample.mask.shape
+    model_hw = model_frame(policy, sample.sat.size)
+    labels, _ = ndimage.label(sample.mask, structure=np.ones((3, 3), dtype=int))
+    boxes = mask_to_boxes(sample.mask)                                           # (J, 4) mask frame
+    points = []
+    for j in range(1, len(boxes) + 1):                                           # n points per region
+        ys, xs = np.nonzero(labels == j)
+        pick = rng.choice(len(xs), size=n_points, replace=len(xs) < n_points)
+        points.append(to_frame(np.stack([xs[pick] + 0.5, ys[pick] + 0.5], 1), mask_hw, model_hw))
+    boxes_model = to_frame(boxes, mask_hw, model_hw)
+    target1 = format_answer([{"bbox_2d": b} for b in boxes_model])
+    target2 = format_answer([{"bbox_2d": b, "points": p} for b, p in zip(boxes_model, points)])
+    size = boxes_model[:, 2:] - boxes_model[:, :2]
+    jitter = rng.uniform(-0.1, 0.1, boxes_model.shape) * np.tile(size, 2)
+    attempt = [{"bbox_2d": b} for b in clip_prompts(np.round(boxes_model + jitter), None, model_hw)[0]]
+    coarse = segment_answer(segmenter, segmenter.encode(np.asarray(sample.sat)), attempt, model_hw, mask_hw)
+    attempt_boxes = np.asarray([a["bbox_2d"] for a in attempt]).reshape(-1, 4)
+    inputs1, _ = policy_inputs(policy, [sample.map, sample.sat], STAGE1_PROMPT, sample.text)
+    inputs2 = stage2_inputs(policy, sample, attempt_boxes, model_hw, coarse)
+    end = policy.processor.tokenizer.eos_token_id                                # <|im_end|>: the turn ends
+    tokens = lambda text: torch.tensor(policy.processor.tokenizer(text)["input_ids"] + [end])
+    return [(inputs1, tokens(target1)), (inputs2, tokens(target2))]
+
+
+def sft_step(policy, optimizer, rows: list, micro_batch: int) -> float:
+    """One supervised update on all rows, with the same micro-batch accumulation as GRPO."""
+    policy.model.train()
+    optimizer.zero_grad(set_to_none=True)
+    total = 0.0
+    for start in range(0, len(rows), micro_batch):
+        part = rows[start:start + micro_batch]
+        logp, mask = completion_logprobs(policy, policy.model, part, temperature=1.0)
+        loss = -((logp * mask).sum(1) / mask.sum(1)).mean()
+        (loss * len(part) / len(rows)).backward()
+        total += loss.item() * len(part) / len(rows)
+    optimizer_step(policy, optimizer, "sft")
+    policy.model.eval()
+    return total
+
+
+# ============================================================================================================
+# The training run: phases, logging, atomic checkpoints, resume
+# ============================================================================================================
+# A run is an optional SFT warm-up (sft_steps) followed by GRPO (steps). <out>/checkpoint/ holds the policy
+# and processor (save_pretrained: safetensors + json) and trainer_state.pt: phase, step, optimizer state, RNG
+# states, where the KL reference comes from, and the run's config (tensors and plain Python only, so
+# torch.load(weights_only=True) reads it). A checkpoint is written to checkpoint.tmp/ and renamed into place;
+# the previous one stays as checkpoint.old/ until then, so a kill at any moment leaves one complete
+# checkpoint. Sampling draws from torch's RNG, whose state is checkpointed; data order and the choice of g*
+# are seeded by (seed, step). So on a CPU a resumed run repeats exactly what the uninterrupted run would
+# have done.
+
+RUN_FIELDS = ("model", "sam", "sam_config", "seed", "freeze_vision", "sft_points")   # fixed for a run's life
+
+
+def save_checkpoint(out: Path, policy, optimizer, state: dict, cfg: Config):
     tmp, final, old = out / "checkpoint.tmp", out / "checkpoint", out / "checkpoint.old"
     shutil.rmtree(tmp, ignore_errors=True)
     policy.model.save_pretrained(tmp)
     policy.processor.save_pretrained(tmp)
-    torch.save({"step": step, "optimizer": optimizer.state_dict(), "torch_rng": torch.get_rng_state(),
+    rng = {"torch_rng": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        rng["cuda_rng"] = torch.cuda.get_rng_state_all()
+    torch.save({**state, **rng, "optimizer": optimizer.state_dict() if optimizer else None,
                 "config": dataclasses.asdict(cfg)}, tmp / "trainer_state.pt")
     if final.exists():
         shutil.rmtree(old, ignore_errors=True)
@@ -1110,61 +1186,118 @@ def latest_checkpoint(out: Path) -> Optional[Path]:
     return None
 
 
+def log_lines(path: Path) -> list:
+    """The records of a log.jsonl; a line cut off by a kill mid-write is dropped."""
+    records = []
+    for line in path.read_text().splitlines() if path.exists() else []:
+        try:
+            records.append(json.loads(line))
+        except ValueError:
+            pass
+    return records
+
+
+def append_log(path: Path, record: dict):
+    with open(path, "a") as f:
+        f.write(json.dumps(record) + "\n")
+
+
+def prepare_policy(policy, cfg: Config):
+    if cfg.freeze_vision:       # the ViT and its merger stay as loaded; no gradients or AdamW states for them
+        policy.model.model.visual.requires_grad_(False)
+    if cfg.grad_checkpointing:  # recompute each layer's activations in backward instead of storing them
+        policy.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+
+
+def new_optimizer(policy, lr: float) -> torch.optim.Optimizer:
+    # No weight decay: the paper gives none, and decay would pull every weight towards 0 on every step.
+    return torch.optim.AdamW([p for p in policy.model.parameters() if p.requires_grad], lr=lr, weight_decay=0.0)
+
+
 def train(cfg: Config):
-    """Algorithm 1: T steps of two-stage GRPO, a log line per step, checkpoints every save_every steps."""
+    """Optional SFT warm-up, then T steps of two-stage GRPO (Algorithm 1), logged and checkpointed."""
+    check_config(cfg)
     out = Path(cfg.out)
-    out.mkdir(parents=True, exist_ok=True)
     refs = list_split(cfg.data, cfg.split)           # every sample checked before any model is loaded
-    device = pick_device()
-    start, state, ckpt = 0, None, latest_checkpoint(out) if cfg.resume else None
+    ckpt = latest_checkpoint(out)
+    if ckpt is not None and not cfg.resume:
+        raise SocioError(f"{out} already holds a checkpoint: continue it with --resume, or choose another --out")
     if cfg.resume and ckpt is None:
         raise SocioError(f"--resume: no checkpoint in {out}")
+    out.mkdir(parents=True, exist_ok=True)
+    device = pick_device()
+    torch.manual_seed(cfg.seed)                      # torch seeds itself at random otherwise; a resume restores
+    state = {"phase": "sft" if cfg.sft_steps else "grpo", "step": 0, "reference": cfg.model}
     if ckpt is not None:
-        state = torch.load(ckpt / "trainer_state.pt", weights_only=True)
-        start = state["step"]
-        for k in ("model", "seed"):          # the reference policy must be the run's original one
-            setattr(cfg, k, state["config"][k])
-        print(f"resuming from {ckpt} at step {start}")
-    reference = load_or_build_policy(cfg, device).model      # pi_ref: the starting weights, frozen
+        saved = torch.load(ckpt / "trainer_state.pt", weights_only=True)
+        cfg = dataclasses.replace(cfg, **{k: saved["config"][k] for k in RUN_FIELDS})
+        state = {k: saved[k] for k in ("phase", "step", "reference")}
+        print(f"resuming from {ckpt}: {state['phase']} step {state['step']}")
     policy = load_policy(str(ckpt), device) if ckpt else load_or_build_policy(cfg, device)
-    reference.requires_grad_(False).eval()
+    prepare_policy(policy, cfg)
+    segmenter = load_segmenter(cfg, device)
+    optimizer = new_optimizer(policy, cfg.sft_lr if state["phase"] == "sft" else cfg.lr)
+    if ckpt is not None:
+        if saved["optimizer"] is not None:
+            optimizer.load_state_dict(saved["optimizer"])
+        torch.set_rng_state(saved["torch_rng"])
+        if "cuda_rng" in saved and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(saved["cuda_rng"])
+    log_path = out / "log.jsonl"
+    order = ("sft", "grpo")                           # keep log lines up to the checkpoint we continue from
+    kept = [r for r in log_lines(log_path)
+            if (order.index(r.get("phase", "grpo")), r["step"]) <= (order.index(state["phase"]), state["step"])]
+    log_path.write_text("".join(json.dumps(r) + "\n" for r in kept))
+
+    # ---- Phase 1: supervised warm-up (A.2.3) ----
+    if state["phase"] == "sft":
+        print(f"SFT warm-up on {len(refs)} samples: {cfg.sft_steps} steps x {cfg.sft_batch} samples x 2 stages")
+        for step in range(state["step"], cfg.sft_steps):
+            t0 = time.time()
+            rng = np.random.default_rng([cfg.seed, 10**6 + step])
+            rows = [row for i in batch_indices(step, len(refs), cfg.sft_batch, cfg.seed + 1)
+                    for row in sft_examples(policy, segmenter, read_sample(refs[i]), cfg.sft_points, rng)]
+            loss = sft_step(policy, optimizer, rows, cfg.micro_batch)
+            append_log(log_path, {"phase": "sft", "step": step + 1, "loss": round(loss, 5),
+                                  "seconds": round(time.time() - t0, 3)})
+            if (step + 1) % 25 == 0 or step + 1 == cfg.sft_steps:
+                print(f"sft  {step + 1:4d}/{cfg.sft_steps}  loss {loss:.4f}  {time.time() - t0:.2f}s", flush=True)
+            if (step + 1) % cfg.save_every == 0 and step + 1 < cfg.sft_steps:
+                save_checkpoint(out, policy, optimizer, {**state, "step": step + 1}, cfg)
+        # The warmed-up weights are the KL reference of everything that follows.
+        policy.model.save_pretrained(out / "warmup")
+        policy.processor.save_pretrained(out / "warmup")
+        state = {"phase": "grpo", "step": 0, "reference": str(out / "warmup")}
+        optimizer = new_optimizer(policy, cfg.lr)
+        save_checkpoint(out, policy, None, state, cfg)
+
+    # ---- Phase 2: two-stage GRPO (Algorithm 1) ----
+    reference = load_or_build_policy(dataclasses.replace(cfg, model=state["reference"]), device).model
+    reference.requires_grad_(False).eval()            # pi_ref: frozen
     if device.type == "cuda":
         reference.to(torch.bfloat16)
-    if cfg.freeze_vision:
-        vision_tower(policy.model).requires_grad_(False)
-    if cfg.grad_checkpointing:
-        policy.model.gradient_checkpointing_enable()
-    params = [p for p in policy.model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.0)   # no decay: zero advantage, no move
-    if state is not None:
-        optimizer.load_state_dict(state["optimizer"])
-        torch.set_rng_state(state["torch_rng"])
-    segmenter = load_segmenter(cfg, device)
-
-    log_path = out / "log.jsonl"
-    if log_path.exists():                            # drop lines of steps after the checkpoint we resume
-        keep = [l for l in log_path.read_text().splitlines() if l.strip() and json.loads(l)["step"] <= start]
-        log_path.write_text("".join(l + "\n" for l in keep))
-    print(f"training on {len(refs)} samples of {cfg.data}/{cfg.split}: {cfg.steps} steps x {cfg.rollout_batch} "
-          f"prompts x G={cfg.group_size}, device {device}")
-    for step in range(start, cfg.steps):
+    if state["step"] < cfg.steps:
+        print(f"GRPO on {len(refs)} samples of {cfg.data}/{cfg.split}: {cfg.steps} steps x {cfg.rollout_batch} "
+              f"prompts x G={cfg.group_size}, device {device}")
+    for step in range(state["step"], cfg.steps):
         t0 = time.time()
         batch = [refs[i] for i in batch_indices(step, len(refs), cfg.rollout_batch, cfg.seed)]
         stats = train_step(step, batch, policy, reference, optimizer, segmenter, cfg)
-        record = {"step": step + 1, **{k: round(v, 5) for k, v in stats.items()},
+        record = {"phase": "grpo", "step": step + 1, **{k: round(v, 5) for k, v in stats.items()},
                   "seconds": round(time.time() - t0, 3)}
-        with open(log_path, "a") as f:
-            f.write(json.dumps(record) + "\n")
+        append_log(log_path, record)
         print(f"step {step + 1:4d}/{cfg.steps}  R1 {stats['reward1']:.3f}  R2 {stats['reward2']:.3f}  "
               f"(format {stats['format1']:.2f}/{stats['format2']:.2f}, IoU {stats['iou2']:.3f})  "
               f"KL {stats['kl']:.4f}  clipped {stats['clipped']:.3f}  {record['seconds']:.1f}s", flush=True)
         if (step + 1) % cfg.save_every == 0 or step + 1 == cfg.steps:
-            save_checkpoint(out, policy, optimizer, step + 1, cfg)
-    print(f"done: checkpoint in {out / 'checkpoint'}, log in {log_path}")
+            save_checkpoint(out, policy, optimizer, {**state, "step": step + 1}, cfg)
+    print(f"checkpoint in {out / 'checkpoint'}, log in {log_path}")
+    if cfg.eval_split:
+        learning_report(cfg, refs, policy, state["reference"], segmenter, out)
 
 
 # ============================================================================================================
-# §4.1 — inference: both stages once
+# §4.1 — inference: both stages once; §5.1 — metrics
 # ============================================================================================================
 # Sampling as in the authors' release (temperature 1.0, top_p 0.8, top_k 100). If the stage-2 answer is
 # malformed the coarse stage-1 mask is kept: a usable mask beats an empty one.
@@ -1182,10 +1315,7 @@ def predict(policy, segmenter, sample: Sample, cfg: Config, encoding=None) -> Pr
                     max_new_tokens=cfg.max_new_tokens)
     encoding = encoding if encoding is not None else segmenter.encode(np.asarray(sample.sat))
     g1 = stage1_rollout(policy, sample, 1, sampling)
-    answer1 = g1.answers[0] or []
-    coarse = segment_answer(segmenter, encoding, answer1, g1.model_hw, sample.mask.shape)
-    boxes_model = np.asarray([o["bbox_2d"] for o in answer1], dtype=np.float64).reshape(-1, 4)
-    g2 = stage2_rollout(policy, sample, boxes_model, g1.model_hw, coarse, 1, sampling)
+    coarse, g2 = refine(policy, segmenter, encoding, sample, g1, 0, 1, sampling)
     if g2.answers[0] is None:
         final = coarse
     else:
@@ -1238,46 +1368,239 @@ def infer(cfg: Config, sat_path: str, map_path: str, text: str):
     print(f"wrote {out / 'mask.png'} ({sat.size[0]}x{sat.size[1]}) and {out / 'overlay.png'} in {seconds:.1f}s")
 
 
+# --- metrics (§5.1): cIoU, gIoU, F1 ---------------------------------------------------------------------------
+# cIoU: summed intersection over summed union across the split (large regions weigh more).
+# gIoU: mean of per-image IoU, an image with empty prediction and empty ground truth counting 1.
+# F1 (instance level): the ground-truth instances are the 8-connected components of the ground-truth mask;
+#   the predicted instances are the 8-connected components of the final predicted mask (the model's boxes
+#   may merge or split regions, the mask is what is delivered). Instances are matched one-to-one by a
+#   Hungarian assignment on mask IoU > 0.5; over the split, TP, FP and FN are summed and
+#   F1 = 2 TP / (2 TP + FP + FN) (micro-averaged, so an image with many instances counts more).
+# All three in percent, as the paper's tables print them.
+
+def instance_matches(pred: np.ndarray, gt: np.ndarray) -> tuple:
+    """(TP, number of predicted instances, number of ground-truth instances) for one image."""
+    eight = np.ones((3, 3), dtype=int)
+    lp, n_p = ndimage.label(pred, structure=eight)
+    lg, n_g = ndimage.label(gt, structure=eight)
+    if n_p == 0 or n_g == 0:
+        return 0, n_p, n_g
+    inter = np.bincount(lp.ravel() * (n_g + 1) + lg.ravel(), minlength=(n_p + 1) * (n_g + 1))
+    inter = inter.reshape(n_p + 1, n_g + 1)[1:, 1:]                               # (n_p, n_g) pixels
+    area_p, area_g = np.bincount(lp.ravel())[1:], np.bincount(lg.ravel())[1:]
+    iou = inter / (area_p[:, None] + area_g[None, :] - inter)
+    match = (iou > 0.5).astype(float)
+    rows, cols = linear_sum_assignment(-match)
+    return int(match[rows, cols].sum()), n_p, n_g
+
+
+def segmentation_metrics(preds: list, gts: list) -> dict:
+    inter = union = tp = n_pred = n_gt = 0
+    ious = []
+    for p, g in zip(preds, gts):
+        p, g = np.asarray(p, bool), np.asarray(g, bool)
+        i, u = np.count_nonzero(p & g), np.count_nonzero(p | g)
+        inter, union = inter + i, union + u
+        ious.append(1.0 if u == 0 else i / u)
+        t, n_p, n_g = instance_matches(p, g)
+        tp, n_pred, n_gt = tp + t, n_pred + n_p, n_gt + n_g
+    f1 = 1.0 if n_pred + n_gt == 0 else 2 * tp / (n_pred + n_gt)                # 2TP / (2TP + FP + FN)
+    return {"cIoU": 100 * (inter / union if union else 1.0), "gIoU": 100 * float(np.mean(ious)),
+            "F1": 100 * f1, "n": len(ious)}
+
+
+def evaluate(policy, segmenter, refs: list, cfg: Config, images: str = "real") -> dict:
+    """Both stages on every sample; metrics of the final masks (and of the coarse stage-1 masks).
+
+    images="blank" replaces both tiles by grey, "shuffled" gives each sample another sample's tiles: a
+    policy that reads the images must get worse on both.
+    """
+    finals, coarses, gts = [], [], []
+    for k, ref in enumerate(refs):
+        s = read_sample(ref)
+        if images == "blank":
+            s = dataclasses.replace(s, sat=Image.new("RGB", s.sat.size, (128, 128, 128)),
+                                    map=Image.new("RGB", s.sat.size, (128, 128, 128)))
+        elif images == "shuffled":
+            other = read_sample(refs[(k + 1) % len(refs)])
+            s = dataclasses.replace(s, sat=other.sat.resize(s.sat.size), map=other.map.resize(s.sat.size))
+        pred = predict(policy, segmenter, s, cfg)
+        finals.append(pred.final), coarses.append(pred.coarse), gts.append(s.mask)
+    final, coarse = segmentation_metrics(finals, gts), segmentation_metrics(coarses, gts)
+    return {**final, "stage1_gIoU": coarse["gIoU"]}
+
+
+def blind_baseline(segmenter, train_refs: list, refs: list) -> dict:
+    """Metrics of a policy that ignores the images: always the mean ground-truth box of the training split
+    (in tile-relative coordinates), segmented from a box alone."""
+    rel = [mask_to_boxes(read_sample(r).mask) / np.tile(r.size, 2) for r in train_refs]
+    mean_box = np.concatenate(rel).mean(axis=0)                                   # (4,) in [0, 1]
+    preds, gts = [], []
+    for ref in refs:
+        s = read_sample(ref)
+        box = mean_box * np.tile(s.sat.size, 2)
+        preds.append(segmenter.segment(segmenter.encode(np.asarray(s.sat)), box[None], None))
+        gts.append(s.mask)
+    return segmentation_metrics(preds, gts)
+
+
+def learning_report(cfg: Config, train_refs: list, policy, reference: str, segmenter, out: Path):
+    """After training: held-out metrics of the starting (warm-up) policy, the trained one, and baselines."""
+    refs = list_split(cfg.data, cfg.eval_split)[: cfg.eval_limit or None]
+    device = pick_device()
+    start = load_or_build_policy(dataclasses.replace(cfg, model=reference), device)
+    torch.manual_seed(cfg.seed)
+    rows = {"start of GRPO (warm-up)": evaluate(start, segmenter, refs, cfg),
+            "after GRPO": evaluate(policy, segmenter, refs, cfg),
+            "after GRPO, blank tiles": evaluate(policy, segmenter, refs, cfg, images="blank"),
+            "after GRPO, shuffled tiles": evaluate(policy, segmenter, refs, cfg, images="shuffled"),
+            "blind: mean training box": blind_baseline(segmenter, train_refs, refs)}
+    print(f"\nheld-out {cfg.data}/{cfg.eval_split} ({len(refs)} samples), final masks, percent:")
+    print(f"{'':30s} {'cIoU':>6s} {'gIoU':>6s} {'F1':>6s}  stage-1 gIoU")
+    for name, m in rows.items():
+        s1 = f"{m['stage1_gIoU']:8.1f}" if "stage1_gIoU" in m else ""
+        print(f"{name:30s} {m['cIoU']:6.1f} {m['gIoU']:6.1f} {m['F1']:6.1f}  {s1}")
+    (out / "eval.json").write_text(json.dumps(rows, indent=1) + "\n")
+
+
+# ============================================================================================================
+# Appendix — synthetic SocioSeg-style tiles (data_sample/)
+# ============================================================================================================
+# SocioSeg itself cannot be downloaded on every machine, and tests must never download anything, so the
+# project ships a few tiles made by this seeded generator in the raw-file layout. Each tile holds a few
+# places of different kinds. The digital map shows each place as a flat area in its kind's colour with a
+# darker icon dot at its centre (the way a web map shows an area of interest); the satellite image shows
+# the ground: a texture per kind over a noisy urban background, crossed by roads. The target text names a
+# kind present in the tile, as a class ("school") or a function ("educational"); the mask is every place of
+# that kind. Regenerate with:  python socioreasoner.py make-data --out data_sample
+
+PLACE_KINDS = {
+    # class         function        map fill         map icon        ground colour    ground texture
+    "school":      ("educational", (250, 214, 160), (200, 120, 30), (160, 95, 75), "track"),
+    "park":        ("green space", (176, 226, 160), (40, 140, 60), (70, 125, 60), "trees"),
+    "hospital":    ("medical", (246, 196, 206), (200, 40, 70), (210, 210, 218), "roof"),
+    "residential": ("housing", (226, 218, 204), (140, 120, 100), (150, 135, 120), "blocks"),
+}
+
+
+def _random_polygon(rng: np.random.Generator, size: int) -> list[tuple]:
+    """An irregular polygon somewhere in a size x size tile, roughly 20%-45% of the side across."""
+    cx, cy = rng.uniform(0.2, 0.8, 2) * size
+    r = rng.uniform(0.10, 0.22) * size
+    angles = np.sort(rng.uniform(0, 2 * np.pi, rng.integers(5, 9)))
+    radii = r * rng.uniform(0.7, 1.0, len(angles))
+    return [(float(cx + rr * np.cos(a)), float(cy + rr * np.sin(a))) for a, rr in zip(angles, radii)]
+
+
+def make_synthetic_sample(rng: np.random.Generator, size: int = 224):
+    """One (sat, map, mask, text) tile pair. Places never overlap, so the mask is exactly the target's."""
+    yy, xx = np.mgrid[:size, :size]
+    # the ground: a smooth, tile-specific urban colour field (smooth also keeps the PNGs small)
+    base = rng.uniform(100, 140, 3)
+    wave = np.sin(xx / rng.uniform(9, 20) + rng.uniform(0, 6)) * np.cos(yy / rng.uniform(9, 20))
+    sat = base[None, None] + 10 * wave[..., None]
+    map_img = Image.new("RGB", (size, size), (242, 239, 233))
+    map_draw = ImageDraw.Draw(map_img)
+    for _ in range(rng.integers(1, 4)):                                 # roads: white on the map, dark below
+        horizontal, at, w = rng.random() < 0.5, rng.integers(0, size), int(rng.integers(3, 7))
+        line = [(0, at), (size, at)] if horizontal else [(at, 0), (at, size)]
+        map_draw.line(line, fill=(255, 255, 255), width=w + 2)
+        road = Image.new("L", (size, size))
+        ImageDraw.Draw(road).line(line, fill=255, width=w)
+        sat[np.asarray(road) > 0] = (60, 60, 62)
+    taken = np.zeros((size, size), bool)
+    places = []                                                         # (kind, (H, W) bool)
+    for _ in range(rng.integers(2, 4)):
+        kind = list(PLACE_KINDS)[rng.integers(len(PLACE_KINDS))]
+        for _attempt in range(30):
+            layer = Image.new("L", (size, size))
+            ImageDraw.Draw(layer).polygon(_random_polygon(rng, size), fill=255)
+            region = np.asarray(layer) > 0
+            grown = ndimage.binary_dilation(region, iterations=4)
+            if not (grown & taken).any():
+                taken |= grown
+                places.append((kind, region))
+                break
+    if not places:                                                      # vanishingly rare; try again
+        return make_synthetic_sample(rng, size)
+    for kind, region in places:
+        _, fill, icon, ground, texture = PLACE_KINDS[kind]
+        look = np.asarray(ground, float)[None, None] + 6 * wave[..., None]
+        if texture == "trees":                                          # dark blobs of canopy
+            look -= 30 * (np.sin(xx / 2.5) * np.sin(yy / 2.5) > 0.5)[..., None]
+        elif texture == "track":                                        # bright track lines
+            look += 45 * ((yy // 3) % 4 == 0)[..., None]
+        elif texture == "blocks":                                       # a grid of small roofs
+            look += 40 * (((xx // 5) % 3 == 0) | ((yy // 5) % 3 == 0))[..., None]
+        sat[region] = look[region]
+        map_draw.bitmap((0, 0), Image.fromarray(region.astype(np.uint8) * 255).convert("1"), fill=fill)
+        ys, xs = np.nonzero(region)
+        map_draw.ellipse([xs.mean() - 3, ys.mean() - 3, xs.mean() + 3, ys.mean() + 3], fill=icon)
+    kind = places[rng.integers(len(places))][0]
+    text = kind if rng.random() < 0.5 else PLACE_KINDS[kind][0]
+    mask = np.zeros((size, size), bool)
+    for k, region in places:
+        if k == kind:
+            mask |= region
+    return Image.fromarray(sat.clip(0, 255).astype(np.uint8)), map_img, mask, text
+
+
+DATA_SAMPLE_SIZES = (256, 32)   # train, val tiles in data_sample/
+
+
+def make_synthetic_data(out: str | Path, n_train: int = DATA_SAMPLE_SIZES[0], n_val: int = DATA_SAMPLE_SIZES[1],
+                        size: int = 224, seed: int = 0):
+    """Write train/ and val/ splits of synthetic tiles in the SocioSeg raw-file layout."""
+    rng = np.random.default_rng(seed)
+    for split, n in (("train", n_train), ("val", n_val)):
+        for i in range(n):
+            sat, map_img, mask, text = make_synthetic_sample(rng, size)
+            d = Path(out) / split / f"{split}_{i:04d}"
+            d.mkdir(parents=True, exist_ok=True)
+            sat.save(d / "sat.png"); map_img.save(d / "map.png")
+            Image.fromarray((mask * 255).astype(np.uint8)).save(d / "mask.png")
+            (d / "question.json").write_text(json.dumps({"problem": text}) + "\n", encoding="utf-8")
+
+
 # ============================================================================================================
 # Command line
 # ============================================================================================================
 
-def pick_device() -> torch.device:
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-
-
 def _add_config_flags(parser: argparse.ArgumentParser, names: list, defaults: dict):
     fields = {f.name: f for f in dataclasses.fields(Config)}
+    parser.add_argument("--tiny", action="store_true",
+                        help="offline: tiny random models built in code, small batches (flags given still win)")
     for name in names:
         f, flag = fields[name], "--" + name.replace("_", "-")
         default = defaults.get(name, f.default)
         if f.type == "bool":
-            parser.add_argument(flag, action="store_true", default=None, help=f.metadata["help"])
+            parser.add_argument(flag, action="store_true", default=None, help=f.metadata["doc"])
         else:
             parser.add_argument(flag, type=type(f.default), default=None,
-                                help=f"{f.metadata['help']} (default {default})")
+                                help=f"{f.metadata['doc']} (default {default})")
 
 
 def config_from_args(args, defaults: dict) -> Config:
-    """Flags given win; then --tiny's small defaults; then the command's defaults; then Config's."""
-    cfg = Config(**defaults)
-    given = {k: v for k, v in vars(args).items() if v is not None and hasattr(cfg, k)}
-    if given.get("tiny"):
-        given = {**{k: v for k, v in TINY_DEFAULTS.items() if hasattr(cfg, k)}, **given}
-    return dataclasses.replace(cfg, **given)
+    """Flags given win; then --tiny's defaults; then the command's defaults; then Config's."""
+    given = {k: v for k, v in vars(args).items() if v is not None and k in Config.__dataclass_fields__}
+    tiny = TINY_DEFAULTS if args.tiny else {}
+    return Config(**{**defaults, **tiny, **given})
 
 
 TRAIN_FLAGS = [f.name for f in dataclasses.fields(Config) if not f.name.startswith("infer_")]
-INFER_FLAGS = ["model", "sam", "sam_config", "tiny", "out", "seed", "max_new_tokens",
+INFER_FLAGS = ["model", "sam", "sam_config", "out", "seed", "max_new_tokens",
                "infer_temperature", "infer_top_p", "infer_top_k"]
 INFER_DEFAULTS = dict(model="vvangfaye/SocioReasoner-3B", out="runs/infer")
+SFT_DEFAULTS = dict(sft_steps=500, out="runs/sft")
 
 
 def main(argv=None):
     parser = argparse.ArgumentParser(prog="socioreasoner.py", description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
-    p = sub.add_parser("train", help="two-stage GRPO training (Algorithm 1)")
+    p = sub.add_parser("train", help="two-stage GRPO training (Algorithm 1), after an optional SFT warm-up")
     _add_config_flags(p, TRAIN_FLAGS, {})
+    p = sub.add_parser("sft", help="the paper's SFT baseline (A.2.3): supervised steps only, no GRPO")
+    _add_config_flags(p, [f for f in TRAIN_FLAGS if f != "steps"], SFT_DEFAULTS)
     p = sub.add_parser("infer", help="segment one place: infer SAT MAP \"school\"")
     p.add_argument("sat", help="satellite tile (PNG/JPEG)")
     p.add_argument("map", help="digital-map tile, same size, pixel-aligned")
@@ -1285,14 +1608,18 @@ def main(argv=None):
     _add_config_flags(p, INFER_FLAGS, INFER_DEFAULTS)
     p = sub.add_parser("make-data", help="write synthetic SocioSeg-style train/ and val/ splits")
     p.add_argument("--out", default="data_sample")
-    p.add_argument("--train", type=int, default=24)
-    p.add_argument("--val", type=int, default=8)
+    p.add_argument("--train", type=int, default=DATA_SAMPLE_SIZES[0])
+    p.add_argument("--val", type=int, default=DATA_SAMPLE_SIZES[1])
     p.add_argument("--size", type=int, default=224)
     p.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
+    from transformers.utils import logging as hf_logging
+    hf_logging.disable_progress_bar()          # our own lines report progress; no bar per checkpoint write
     try:
         if args.command == "train":
             train(config_from_args(args, {}))
+        elif args.command == "sft":              # SFT alone is a run whose GRPO phase has no steps
+            train(dataclasses.replace(config_from_args(args, SFT_DEFAULTS), steps=0))
         elif args.command == "infer":
             infer(config_from_args(args, INFER_DEFAULTS), args.sat, args.map, args.text)
         elif args.command == "make-data":
@@ -1301,7 +1628,8 @@ def main(argv=None):
     except SocioError as e:
         sys.exit(f"error: {e}")
     except KeyboardInterrupt:
-        sys.exit("interrupted: the last checkpoint written is complete; continue with --resume")
+        sys.exit("interrupted" + (" (continue from the last checkpoint with --resume)"
+                                  if args.command in ("train", "sft") else ""))
 
 
 if __name__ == "__main__":

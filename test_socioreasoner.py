@@ -9,12 +9,14 @@ import json
 import math
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 from PIL import Image
+from scipy import ndimage
 
 import socioreasoner as sr
 
@@ -289,6 +291,40 @@ def test_render_shades_the_mask_and_outlines_boxes_without_touching_the_input():
     assert np.asarray(img)[3, 3].tolist() == [0, 0, 255]
 
 
+def test_segmentation_metrics_hand_computed():
+    """§5.1: cIoU sums over the split, gIoU averages per image (both-empty = 1), F1 matches instances."""
+    gt1 = np.zeros((10, 10), bool); gt1[0:2, 0:2] = True; gt1[5:7, 5:7] = True     # 2 instances, 8 px
+    p1 = np.zeros((10, 10), bool); p1[0:2, 0:2] = True; p1[8:10, 0:2] = True       # 1 hit, 1 false alarm
+    gt2 = np.zeros((10, 10), bool); gt2[0:4, 0:4] = True                           # 16 px
+    p2 = np.zeros((10, 10), bool); p2[0:4, 0:2] = True                             # 8 px inside: IoU 0.5
+    empty = np.zeros((10, 10), bool)
+    m = sr.segmentation_metrics([p1, p2, empty], [gt1, gt2, empty])
+    # image 1: I 4, U 12 -> 1/3; image 2: I 8, U 16 -> 1/2 (not > 0.5: no instance match); image 3: 1
+    assert m["cIoU"] == pytest.approx(100 * (4 + 8) / (12 + 16))
+    assert m["gIoU"] == pytest.approx(100 * (1 / 3 + 1 / 2 + 1) / 3)
+    # TP 1; predicted instances 2 + 1, ground-truth instances 2 + 1: F1 = 2 / (3 + 3)
+    assert m["F1"] == pytest.approx(100 * 2 / 6)
+    assert sr.instance_matches(gt1, gt1) == (2, 2, 2)
+
+
+def test_grow_segmenter_answers_to_boxes_and_points():
+    """The demo's weights-free S: a box alone is its rectangle; a point grows over its own colour, in its box."""
+    img = np.full((60, 60, 3), 100, np.uint8)
+    img[10:40, 10:40] = (200, 60, 60)                                       # a red place, 30 x 30
+    seg = sr.GrowSegmenter()
+    enc = seg.encode(img)
+    box = np.array([[5.0, 5.0, 45.0, 45.0]])
+    assert seg.segment(enc, box, None).sum() == 40 * 40
+    on_target = seg.segment(enc, box, [np.array([[20.0, 20.0]])])
+    place = img[..., 0] == 200
+    assert sr.mask_iou(on_target, place) > 0.85                            # smoothing blurs the edges a little
+    on_ground = seg.segment(enc, box, [np.array([[6.0, 6.0]])])
+    assert not (on_ground & place).any() and on_ground.sum() > 100
+    assert not on_ground[46:, :].any() and not on_ground[:, 46:].any()    # never leaves its box
+    outside = seg.segment(enc, box, [np.array([[50.0, 50.0]])])            # a point outside its box is ignored
+    assert outside.sum() == 40 * 40
+
+
 # ------------------------------------------------------------------------------------------------------------
 # §4.2 GRPO: advantages and eq. 6
 # ------------------------------------------------------------------------------------------------------------
@@ -350,6 +386,30 @@ def test_masked_tokens_get_no_gradient():
     loss, _ = sr.grpo_loss(logp, logp.detach(), ref, torch.tensor([1.0, -1.0, 2.0]), mask, 0.2, 0.05)
     loss.backward()
     assert (logp.grad[mask == 0] == 0).all() and (logp.grad[mask == 1] != 0).all()
+
+
+def test_grpo_loss_raises_the_expected_reward_of_a_toy_policy():
+    """Sign and normalisation of eq. 6, independent of the VLM: a policy over 3-token answers, reward = share
+    of tokens equal to a known best answer. A few dozen GRPO updates must raise the expected reward."""
+    torch.manual_seed(0)
+    T, V, G, best = 3, 6, 8, torch.tensor([1, 4, 2])
+    logits = torch.zeros(T, V, requires_grad=True)                       # position-wise categorical policy
+    ref = torch.log_softmax(torch.zeros(T, V), -1)
+    opt = torch.optim.Adam([logits], lr=0.1)
+    expected = lambda: torch.softmax(logits, -1)[torch.arange(T), best].mean().item()
+    start = expected()
+    for _ in range(40):
+        answers = torch.distributions.Categorical(logits=logits.detach()).sample((4 * G,))   # 4 groups of G
+        rewards = (answers == best).float().mean(1)
+        logp = torch.log_softmax(logits, -1)[torch.arange(T), answers]                      # (4G, T)
+        mask = torch.ones(4 * G, T)
+        mask[::2, 2] = 0                                                  # some answers one token shorter
+        loss, _ = sr.grpo_loss(logp, logp.detach(), ref[torch.arange(T), answers],
+                               sr.group_advantages(rewards, G), mask, clip_eps=0.5, kl_beta=0.005)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    assert start == pytest.approx(1 / V) and expected() > 0.8
 
 
 def test_equal_rewards_give_zero_advantage_zero_gradient_and_no_nan():
@@ -472,6 +532,31 @@ def test_grpo_update_moves_the_policy_only_when_rewards_differ(sample):
     assert after.sum() > start.sum()
 
 
+def test_sft_targets_are_the_ground_truth_in_each_stages_schema(policy, sample):
+    """A.2.3: stage-1 target = the box of every region; stage 2 adds three points inside each region."""
+    rng = np.random.default_rng(0)
+    (in1, t1), (in2, t2) = sr.sft_examples(policy, sr.GrowSegmenter(), sample, 3, rng)
+    end = policy.processor.tokenizer.eos_token_id
+    assert int(t1[-1]) == end and int(t2[-1]) == end                    # the turn ends with <|im_end|>
+    text1, text2 = sr.decode(policy, t1), sr.decode(policy, t2)
+    gt_model = sr.to_frame(sr.mask_to_boxes(sample.mask), sample.mask.shape, (112, 112))
+    assert sr.stage1_reward(text1, gt_model)["total"] == pytest.approx(3.0)
+    a2 = sr.parse_answer(text2, 2)
+    assert np.allclose([o["bbox_2d"] for o in a2], np.round(gt_model))
+    _, points = sr.answer_prompts(a2, (112, 112), sample.mask.shape)
+    near = ndimage.binary_dilation(sample.mask, iterations=2)           # rounding to model pixels moves a point <= 2 px
+    assert all(len(p) == 3 and near[p[:, 1].astype(int), p[:, 0].astype(int)].all() for p in points)
+    assert "Its boxes were: [[" in policy.processor.tokenizer.decode(in2["input_ids"][0])
+
+
+def test_sft_step_lowers_the_loss_of_its_targets(sample):
+    pol = sr.build_tiny_policy(seed=0)
+    rows = sr.sft_examples(pol, sr.GrowSegmenter(), sample, 3, np.random.default_rng(0))
+    opt = torch.optim.AdamW(pol.model.parameters(), lr=3e-3, weight_decay=0.0)
+    losses = [sr.sft_step(pol, opt, rows, micro_batch=1) for _ in range(5)]
+    assert losses[-1] < losses[0] - 0.5
+
+
 def test_tiny_policy_saves_and_loads_through_the_real_loading_path(policy, sample, tmp_path):
     policy.model.save_pretrained(tmp_path)
     policy.processor.save_pretrained(tmp_path)
@@ -531,11 +616,21 @@ def test_sam2_segmenter_with_a_random_small_model():
     for i in range(3):
         union |= seg.segment(enc_a, boxes[i:i + 1], points[i:i + 1])
     assert np.array_equal(union, m1)
-    # prompts are made safe: outside the image -> dropped, no call; partly outside -> clipped
-    assert not seg.segment(enc_a, np.array([[100, 100, 120, 130]])).any()
-    assert not seg.segment(enc_a, np.zeros((0, 4))).any()
-    clipped, _ = sr.clip_prompts(np.array([[-10, 5, 500, 30], [90, 0, 99, 9]]), None, (60, 80))
-    assert clipped.tolist() == [[0, 5, 80, 30]]
+    assert not seg.segment(enc_a, np.zeros((0, 4))).any()               # no prompt, no SAM call, empty mask
+
+
+def test_invalid_prompts_never_reach_the_segmenter():
+    """Out-of-image geometry is clipped; a box with no area left is dropped, and with it its points."""
+    seg = BoxFiller()
+    enc = seg.encode(np.zeros((60, 80, 3), np.uint8))
+    hw = (60, 80)
+    outside = [{"bbox_2d": [100.0, 100.0, 120.0, 130.0]}, {"bbox_2d": [-1e300, -5.0, -1.0, 9.0]}]
+    assert not sr.segment_answer(seg, enc, outside, hw, hw).any() and seg.calls == []
+    partly = [{"bbox_2d": [-10.0, 5.0, 1e300, 30.0], "points": [[-5.0, 1e9], [3.0, 4.0]]},
+              {"bbox_2d": [90.0, 0.0, 99.0, 9.0], "points": [[95.0, 5.0]]}]
+    sr.segment_answer(seg, enc, partly, hw, hw)
+    (boxes, points), = seg.calls
+    assert boxes.tolist() == [[0, 5, 80, 30]] and points[0].tolist() == [[0, 59], [3, 4]]
 
 
 def test_two_stage_rollout_converts_frames_and_carries_the_chosen_boxes(policy, sample):
@@ -543,13 +638,15 @@ def test_two_stage_rollout_converts_frames_and_carries_the_chosen_boxes(policy, 
     seg = BoxFiller()
     enc = seg.encode(np.asarray(sample.sat))
     model_hw, mask_hw = (112, 112), sample.mask.shape                    # tiles are 224 px: factor 2
-    carried = [{"bbox_2d": [10.0, 20.0, 30.0, 40.0]}]
-    coarse = sr.segment_answer(seg, enc, carried, model_hw, mask_hw)
-    assert seg.calls[-1][0].tolist() == [[20, 40, 60, 80]] and coarse.sum() == 40 * 40
+    junk = [{"bbox_2d": [0.0, 0.0, 1.0, 1.0]}]
+    carried = [{"bbox_2d": [10.0, 20.0, 30.0, 40.0]}, {"bbox_2d": [100.0, 100.0, 1e300, 200.0]}]
+    g1 = sr.Group(1, {}, model_hw, [None] * 2, ["", ""], [junk, carried])
     sampling = dict(temperature=1.0, top_p=1.0, top_k=0, max_new_tokens=8)
-    g2 = sr.stage2_rollout(policy, sample, np.array([[10, 20, 30, 40]]), model_hw, coarse, 3, sampling)
+    coarse, g2 = sr.refine(policy, seg, enc, sample, g1, 1, 3, sampling)   # carry answer g* = 1
+    assert seg.calls[-1][0].tolist() == [[20, 40, 60, 80], [200, 200, 224, 224]]  # mask frame, clipped
+    assert coarse.sum() == 40 * 40 + 24 * 24
     prompt = policy.processor.tokenizer.decode(g2.inputs["input_ids"][0])
-    assert "[[10, 20, 30, 40]]" in prompt                                 # the carried boxes, model frame
+    assert "[[10, 20, 30, 40], [100, 100, 112, 112]]" in prompt          # model frame, clipped to it
     assert len(g2.completions) == len(g2.texts) == len(g2.answers) == 3
     # stage 2 answers: box and points converted to the mask frame
     answer2 = [{"bbox_2d": [10.0, 20.0, 30.0, 40.0], "points": [[15.0, 25.0]]}]
@@ -591,26 +688,91 @@ def run_cli(*args, cwd=HERE):
                           capture_output=True, text=True, timeout=600)
 
 
+QUICK = ["--tiny", "--sft-steps", "2", "--steps", "1", "--rollout-batch", "2", "--group-size", "4",
+         "--eval-split", "", "--save-every", "1"]
+
+
+@pytest.fixture(scope="module")
+def sft_checkpoint(tmp_path_factory):
+    """`sft --tiny` on two samples, long enough that the policy writes some well-formed answers."""
+    data = tmp_path_factory.mktemp("data")
+    sr.make_synthetic_data(data, n_train=2, n_val=2, seed=5)
+    out = tmp_path_factory.mktemp("sft")
+    r = run_cli("sft", "--tiny", "--data", str(data), "--sft-steps", "150", "--sft-batch", "2",
+                "--sft-lr", "3e-3", "--eval-split", "", "--out", str(out / "run"))
+    assert r.returncode == 0, r.stderr
+    return data, out / "run" / "checkpoint"
+
+
 def test_cli_train_tiny_writes_log_and_checkpoint_and_resumes(tmp_path):
     out = tmp_path / "run"
-    r = run_cli("train", "--tiny", "--steps", "1", "--out", str(out))
+    r = run_cli("train", *QUICK, "--out", str(out))
     assert r.returncode == 0, r.stderr
-    lines = [json.loads(l) for l in (out / "log.jsonl").read_text().splitlines()]
-    assert [l["step"] for l in lines] == [1]
-    assert {"step", "reward1", "reward2", "kl", "seconds"} <= set(lines[0])
+    lines = log = [json.loads(l) for l in (out / "log.jsonl").read_text().splitlines()]
+    assert [(l["phase"], l["step"]) for l in lines] == [("sft", 1), ("sft", 2), ("grpo", 1)]
+    assert {"step", "reward1", "reward2", "kl", "seconds"} <= set(log[-1])
     state = torch.load(out / "checkpoint" / "trainer_state.pt", weights_only=True)
-    assert state["step"] == 1 and state["config"]["model"] == "tiny"
+    assert (state["phase"], state["step"]) == ("grpo", 1) and state["config"]["model"] == "tiny"
+    assert state["reference"] == str(out / "warmup") and (out / "warmup" / "model.safetensors").exists()
     assert (out / "checkpoint" / "model.safetensors").exists()
-    r = run_cli("train", "--tiny", "--steps", "2", "--out", str(out), "--resume")
+    r = run_cli("train", *QUICK, "--out", str(out))                    # no silent overwrite
+    assert r.returncode != 0 and "--resume" in r.stderr
+    r = run_cli("train", *QUICK[:-6], "--steps", "2", "--out", str(out), "--resume")
     assert r.returncode == 0, r.stderr
     assert "resuming from" in r.stdout
-    assert [json.loads(l)["step"] for l in (out / "log.jsonl").read_text().splitlines()] == [1, 2]
+    lines = [json.loads(l) for l in (out / "log.jsonl").read_text().splitlines()]
+    assert [(l["phase"], l["step"]) for l in lines] == [("sft", 1), ("sft", 2), ("grpo", 1), ("grpo", 2)]
 
 
-def test_cli_infer_tiny_writes_a_mask_the_size_of_the_satellite_image(tmp_path):
-    sat = HERE / "data_sample" / "val" / "val_0000" / "sat.png"
-    mp = HERE / "data_sample" / "val" / "val_0000" / "map.png"
-    r = run_cli("infer", str(sat), str(mp), "school", "--tiny", "--out", str(tmp_path))
+def test_resumed_run_repeats_the_uninterrupted_one(sft_checkpoint, tmp_path):
+    """Checkpoint = weights + optimizer + RNG + step: the step after a resume is the step that would have run."""
+    data, ckpt = sft_checkpoint
+    args = ["--tiny", "--model", str(ckpt), "--data", str(data), "--sft-steps", "0", "--rollout-batch", "2",
+            "--group-size", "6", "--eval-split", "", "--lr", "1e-3"]
+    assert run_cli("train", *args, "--steps", "3", "--out", str(tmp_path / "a")).returncode == 0
+    assert run_cli("train", *args, "--steps", "1", "--out", str(tmp_path / "b")).returncode == 0
+    r = run_cli("train", *args, "--steps", "3", "--out", str(tmp_path / "b"), "--resume")
+    assert r.returncode == 0, r.stderr
+    a = [json.loads(l) for l in (tmp_path / "a" / "log.jsonl").read_text().splitlines()]
+    b = [json.loads(l) for l in (tmp_path / "b" / "log.jsonl").read_text().splitlines()]
+    keys = ["reward1", "reward2", "loss1", "loss2", "kl"]
+    assert [[x[k] for k in keys] for x in a] == [[x[k] for k in keys] for x in b]
+    assert any(x["kl"] > 0 for x in a)              # the policy really was updated: the check is not vacuous
+
+
+def test_a_run_killed_at_any_moment_resumes_from_a_complete_checkpoint(tmp_path):
+    out = tmp_path / "run"
+    cmd = [sys.executable, str(HERE / "socioreasoner.py"), "train", *QUICK[:-6], "--steps", "6",
+           "--sft-steps", "4", "--save-every", "1", "--out", str(out)]
+    proc = subprocess.Popen(cmd, cwd=HERE, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 300
+    while time.time() < deadline and sr.latest_checkpoint(out) is None:
+        time.sleep(0.05)
+    time.sleep(0.3)
+    proc.kill()                                                          # SIGKILL: no cleanup of any kind
+    proc.wait()
+    assert sr.latest_checkpoint(out) is not None
+    r = run_cli("train", *QUICK[:-6], "--steps", "6", "--sft-steps", "4", "--out", str(out), "--resume")
+    assert r.returncode == 0, r.stderr
+    steps = [(l["phase"], l["step"]) for l in sr.log_lines(out / "log.jsonl")]
+    assert steps == [("sft", i) for i in range(1, 5)] + [("grpo", i) for i in range(1, 7)]
+
+
+def test_checkpoint_and_log_survive_a_kill_mid_write(tmp_path):
+    # killed between the two renames of save_checkpoint: only checkpoint.old is complete
+    (tmp_path / "checkpoint.old").mkdir()
+    (tmp_path / "checkpoint.old" / "trainer_state.pt").write_bytes(b"x")
+    (tmp_path / "checkpoint.tmp").mkdir()                                # half written, never used
+    assert sr.latest_checkpoint(tmp_path) == tmp_path / "checkpoint.old"
+    log = tmp_path / "log.jsonl"
+    log.write_text('{"step": 1, "phase": "grpo"}\n{"step": 2, "pha')      # killed mid-line
+    assert sr.log_lines(log) == [{"step": 1, "phase": "grpo"}]
+
+
+def test_cli_sft_checkpoint_is_accepted_by_infer(sft_checkpoint, tmp_path):
+    data, ckpt = sft_checkpoint
+    sat, mp = data / "val" / "val_0000" / "sat.png", data / "val" / "val_0000" / "map.png"
+    r = run_cli("infer", str(sat), str(mp), "school", "--tiny", "--model", str(ckpt), "--out", str(tmp_path))
     assert r.returncode == 0, r.stderr
     assert "--- stage 1 ---" in r.stdout and "--- stage 2 ---" in r.stdout
     mask = Image.open(tmp_path / "mask.png")
@@ -619,9 +781,20 @@ def test_cli_infer_tiny_writes_a_mask_the_size_of_the_satellite_image(tmp_path):
     assert overlay.size == (2 * mask.size[0], 2 * mask.size[1])
 
 
+def test_cli_infer_with_random_sam2(tmp_path):
+    sat = HERE / "data_sample" / "val" / "val_0000" / "sat.png"
+    mp = HERE / "data_sample" / "val" / "val_0000" / "map.png"
+    r = run_cli("infer", str(sat), str(mp), "park", "--tiny", "--sam", "tiny", "--out", str(tmp_path))
+    assert r.returncode == 0, r.stderr
+    assert Image.open(tmp_path / "mask.png").size == Image.open(sat).size
+
+
 def test_cli_errors_are_one_line(tmp_path):
     r = run_cli("infer", str(tmp_path / "nope.png"), str(tmp_path / "nope.png"), "park", "--tiny")
     assert r.returncode != 0 and r.stderr.strip().count("\n") == 0
     assert "nope.png" in r.stderr and "Traceback" not in r.stderr
     r = run_cli("train", "--tiny", "--data", str(tmp_path), "--out", str(tmp_path / "o"))
     assert r.returncode != 0 and "no split 'train'" in r.stderr and "Traceback" not in r.stderr
+    r = run_cli("train", "--tiny", "--select", "best", "--group-size", "1")
+    assert r.returncode != 0 and "--select" in r.stderr and "--group-size" in r.stderr
+    assert "Traceback" not in r.stderr
