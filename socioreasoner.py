@@ -88,6 +88,8 @@ class Config:
     max_new_tokens: int = hp(512, "cap on completion length; a cut-off answer fails the format gate")
     select: str = hp("argmax", "Alg. 1 line 15: stage-1 rollout carried to stage 2, 'argmax' or 'sample' ~ exp(R1)")
     points_mu: float = hp(2.0, "mu of the stage-2 point-count reward, eq. 11 (Table 3 ablates 1, 2, 3)")
+    single_stage: bool = hp(False, "ablation 'w/o reflection' (Table 2): boxes and points in one answer, one stage")
+    stage1_only: bool = hp(False, "ablation 'w/o refinement' (Table 2): infer/eval stop after stage 1")
     # --- memory (one GPU) ---------------------------------------------------------------------------------
     micro_batch: int = hp(4, "rows (prompt x completion) per forward/backward; gradients are accumulated")
     grad_checkpointing: bool = hp(False, "recompute activations in backward: less memory, ~30% slower")
@@ -291,6 +293,16 @@ STAGE2_PROMPT = (
     "Check the drawing against the map and the ground. Keep, move or drop boxes, and inside each box give "
     "points that lie on the target, where the shaded mask misses it or spills over it. Reason step by step "
     "inside <think></think>, then answer inside <answer></answer>:\n"
+    "<think>...</think><answer>[{{\"bbox_2d\": [x1, y1, x2, y2], \"points\": [[x, y], [x, y]]}}]</answer>"
+)
+
+# The "w/o reflection" ablation (§5.3, Table 2): boxes and points in one answer to one prompt, no rendering.
+SINGLE_PROMPT = (
+    "The first image is a digital map and the second a satellite image of the same place; both are "
+    "{w}x{h} pixels and aligned pixel for pixel. Target: \"{target}\".\n"
+    "Use the map's labels, colours and icons together with what the ground looks like to find every area "
+    "that is the target. For each area give its box and points that lie on it. Reason step by step inside "
+    "<think></think>, then answer inside <answer></answer>:\n"
     "<think>...</think><answer>[{{\"bbox_2d\": [x1, y1, x2, y2], \"points\": [[x, y], [x, y]]}}]</answer>"
 )
 
@@ -795,7 +807,7 @@ TINY_PIECES = ["<think>", "</think>", "<answer>", "</answer>", '[{"bbox_2d": [',
                '], "points": [[', "], [", "]]}"] + [str(i) for i in range(256)]
 # ...and the fixed stretches of our two prompts, as a trained BPE would compress a text it has seen often:
 # a prompt is then ~40 tokens plus the images, not ~600 bytes.
-TINY_PIECES += [part for template in (STAGE1_PROMPT, STAGE2_PROMPT)
+TINY_PIECES += [part for template in (STAGE1_PROMPT, STAGE2_PROMPT, SINGLE_PROMPT)
                 for part in re.split(r"\{[a-z]+\}", template.replace("{{", "{").replace("}}", "}")) if len(part) > 3]
 
 
@@ -926,6 +938,12 @@ def stage1_rollout(policy, sample: Sample, n: int, sampling: dict) -> Group:
     return _sample_group(policy, 1, inputs, model_hw, n, sampling)
 
 
+def single_stage_rollout(policy, sample: Sample, n: int, sampling: dict) -> Group:
+    """The "w/o reflection" ablation: n answers with boxes and points (stage-2 schema) from the raw tiles."""
+    inputs, model_hw = policy_inputs(policy, [sample.map, sample.sat], SINGLE_PROMPT, sample.text)
+    return _sample_group(policy, 2, inputs, model_hw, n, sampling)
+
+
 def stage2_inputs(policy, sample: Sample, boxes_model: np.ndarray, model_hw: tuple, coarse: np.ndarray) -> dict:
     """Eq. 3 and the stage-2 prompt x_2: the carried boxes and coarse mask drawn onto both tiles.
 
@@ -1047,6 +1065,20 @@ def train_step(step: int, batch_refs: list, policy, reference, optimizer, segmen
     # Each satellite tile is encoded by SAM once and reused by the coarse mask and all G final masks.
     encodings = [segmenter.encode(np.asarray(s.sat)) for s in samples]
 
+    def stage2_rewards(groups):
+        for s, enc, g in zip(samples, encodings, groups):
+            masks = [segment_answer(segmenter, enc, a, g.model_hw, s.mask.shape) for a in g.answers]
+            g.rewards = [stage2_reward(t, m, s.mask, mu=cfg.points_mu) for t, m in zip(g.texts, masks)]
+
+    mean = lambda groups, key: float(np.mean([r[key] for g in groups for r in g.rewards]))
+    if cfg.single_stage:   # "w/o reflection": one answer with boxes and points, rewarded like stage 2
+        groups = [single_stage_rollout(policy, s, cfg.group_size, sampling) for s in samples]
+        stage2_rewards(groups)
+        st = grpo_update(policy, reference, optimizer, groups, cfg)
+        return {"reward2": mean(groups, "total"), "format2": mean(groups, "format"),
+                "iou2": mean(groups, "accuracy"), "loss2": st["loss"], "kl": st["kl"],
+                "clipped": st["clipped"], "skipped": int(st["skipped"])}
+
     # ---- Stage 1: localisation (lines 5-14) ----
     groups1 = [stage1_rollout(policy, s, cfg.group_size, sampling) for s in samples]
     for s, g in zip(samples, groups1):
@@ -1059,12 +1091,8 @@ def train_step(step: int, batch_refs: list, policy, reference, optimizer, segmen
     for s, enc, g in zip(samples, encodings, groups1):
         best = select_carried([r["total"] for r in g.rewards], cfg.select, rng)
         groups2.append(refine(policy, segmenter, enc, s, g, best, cfg.group_size, sampling)[1])
-    for s, enc, g in zip(samples, encodings, groups2):
-        masks = [segment_answer(segmenter, enc, a, g.model_hw, s.mask.shape) for a in g.answers]
-        g.rewards = [stage2_reward(t, m, s.mask, mu=cfg.points_mu) for t, m in zip(g.texts, masks)]
+    stage2_rewards(groups2)
     stats2 = grpo_update(policy, reference, optimizer, groups2, cfg)
-
-    mean = lambda groups, key: float(np.mean([r[key] for g in groups for r in g.rewards]))
     return {"reward1": mean(groups1, "total"), "reward2": mean(groups2, "total"),
             "format1": mean(groups1, "format"), "format2": mean(groups2, "format"),
             "iou2": mean(groups2, "accuracy"), "loss1": stats1["loss"], "loss2": stats2["loss"],
@@ -1105,8 +1133,10 @@ def format_answer(items: list) -> str:
     return f"<think></think><answer>{json.dumps(rounded)}</answer>"
 
 
-def sft_examples(policy, segmenter, sample: Sample, n_points: int, rng: np.random.Generator) -> list:
-    """The two supervised rows (prompt inputs, target token ids) of one sample: stage 1 and stage 2."""
+def sft_examples(policy, segmenter, sample: Sample, n_points: int, rng: np.random.Generator,
+                 single_stage: bool = False) -> list:
+    """The supervised rows (prompt inputs, target token ids) of one sample: stage 1 and stage 2 (or the one
+    single-stage row)."""
     mask_hw = sample.mask.shape
     model_hw = model_frame(policy, sample.sat.size)
     labels, _ = ndimage.label(sample.mask, structure=np.ones((3, 3), dtype=int))
@@ -1124,10 +1154,12 @@ def sft_examples(policy, segmenter, sample: Sample, n_points: int, rng: np.rando
     attempt = [{"bbox_2d": b} for b in clip_prompts(np.round(boxes_model + jitter), None, model_hw)[0]]
     coarse = segment_answer(segmenter, segmenter.encode(np.asarray(sample.sat)), attempt, model_hw, mask_hw)
     attempt_boxes = np.asarray([a["bbox_2d"] for a in attempt]).reshape(-1, 4)
-    inputs1, _ = policy_inputs(policy, [sample.map, sample.sat], STAGE1_PROMPT, sample.text)
-    inputs2 = stage2_inputs(policy, sample, attempt_boxes, model_hw, coarse)
     end = policy.processor.tokenizer.eos_token_id                                # <|im_end|>: the turn ends
     tokens = lambda text: torch.tensor(policy.processor.tokenizer(text)["input_ids"] + [end])
+    if single_stage:       # the paper's SFT baseline proper: one prompt, boxes and points
+        return [(policy_inputs(policy, [sample.map, sample.sat], SINGLE_PROMPT, sample.text)[0], tokens(target2))]
+    inputs1, _ = policy_inputs(policy, [sample.map, sample.sat], STAGE1_PROMPT, sample.text)
+    inputs2 = stage2_inputs(policy, sample, attempt_boxes, model_hw, coarse)
     return [(inputs1, tokens(target1)), (inputs2, tokens(target2))]
 
 
@@ -1251,12 +1283,14 @@ def train(cfg: Config):
 
     # ---- Phase 1: supervised warm-up (A.2.3) ----
     if state["phase"] == "sft":
-        print(f"SFT warm-up on {len(refs)} samples: {cfg.sft_steps} steps x {cfg.sft_batch} samples x 2 stages")
+        print(f"SFT on {len(refs)} samples: {cfg.sft_steps} steps x {cfg.sft_batch} samples x "
+              f"{1 if cfg.single_stage else 2} stage(s)")
         for step in range(state["step"], cfg.sft_steps):
             t0 = time.time()
             rng = np.random.default_rng([cfg.seed, 10**6 + step])
             rows = [row for i in batch_indices(step, len(refs), cfg.sft_batch, cfg.seed + 1)
-                    for row in sft_examples(policy, segmenter, read_sample(refs[i]), cfg.sft_points, rng)]
+                    for row in sft_examples(policy, segmenter, read_sample(refs[i]), cfg.sft_points, rng,
+                                            cfg.single_stage)]
             loss = sft_step(policy, optimizer, rows, cfg.micro_batch)
             append_log(log_path, {"phase": "sft", "step": step + 1, "loss": round(loss, 5),
                                   "seconds": round(time.time() - t0, 3)})
@@ -1286,9 +1320,11 @@ def train(cfg: Config):
         record = {"phase": "grpo", "step": step + 1, **{k: round(v, 5) for k, v in stats.items()},
                   "seconds": round(time.time() - t0, 3)}
         append_log(log_path, record)
-        print(f"step {step + 1:4d}/{cfg.steps}  R1 {stats['reward1']:.3f}  R2 {stats['reward2']:.3f}  "
-              f"(format {stats['format1']:.2f}/{stats['format2']:.2f}, IoU {stats['iou2']:.3f})  "
-              f"KL {stats['kl']:.4f}  clipped {stats['clipped']:.3f}  {record['seconds']:.1f}s", flush=True)
+        r1 = f"R1 {stats['reward1']:.3f}  " if "reward1" in stats else ""
+        f1 = f"{stats['format1']:.2f}/" if "format1" in stats else ""
+        print(f"step {step + 1:4d}/{cfg.steps}  {r1}R2 {stats['reward2']:.3f}  (format {f1}{stats['format2']:.2f}, "
+              f"IoU {stats['iou2']:.3f})  KL {stats['kl']:.4f}  clipped {stats['clipped']:.3f}  "
+              f"{record['seconds']:.1f}s", flush=True)
         if (step + 1) % cfg.save_every == 0 or step + 1 == cfg.steps:
             save_checkpoint(out, policy, optimizer, {**state, "step": step + 1}, cfg)
     print(f"checkpoint in {out / 'checkpoint'}, log in {log_path}")
@@ -1304,30 +1340,31 @@ def train(cfg: Config):
 
 @dataclass
 class Prediction:
-    stage1: Group
-    stage2: Group
-    coarse: np.ndarray                # M_c (H, W) bool
-    final: np.ndarray                 # M_f (H, W) bool
+    stages: list                      # [(Group, its mask (H, W) bool)]: stage 1 -> M_c, stage 2 -> M_f
+    final: np.ndarray                 # the delivered mask, (H, W) bool
 
 
 def predict(policy, segmenter, sample: Sample, cfg: Config, encoding=None) -> Prediction:
+    """Both stages once (or the ablations: one single-stage answer; stage 1 alone)."""
     sampling = dict(temperature=cfg.infer_temperature, top_p=cfg.infer_top_p, top_k=cfg.infer_top_k,
                     max_new_tokens=cfg.max_new_tokens)
     encoding = encoding if encoding is not None else segmenter.encode(np.asarray(sample.sat))
+    mask_of = lambda g: segment_answer(segmenter, encoding, g.answers[0], g.model_hw, sample.mask.shape)
+    if cfg.single_stage or cfg.stage1_only:
+        g = (single_stage_rollout if cfg.single_stage else stage1_rollout)(policy, sample, 1, sampling)
+        mask = mask_of(g)
+        return Prediction([(g, mask)], mask)
     g1 = stage1_rollout(policy, sample, 1, sampling)
     coarse, g2 = refine(policy, segmenter, encoding, sample, g1, 0, 1, sampling)
-    if g2.answers[0] is None:
-        final = coarse
-    else:
-        final = segment_answer(segmenter, encoding, g2.answers[0], g2.model_hw, sample.mask.shape)
-    return Prediction(g1, g2, coarse, final)
+    final = coarse if g2.answers[0] is None else mask_of(g2)
+    return Prediction([(g1, coarse), (g2, final)], final)
 
 
 def prediction_picture(sample: Sample, pred: Prediction) -> Image.Image:
-    """2 x 2 panel in the spirit of the paper's Fig. 3: rows = stage 1 / stage 2, columns = map / satellite."""
+    """In the spirit of the paper's Fig. 3: a row per stage (boxes, points, mask), map left, satellite right."""
     w, h = sample.sat.size
-    panel = Image.new("RGB", (2 * w, 2 * h), (255, 255, 255))
-    for row, (group, mask) in enumerate(((pred.stage1, pred.coarse), (pred.stage2, pred.final))):
+    panel = Image.new("RGB", (2 * w, len(pred.stages) * h), (255, 255, 255))
+    for row, (group, mask) in enumerate(pred.stages):
         boxes, points = answer_prompts(group.answers[0], group.model_hw, sample.mask.shape)
         for col, tile in enumerate((sample.map, sample.sat)):
             panel.paste(render(tile, boxes, mask, points), (col * w, row * h))
@@ -1348,8 +1385,8 @@ def infer(cfg: Config, sat_path: str, map_path: str, text: str):
     t0 = time.time()
     pred = predict(policy, segmenter, sample, cfg)
     seconds = time.time() - t0
-    for g, mask in ((pred.stage1, pred.coarse), (pred.stage2, pred.final)):
-        print(f"--- stage {g.stage} ---")
+    for g, mask in pred.stages:
+        print(f"--- {'single stage' if cfg.single_stage else f'stage {g.stage}'} ---")
         print("reasoning:", thinking(g.texts[0]) or "(none)")
         if g.answers[0] is None:
             print("answer: malformed (format gate failed); raw completion:", repr(g.texts[0][:500]))
@@ -1359,13 +1396,17 @@ def infer(cfg: Config, sat_path: str, map_path: str, text: str):
                 pts = "" if points is None else f"  points {np.round(points[i]).astype(int).tolist()}"
                 print(f"  box {np.round(b).astype(int).tolist()}{pts}   (satellite-image pixels)")
         print(f"mask: {int(mask.sum())} pixels")
-    if pred.stage2.answers[0] is None:
+    if len(pred.stages) == 2 and pred.stages[1][0].answers[0] is None:
         print("stage-2 answer malformed: keeping the stage-1 mask")
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
-    Image.fromarray(pred.final.astype(np.uint8) * 255).save(out / "mask.png")
+    save_mask(pred.final, out / "mask.png")
     prediction_picture(sample, pred).save(out / "overlay.png")
     print(f"wrote {out / 'mask.png'} ({sat.size[0]}x{sat.size[1]}) and {out / 'overlay.png'} in {seconds:.1f}s")
+
+
+def save_mask(mask: np.ndarray, path: Path):
+    Image.fromarray(mask.astype(np.uint8) * 255).save(path)            # 0 / 255, readable by read_sample
 
 
 # --- metrics (§5.1): cIoU, gIoU, F1 ---------------------------------------------------------------------------
@@ -1409,25 +1450,43 @@ def segmentation_metrics(preds: list, gts: list) -> dict:
             "F1": 100 * f1, "n": len(ious)}
 
 
-def evaluate(policy, segmenter, refs: list, cfg: Config, images: str = "real") -> dict:
-    """Both stages on every sample; metrics of the final masks (and of the coarse stage-1 masks).
+def evaluate(policy, segmenter, refs: list, cfg: Config, images: str = "real", out: Optional[Path] = None,
+             pictures: bool = False) -> dict:
+    """Predict every sample; metrics of the final masks (and of stage 1's), and seconds per sample.
 
-    images="blank" replaces both tiles by grey, "shuffled" gives each sample another sample's tiles: a
-    policy that reads the images must get worse on both.
+    out: write <out>/masks/<id>.png (and, with pictures, <out>/pictures/<id>.png) so that anyone can recompute
+    the metrics from files. images="blank" replaces both tiles by grey, "shuffled" gives each sample the next
+    sample's tiles: a policy that reads the images must get worse on both.
     """
-    finals, coarses, gts = [], [], []
+    if out is not None:
+        (out / "masks").mkdir(parents=True, exist_ok=True)
+        if pictures:
+            (out / "pictures").mkdir(exist_ok=True)
+    finals, firsts, gts, seconds = [], [], [], 0.0
     for k, ref in enumerate(refs):
         s = read_sample(ref)
         if images == "blank":
-            s = dataclasses.replace(s, sat=Image.new("RGB", s.sat.size, (128, 128, 128)),
-                                    map=Image.new("RGB", s.sat.size, (128, 128, 128)))
+            grey = Image.new("RGB", s.sat.size, (128, 128, 128))
+            s = dataclasses.replace(s, sat=grey, map=grey)
         elif images == "shuffled":
             other = read_sample(refs[(k + 1) % len(refs)])
             s = dataclasses.replace(s, sat=other.sat.resize(s.sat.size), map=other.map.resize(s.sat.size))
+        t0 = time.time()
         pred = predict(policy, segmenter, s, cfg)
-        finals.append(pred.final), coarses.append(pred.coarse), gts.append(s.mask)
-    final, coarse = segmentation_metrics(finals, gts), segmentation_metrics(coarses, gts)
-    return {**final, "stage1_gIoU": coarse["gIoU"]}
+        seconds += time.time() - t0
+        finals.append(pred.final), firsts.append(pred.stages[0][1]), gts.append(s.mask)
+        if out is not None:
+            save_mask(pred.final, out / "masks" / f"{ref.id}.png")
+            if pictures:
+                prediction_picture(s, pred).save(out / "pictures" / f"{ref.id}.png")
+        if out is not None:   # the eval command shows progress; internal evaluations stay quiet
+            eta = seconds / (k + 1) * (len(refs) - k - 1)
+            print(f"\reval {k + 1}/{len(refs)}  {seconds / (k + 1):.2f} s/sample  ETA {eta:.0f}s ",
+                  end="", flush=True)
+    if out is not None:
+        print()
+    return {**segmentation_metrics(finals, gts), "stage1_gIoU": segmentation_metrics(firsts, gts)["gIoU"],
+            "seconds_per_sample": seconds / max(1, len(refs))}
 
 
 def blind_baseline(segmenter, train_refs: list, refs: list) -> dict:
@@ -1444,17 +1503,35 @@ def blind_baseline(segmenter, train_refs: list, refs: list) -> dict:
     return segmentation_metrics(preds, gts)
 
 
+def run_eval(cfg: Config, split: str, limit: int, pictures: bool):
+    """The eval command: a Table-1 row for one model on one split, with every predicted mask on disk."""
+    refs = list_split(cfg.data, split)[: limit or None]
+    device = pick_device()
+    policy = load_or_build_policy(cfg, device)
+    segmenter = load_segmenter(cfg, device)
+    torch.manual_seed(cfg.seed)
+    out = Path(cfg.out)
+    m = evaluate(policy, segmenter, refs, cfg, out=out, pictures=pictures)
+    method = "w/o reflection" if cfg.single_stage else "w/o refinement" if cfg.stage1_only else "two-stage"
+    print(f"{'Method':24s} {'cIoU':>6s} {'gIoU':>6s} {'F1':>6s}   ({cfg.data}/{split}, {m['n']} samples)")
+    print(f"{method:24s} {m['cIoU']:6.1f} {m['gIoU']:6.1f} {m['F1']:6.1f}")
+    print(f"{m['seconds_per_sample']:.2f} s per sample (Table 8); masks in {out / 'masks'}")
+    record = {**m, "model": cfg.model, "sam": cfg.sam, "data": cfg.data, "split": split, "method": method}
+    (out / "metrics.json").write_text(json.dumps(record, indent=1) + "\n")
+
+
 def learning_report(cfg: Config, train_refs: list, policy, reference: str, segmenter, out: Path):
     """After training: held-out metrics of the starting (warm-up) policy, the trained one, and baselines."""
     refs = list_split(cfg.data, cfg.eval_split)[: cfg.eval_limit or None]
     device = pick_device()
-    start = load_or_build_policy(dataclasses.replace(cfg, model=reference), device)
+    start = load_or_build_policy(dataclasses.replace(cfg, model=reference), device) if cfg.steps else None
     torch.manual_seed(cfg.seed)
-    rows = {"start of GRPO (warm-up)": evaluate(start, segmenter, refs, cfg),
-            "after GRPO": evaluate(policy, segmenter, refs, cfg),
-            "after GRPO, blank tiles": evaluate(policy, segmenter, refs, cfg, images="blank"),
-            "after GRPO, shuffled tiles": evaluate(policy, segmenter, refs, cfg, images="shuffled"),
-            "blind: mean training box": blind_baseline(segmenter, train_refs, refs)}
+    trained = "after GRPO" if cfg.steps else "after SFT"
+    rows = {"start of GRPO": evaluate(start, segmenter, refs, cfg)} if cfg.steps else {}
+    rows.update({trained: evaluate(policy, segmenter, refs, cfg),
+                 f"{trained}, blank tiles": evaluate(policy, segmenter, refs, cfg, images="blank"),
+                 f"{trained}, shuffled tiles": evaluate(policy, segmenter, refs, cfg, images="shuffled"),
+                 "blind: mean training box": blind_baseline(segmenter, train_refs, refs)})
     print(f"\nheld-out {cfg.data}/{cfg.eval_split} ({len(refs)} samples), final masks, percent:")
     print(f"{'':30s} {'cIoU':>6s} {'gIoU':>6s} {'F1':>6s}  stage-1 gIoU")
     for name, m in rows.items():
@@ -1588,9 +1665,10 @@ def config_from_args(args, defaults: dict) -> Config:
 
 
 TRAIN_FLAGS = [f.name for f in dataclasses.fields(Config) if not f.name.startswith("infer_")]
-INFER_FLAGS = ["model", "sam", "sam_config", "out", "seed", "max_new_tokens",
+INFER_FLAGS = ["model", "sam", "sam_config", "out", "seed", "max_new_tokens", "single_stage", "stage1_only",
                "infer_temperature", "infer_top_p", "infer_top_k"]
 INFER_DEFAULTS = dict(model="vvangfaye/SocioReasoner-3B", out="runs/infer")
+EVAL_DEFAULTS = dict(INFER_DEFAULTS, out="runs/eval")
 SFT_DEFAULTS = dict(sft_steps=500, out="runs/sft")
 
 
@@ -1606,6 +1684,11 @@ def main(argv=None):
     p.add_argument("map", help="digital-map tile, same size, pixel-aligned")
     p.add_argument("text", help="the target, e.g. \"school\", \"a certain university\", \"educational\"")
     _add_config_flags(p, INFER_FLAGS, INFER_DEFAULTS)
+    p = sub.add_parser("eval", help="cIoU, gIoU, F1 and seconds per sample of a model on a split (Table 1)")
+    p.add_argument("--split", default="val", help="split to evaluate (default val)")
+    p.add_argument("--limit", type=int, default=0, help="evaluate the first N samples only (default all)")
+    p.add_argument("--pictures", action="store_true", help="also write a Fig.-3-style picture per sample")
+    _add_config_flags(p, ["data"] + INFER_FLAGS, EVAL_DEFAULTS)
     p = sub.add_parser("make-data", help="write synthetic SocioSeg-style train/ and val/ splits")
     p.add_argument("--out", default="data_sample")
     p.add_argument("--train", type=int, default=DATA_SAMPLE_SIZES[0])
@@ -1622,6 +1705,8 @@ def main(argv=None):
             train(dataclasses.replace(config_from_args(args, SFT_DEFAULTS), steps=0))
         elif args.command == "infer":
             infer(config_from_args(args, INFER_DEFAULTS), args.sat, args.map, args.text)
+        elif args.command == "eval":
+            run_eval(config_from_args(args, EVAL_DEFAULTS), args.split, args.limit, args.pictures)
         elif args.command == "make-data":
             make_synthetic_data(args.out, args.train, args.val, args.size, args.seed)
             print(f"wrote {args.train} train and {args.val} val samples to {args.out}")

@@ -798,3 +798,72 @@ def test_cli_errors_are_one_line(tmp_path):
     r = run_cli("train", "--tiny", "--select", "best", "--group-size", "1")
     assert r.returncode != 0 and "--select" in r.stderr and "--group-size" in r.stderr
     assert "Traceback" not in r.stderr
+
+
+# ------------------------------------------------------------------------------------------------------------
+# §5: evaluation, and the paper's ablations as switches
+# ------------------------------------------------------------------------------------------------------------
+
+def test_cli_eval_metrics_agree_with_the_written_masks(sft_checkpoint, tmp_path):
+    data, ckpt = sft_checkpoint
+    r = run_cli("eval", "--tiny", "--model", str(ckpt), "--data", str(data), "--split", "train", "--pictures",
+                "--out", str(tmp_path))
+    assert r.returncode == 0, r.stderr
+    assert "cIoU" in r.stdout and "s per sample" in r.stdout
+    m = json.loads((tmp_path / "metrics.json").read_text())
+    refs = sr.list_split(data, "train")
+    preds = [np.asarray(Image.open(tmp_path / "masks" / f"{ref.id}.png")) > 0 for ref in refs]
+    gts = [sr.read_sample(ref).mask for ref in refs]
+    again = sr.segmentation_metrics(preds, gts)
+    assert m["gIoU"] > 0                                                  # the SFT model found something
+    for k in ("cIoU", "gIoU", "F1", "n"):
+        assert m[k] == pytest.approx(again[k])
+    assert all((tmp_path / "pictures" / f"{ref.id}.png").exists() for ref in refs)
+
+
+def test_ablation_single_stage_trains_and_predicts_with_one_answer(sample):
+    """'w/o reflection': one prompt, boxes and points in one answer, rewarded like stage 2."""
+    cfg = sr.Config(group_size=3, max_new_tokens=6, micro_batch=3, lr=1e-3, single_stage=True,
+                    infer_top_k=0, infer_top_p=1.0)
+    pol = sr.build_tiny_policy(seed=0)
+    opt = torch.optim.AdamW(pol.model.parameters(), lr=cfg.lr, weight_decay=0.0)
+    refs = sr.list_split(HERE / "data_sample", "train")[:2]
+    stats = sr.train_step(0, refs, pol, sr.build_tiny_policy(seed=0).model, opt, BoxFiller(), cfg)
+    assert "reward2" in stats and "reward1" not in stats
+    rows = sr.sft_examples(pol, BoxFiller(), sample, 3, np.random.default_rng(0), single_stage=True)
+    assert len(rows) == 1 and sr.parse_answer(sr.decode(pol, rows[0][1]), 2)
+    assert "give its box and points" in pol.processor.tokenizer.decode(rows[0][0]["input_ids"][0])
+    pred = sr.predict(pol, BoxFiller(), sample, cfg)
+    assert len(pred.stages) == 1 and pred.stages[0][0].stage == 2
+
+
+def test_ablation_stage1_only_stops_after_localisation(policy, sample):
+    """'w/o refinement': the stage-1 mask is the final mask."""
+    cfg = sr.Config(max_new_tokens=6, stage1_only=True)
+    pred = sr.predict(policy, BoxFiller(), sample, cfg)
+    assert len(pred.stages) == 1 and pred.stages[0][0].stage == 1 and pred.final is pred.stages[0][1]
+    full = sr.predict(policy, BoxFiller(), sample, sr.Config(max_new_tokens=6))
+    assert [g.stage for g, _ in full.stages] == [1, 2]
+
+
+def test_ablation_points_mu_moves_the_peak_of_the_length_reward():
+    gt = np.ones((4, 4), bool)
+    one_point = answer([{"bbox_2d": [0, 0, 4, 4], "points": [[1, 1]]}])
+    assert sr.stage2_reward(one_point, gt, gt, mu=1)["length"] == pytest.approx(1.0)
+    assert sr.stage2_reward(one_point, gt, gt, mu=3)["length"] == pytest.approx(math.exp(-4 / 8))
+
+
+def test_cli_ablation_flags_run_end_to_end(tmp_path):
+    r = run_cli("train", *QUICK, "--single-stage", "--select", "sample", "--points-mu", "1",
+                "--out", str(tmp_path / "single"))
+    assert r.returncode == 0, r.stderr
+    state = torch.load(tmp_path / "single" / "checkpoint" / "trainer_state.pt", weights_only=True)
+    assert state["config"]["single_stage"] and state["config"]["points_mu"] == 1.0
+    sat = HERE / "data_sample" / "val" / "val_0001" / "sat.png"
+    mp = HERE / "data_sample" / "val" / "val_0001" / "map.png"
+    r = run_cli("infer", str(sat), str(mp), "park", "--tiny", "--stage1-only", "--out", str(tmp_path / "i"))
+    assert r.returncode == 0, r.stderr
+    assert "--- stage 1 ---" in r.stdout and "--- stage 2 ---" not in r.stdout
+    r = run_cli("eval", "--tiny", "--single-stage", "--limit", "2", "--out", str(tmp_path / "e"))
+    assert r.returncode == 0, r.stderr
+    assert json.loads((tmp_path / "e" / "metrics.json").read_text())["method"] == "w/o reflection"
