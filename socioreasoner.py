@@ -109,6 +109,7 @@ class Config:
     # --- bookkeeping --------------------------------------------------------------------------------------
     seed: int = hp(0, "seeds data order, sampling and the tiny models")
     save_every: int = hp(10, "write a checkpoint every N steps (and at the end of each phase)")
+    skip_bad: bool = hp(False, "leave broken samples out with a warning, instead of stopping before training")
     resume: bool = hp(False, "continue from <out>/checkpoint")
 
 
@@ -147,7 +148,8 @@ class SocioError(Exception):
 # mask_label); `list_split` reads either. Tiles are square in SocioSeg, but no size is assumed anywhere.
 #
 # A split of 7,620 tiles does not fit in memory as decoded images, so listing a split only *checks* every
-# sample (files exist, headers readable, sizes agree) and `read_sample` decodes one when it is needed.
+# sample and `read_sample` decodes one when it is needed. (Rows of the parquet export keep their encoded
+# PNG bytes in memory, about 9 GB for the train split: prefer the raw layout on a small machine.)
 
 @dataclass
 class SampleRef:
@@ -185,33 +187,61 @@ def one_line(e: Exception) -> str:
     return f"{type(e).__name__}: {text[:200]}" if text else type(e).__name__
 
 
-def list_split(root: str | Path, split: str) -> list[SampleRef]:
+def list_split(root: str | Path, split: str, need_foreground: bool = False, skip_bad: bool = False) -> list:
     """Check and list every sample of a split, from the raw-file layout or from parquet shards.
 
-    All broken samples are reported together (one line each) before anything is trained on.
+    Every file is read once here (PNG checksums verified), so that a broken sample stops the run before
+    training starts, not at step 180. All broken samples are reported together, one line each naming the
+    file; with skip_bad they are left out with a warning instead. need_foreground: a mask with no target
+    pixel is an error too (training needs something to find).
     """
     root = Path(root)
     if not (root / split).is_dir() and not list(root.glob(f"**/{split}-*.parquet")):
         raise SocioError(f"no split '{split}' under {root}: expected {root}/{split}/<id>/ folders "
                          f"or {split}-*.parquet shards")
     refs, problems = [], []
-    for ref in (_list_raw(root / split, problems) if (root / split).is_dir() else _list_parquet(root, split)):
-        try:
-            sizes = {what: _open_image(getattr(ref, what), what, ref.id).size for what in ("sat", "map", "mask")}
-        except SocioError as e:
-            problems.append(str(e))
-            continue
-        if len(set(sizes.values())) != 1:
-            problems.append(f"sample {ref.id}: image sizes disagree (W x H): "
-                            + ", ".join(f"{k} {w}x{h}" for k, (w, h) in sizes.items()))
-            continue
-        ref.size = sizes["sat"]
-        refs.append(ref)
-    if problems:
-        raise SocioError(f"{len(problems)} broken sample(s) in {root}/{split}:\n  " + "\n  ".join(problems))
+    listed = _list_raw(root / split, problems) if (root / split).is_dir() else _list_parquet(root, split, problems)
+    for ref in listed:
+        problem = check_sample(ref, need_foreground)
+        if problem:
+            problems.append(problem)
+        else:
+            refs.append(ref)
+    if problems and not skip_bad:
+        raise SocioError(f"{len(problems)} broken sample(s) in {root}/{split} (--skip-bad leaves them out):\n  "
+                         + "\n  ".join(problems))
+    for problem in problems:
+        print(f"warning: skipping {problem}", file=sys.stderr)
     if not refs:
-        raise SocioError(f"split '{split}' under {root} holds no samples")
+        raise SocioError(f"split '{split}' under {root} holds no usable samples")
     return refs
+
+
+def check_sample(ref: SampleRef, need_foreground: bool) -> Optional[str]:
+    """None if the sample is usable, else one line saying what is wrong with which file. Sets ref.size."""
+    try:
+        sizes = {}
+        for what in ("sat", "map", "mask"):
+            img = _open_image(getattr(ref, what), what, ref.id)
+            sizes[what] = img.size
+            try:
+                img.verify()                  # reads the whole file: truncation, bad checksums
+            except Exception as e:
+                return f"sample {ref.id}: {what} image {getattr(ref, what)} is corrupt: {one_line(e)}"
+    except SocioError as e:
+        return str(e)
+    if len(set(sizes.values())) != 1:
+        return (f"sample {ref.id}: image sizes disagree (W x H): "
+                + ", ".join(f"{k} {w}x{h}" for k, (w, h) in sizes.items()))
+    ref.size = sizes["sat"]
+    if need_foreground:
+        try:
+            empty = not read_sample(ref).mask.any()
+        except SocioError as e:
+            return str(e)
+        if empty:
+            return f"sample {ref.id}: mask {ref.mask} has no foreground pixel"
+    return None
 
 
 def _list_raw(split_dir: Path, problems: list) -> list[SampleRef]:
@@ -230,7 +260,7 @@ def _list_raw(split_dir: Path, problems: list) -> list[SampleRef]:
     return refs
 
 
-def _list_parquet(root: Path, split: str) -> list[SampleRef]:
+def _list_parquet(root: Path, split: str, problems: list) -> list[SampleRef]:
     try:
         import pyarrow.parquet as pq  # optional: only the parquet export needs it
     except ImportError:
@@ -241,7 +271,10 @@ def _list_parquet(root: Path, split: str) -> list[SampleRef]:
         for row in pq.read_table(shard).to_pylist():
             # Hugging Face image columns are structs {"bytes": ..., "path": ...}.
             img = lambda col: (row[col] or {}).get("bytes") if isinstance(row[col], dict) else row[col]
-            refs.append(SampleRef(str(row["id"]), str(row["problem"]).strip(), img("sat_image"),
+            if not isinstance(row["problem"], str) or not row["problem"].strip():
+                problems.append(f"sample {row['id']} in {shard}: 'problem' is not a non-empty string")
+                continue
+            refs.append(SampleRef(str(row["id"]), row["problem"].strip(), img("sat_image"),
                                   img("map_image"), img("mask_label"), (0, 0)))
     return refs
 
@@ -752,9 +785,8 @@ def completion_logprobs(policy: Policy, model, rows: list, temperature: float) -
     """log pi(y_t | y_<t, x) of every completion token, from one forward pass over prompt + completion.
 
     rows: [(prompt inputs, completion ids (T_i,))]. Returns logp (B, T) float32 and mask (B, T) where
-    T = max T_i. Rows are right-padded, so real tokens keep their positions. Each row repeats its prompt's
-    images: pixel_values are the patches of all images in batch order, so rows are concatenated, never
-    interleaved.
+    T = max T_i. Rows are right-padded, so real tokens keep their positions; prompts of different lengths
+    may share a micro-batch.
     """
     device = policy.device
     prompts = [inp["input_ids"][0] for inp, _ in rows]
@@ -770,13 +802,24 @@ def completion_logprobs(policy: Policy, model, rows: list, temperature: float) -
         ids[i, :p], ids[i, p:p + len(c)] = prompts[i], c
         attn[i, : p + len(c)] = 1
         mm_types[i, :p] = inp["mm_token_type_ids"][0]
-    # Logits are only needed from the earliest completion start on: skip the lm_head over long prompts.
-    keep = L - int(P.min()) + 1
+    # Vision: rows of a group share their prompt's two tiles, so the vision tower runs once per distinct
+    # prompt in the micro-batch (not once per row), and its features are scattered into every row's image
+    # placeholders. With input embeddings given, the model cannot derive M-RoPE's (time, height, width)
+    # positions itself, so they are computed here from the same ids, grids and attention mask.
+    prompts_by_id = {id(inp): inp for inp, _ in rows}
     with _autocast(device):
-        logits = model(input_ids=ids, attention_mask=attn, mm_token_type_ids=mm_types, use_cache=False,
-                       pixel_values=torch.cat([inp["pixel_values"] for inp, _ in rows]),
-                       image_grid_thw=torch.cat([inp["image_grid_thw"] for inp, _ in rows]),
-                       logits_to_keep=keep).logits                               # (B, keep, V)
+        features = {k: torch.cat(model.model.get_image_features(inp["pixel_values"], inp["image_grid_thw"],
+                                                                return_dict=True).pooler_output)
+                    for k, inp in prompts_by_id.items()}                          # (image tokens, D) per prompt
+        embeds = model.get_input_embeddings()(ids)                                # (B, L, D)
+        image_slots = (ids == model.config.image_token_id)[..., None]
+        embeds = embeds.masked_scatter(image_slots, torch.cat([features[id(inp)] for inp, _ in rows]).to(embeds.dtype))
+        grids = torch.cat([inp["image_grid_thw"] for inp, _ in rows])            # (2B, 3)
+        positions, _ = model.model.get_rope_index(ids, mm_types, image_grid_thw=grids, attention_mask=attn)
+        # Logits are only needed from the earliest completion start on: skip the lm_head over long prompts.
+        keep = L - int(P.min()) + 1                                               # T + P_max - P_min
+        logits = model(inputs_embeds=embeds, attention_mask=attn, position_ids=positions, use_cache=False,
+                       logits_to_keep=keep).logits                                # (B, keep, V)
     # The logit at position j predicts token j+1: completion token t of row i is predicted at P_i - 1 + t.
     t = torch.arange(T, device=device)
     pos = (P[:, None] - 1 + t[None, :]).clamp(max=L - 1) - (L - keep)            # (B, T) into kept logits
@@ -956,16 +999,15 @@ def stage2_inputs(policy, sample: Sample, boxes_model: np.ndarray, model_hw: tup
     return policy_inputs(policy, rendered, STAGE2_PROMPT, sample.text, boxes=listed)[0]
 
 
-def refine(policy, segmenter, encoding, sample: Sample, stage1: Group, g: int, n: int, sampling: dict):
-    """Alg. 1 lines 15-20 for the carried answer g: coarse mask M_c (eq. 2), drawing (eq. 3), n stage-2 answers
-    (eq. 4). Returns (M_c, stage-2 Group). A malformed carried answer carries no boxes."""
-    answer = stage1.answers[g] or []
-    coarse = segment_answer(segmenter, encoding, answer, stage1.model_hw, sample.mask.shape)
+def stage2_rollout(policy, sample: Sample, stage1: Group, g: int, coarse: np.ndarray, n: int,
+                   sampling: dict) -> Group:
+    """Alg. 1 lines 16-20: the carried stage-1 answer g and its coarse mask M_c drawn onto both tiles (eq. 3),
+    then n stage-2 answers (eq. 4). A malformed carried answer carries no boxes."""
     # Listed and drawn are the boxes as the segmenter saw them: clipped to the frame, empty ones dropped
     # (a box at 1e300 would otherwise be spelled out digit by digit in the next prompt).
-    boxes_model = clip_prompts([o["bbox_2d"] for o in answer], None, stage1.model_hw)[0]
+    boxes_model = clip_prompts([o["bbox_2d"] for o in stage1.answers[g] or []], None, stage1.model_hw)[0]
     inputs = stage2_inputs(policy, sample, boxes_model, stage1.model_hw, coarse)
-    return coarse, _sample_group(policy, 2, inputs, stage1.model_hw, n, sampling)
+    return _sample_group(policy, 2, inputs, stage1.model_hw, n, sampling)
 
 
 def _sample_group(policy, stage, inputs, model_hw, n, sampling) -> Group:
@@ -1012,30 +1054,45 @@ def select_carried(rewards: list, how: str, rng: np.random.Generator) -> int:
 # small floor instead of exactly 0. The rows of a stage (rollout_batch x G) are cut into micro-batches whose
 # gradients are accumulated; see grpo_loss for why the sum equals the full-batch gradient.
 
-def accumulate_grpo_gradients(policy, reference, rows: list, advantages: torch.Tensor, cfg: Config) -> dict:
+@contextlib.contextmanager
+def timed(times: dict, key: str):
+    """Add the wall time of a block to times[key] (waiting for the GPU, whose work is asynchronous)."""
+    sync = torch.cuda.synchronize if torch.cuda.is_available() else (lambda: None)
+    sync()
+    t0 = time.perf_counter()
+    yield
+    sync()
+    times[key] = times.get(key, 0.0) + time.perf_counter() - t0
+
+
+def accumulate_grpo_gradients(policy, reference, rows: list, advantages: torch.Tensor, cfg: Config,
+                              times: Optional[dict] = None) -> dict:
     """Backward of eq. 6 over all rows, micro-batch by micro-batch, into the parameters' .grad.
 
     rows: [(prompt inputs, completion ids)], advantages (N,). Each micro-batch's loss is weighted by its
     share of the N rows, so the accumulated gradient is the full-batch gradient (a test checks this).
     """
-    n, stats = len(rows), {"kl": 0.0, "clipped": 0.0, "loss": 0.0}
+    n, stats, times = len(rows), {"kl": 0.0, "clipped": 0.0, "loss": 0.0}, {} if times is None else times
     for start in range(0, n, cfg.micro_batch):
         part = slice(start, start + cfg.micro_batch)
-        logp, mask = completion_logprobs(policy, policy.model, rows[part], cfg.temperature)     # (b, T)
-        with torch.no_grad():   # the reference never needs a graph
+        with timed(times, "reference forward"), torch.no_grad():   # the reference never needs a graph
             ref_logp, _ = completion_logprobs(policy, reference, rows[part], cfg.temperature)
-        # pi_old = the weights that sampled these completions = the current weights (see §4.2 above).
-        loss, st = grpo_loss(logp, logp.detach(), ref_logp, advantages[part], mask, cfg.clip_eps, cfg.kl_beta)
-        share = len(rows[part]) / n
-        (loss * share).backward()
+        with timed(times, "policy forward/backward"):
+            logp, mask = completion_logprobs(policy, policy.model, rows[part], cfg.temperature)  # (b, T)
+            # pi_old = the weights that sampled these completions = the current weights (see §4.2 above).
+            loss, st = grpo_loss(logp, logp.detach(), ref_logp, advantages[part], mask, cfg.clip_eps, cfg.kl_beta)
+            share = len(rows[part]) / n
+            (loss * share).backward()
         for k, v in (("loss", loss.item()), *st.items()):
             stats[k] += v * share
     return stats
 
 
-def optimizer_step(policy, optimizer, what: str) -> bool:
-    """Apply the accumulated gradient, unless it is not finite: one NaN step would destroy the weights."""
-    finite = all(torch.isfinite(p.grad).all() for p in policy.model.parameters() if p.grad is not None)
+def optimizer_step(policy, optimizer, what: str, loss: float) -> bool:
+    """Apply the accumulated gradient, unless it or the loss is not finite: one NaN step would destroy the
+    weights (and a NaN loss can come with finite, meaningless gradients: clamp passes no gradient to NaN)."""
+    finite = math.isfinite(loss) and all(torch.isfinite(p.grad).all()
+                                         for p in policy.model.parameters() if p.grad is not None)
     if finite:
         optimizer.step()
     else:
@@ -1044,61 +1101,78 @@ def optimizer_step(policy, optimizer, what: str) -> bool:
     return finite
 
 
-def grpo_update(policy, reference, optimizer, groups: list, cfg: Config) -> dict:
+def grpo_update(policy, reference, optimizer, groups: list, cfg: Config, times: dict) -> dict:
     """Alg. 1 lines 12-14 (or 25-27) for all groups of one stage: advantages, eq. 6, one optimizer step."""
     rows = [(g.inputs, c) for g in groups for c in g.completions]                   # B*G rows
     rewards = torch.tensor([r["total"] for g in groups for r in g.rewards])          # (B*G,)
     advantages = group_advantages(rewards, len(groups[0].completions))               # (B*G,)
     policy.model.train()        # Qwen2.5-VL has no dropout; train mode is what gradient checkpointing needs
     optimizer.zero_grad(set_to_none=True)
-    stats = accumulate_grpo_gradients(policy, reference, rows, advantages, cfg)
-    stats["skipped"] = not optimizer_step(policy, optimizer, f"stage {groups[0].stage}")
+    stats = accumulate_grpo_gradients(policy, reference, rows, advantages, cfg, times)
+    with timed(times, "optimizer"):
+        stats["skipped"] = not optimizer_step(policy, optimizer, f"stage {groups[0].stage}", stats["loss"])
     policy.model.eval()         # back to sampling, with the KV cache
     return stats
 
 
 def train_step(step: int, batch_refs: list, policy, reference, optimizer, segmenter, cfg: Config) -> dict:
-    """One RL step of Algorithm 1 on a batch of samples: stage 1, update, stage 2, update."""
+    """One RL step of Algorithm 1 on a batch of samples: stage 1, update, stage 2, update.
+
+    Returns mean rewards and update statistics, and the step's seconds per kind of work ("time ...").
+    """
     rng = np.random.default_rng([cfg.seed, step])
     sampling = dict(temperature=cfg.temperature, top_p=1.0, top_k=0, max_new_tokens=cfg.max_new_tokens)
+    times = {}
     samples = [read_sample(r) for r in batch_refs]
-    # Each satellite tile is encoded by SAM once and reused by the coarse mask and all G final masks.
-    encodings = [segmenter.encode(np.asarray(s.sat)) for s in samples]
+    with timed(times, "segmentation"):   # each tile encoded once, reused by M_c and all G final masks
+        encodings = [segmenter.encode(np.asarray(s.sat)) for s in samples]
 
     def stage2_rewards(groups):
         for s, enc, g in zip(samples, encodings, groups):
-            masks = [segment_answer(segmenter, enc, a, g.model_hw, s.mask.shape) for a in g.answers]
-            g.rewards = [stage2_reward(t, m, s.mask, mu=cfg.points_mu) for t, m in zip(g.texts, masks)]
+            with timed(times, "segmentation"):
+                masks = [segment_answer(segmenter, enc, a, g.model_hw, s.mask.shape) for a in g.answers]
+            with timed(times, "rewards"):
+                g.rewards = [stage2_reward(t, m, s.mask, mu=cfg.points_mu) for t, m in zip(g.texts, masks)]
 
     mean = lambda groups, key: float(np.mean([r[key] for g in groups for r in g.rewards]))
     if cfg.single_stage:   # "w/o reflection": one answer with boxes and points, rewarded like stage 2
-        groups = [single_stage_rollout(policy, s, cfg.group_size, sampling) for s in samples]
+        with timed(times, "generation"):
+            groups = [single_stage_rollout(policy, s, cfg.group_size, sampling) for s in samples]
         stage2_rewards(groups)
-        st = grpo_update(policy, reference, optimizer, groups, cfg)
-        return {"reward2": mean(groups, "total"), "format2": mean(groups, "format"),
-                "iou2": mean(groups, "accuracy"), "loss2": st["loss"], "kl": st["kl"],
-                "clipped": st["clipped"], "skipped": int(st["skipped"])}
+        st = grpo_update(policy, reference, optimizer, groups, cfg, times)
+        stats = {"reward2": mean(groups, "total"), "format2": mean(groups, "format"),
+                 "iou2": mean(groups, "accuracy"), "loss2": st["loss"], "kl": st["kl"],
+                 "clipped": st["clipped"], "skipped": int(st["skipped"])}
+        all_groups = groups
+    else:
+        # ---- Stage 1: localisation (lines 5-14) ----
+        with timed(times, "generation"):
+            groups1 = [stage1_rollout(policy, s, cfg.group_size, sampling) for s in samples]
+        with timed(times, "rewards"):
+            for s, g in zip(samples, groups1):
+                gt_model = to_frame(mask_to_boxes(s.mask), s.mask.shape, g.model_hw)   # B* in the model frame
+                g.rewards = [stage1_reward(t, gt_model) for t in g.texts]
+        stats1 = grpo_update(policy, reference, optimizer, groups1, cfg, times)
 
-    # ---- Stage 1: localisation (lines 5-14) ----
-    groups1 = [stage1_rollout(policy, s, cfg.group_size, sampling) for s in samples]
-    for s, g in zip(samples, groups1):
-        gt_model = to_frame(mask_to_boxes(s.mask), s.mask.shape, g.model_hw)    # B* in the model's frame
-        g.rewards = [stage1_reward(t, gt_model) for t in g.texts]
-    stats1 = grpo_update(policy, reference, optimizer, groups1, cfg)
-
-    # ---- Carry g*, render, stage 2: refinement (lines 15-27), sampled from the updated policy ----
-    groups2 = []
-    for s, enc, g in zip(samples, encodings, groups1):
-        best = select_carried([r["total"] for r in g.rewards], cfg.select, rng)
-        groups2.append(refine(policy, segmenter, enc, s, g, best, cfg.group_size, sampling)[1])
-    stage2_rewards(groups2)
-    stats2 = grpo_update(policy, reference, optimizer, groups2, cfg)
-    return {"reward1": mean(groups1, "total"), "reward2": mean(groups2, "total"),
-            "format1": mean(groups1, "format"), "format2": mean(groups2, "format"),
-            "iou2": mean(groups2, "accuracy"), "loss1": stats1["loss"], "loss2": stats2["loss"],
-            "kl": (stats1["kl"] + stats2["kl"]) / 2,
-            "kl1": stats1["kl"], "kl2": stats2["kl"], "clipped": (stats1["clipped"] + stats2["clipped"]) / 2,
-            "skipped": int(stats1["skipped"]) + int(stats2["skipped"])}
+        # ---- Carry g*, render, stage 2: refinement (lines 15-27), sampled from the updated policy ----
+        groups2 = []
+        for s, enc, g in zip(samples, encodings, groups1):
+            best = select_carried([r["total"] for r in g.rewards], cfg.select, rng)
+            with timed(times, "segmentation"):
+                coarse = segment_answer(segmenter, enc, g.answers[best], g.model_hw, s.mask.shape)   # M_c
+            with timed(times, "generation"):
+                groups2.append(stage2_rollout(policy, s, g, best, coarse, cfg.group_size, sampling))
+        stage2_rewards(groups2)
+        stats2 = grpo_update(policy, reference, optimizer, groups2, cfg, times)
+        stats = {"reward1": mean(groups1, "total"), "reward2": mean(groups2, "total"),
+                 "format1": mean(groups1, "format"), "format2": mean(groups2, "format"),
+                 "iou2": mean(groups2, "accuracy"), "loss1": stats1["loss"], "loss2": stats2["loss"],
+                 "kl": (stats1["kl"] + stats2["kl"]) / 2, "kl1": stats1["kl"], "kl2": stats2["kl"],
+                 "clipped": (stats1["clipped"] + stats2["clipped"]) / 2,
+                 "skipped": int(stats1["skipped"]) + int(stats2["skipped"])}
+        all_groups = groups1 + groups2
+    stats["tokens"] = sum(len(c) for g in all_groups for c in g.completions)
+    return {**stats, **{f"time {k}": v for k, v in times.items()}}
 
 
 def batch_indices(step: int, n: int, batch: int, seed: int) -> list[int]:
@@ -1174,7 +1248,7 @@ def sft_step(policy, optimizer, rows: list, micro_batch: int) -> float:
         loss = -((logp * mask).sum(1) / mask.sum(1)).mean()
         (loss * len(part) / len(rows)).backward()
         total += loss.item() * len(part) / len(rows)
-    optimizer_step(policy, optimizer, "sft")
+    optimizer_step(policy, optimizer, "sft", total)
     policy.model.eval()
     return total
 
@@ -1250,7 +1324,7 @@ def train(cfg: Config):
     """Optional SFT warm-up, then T steps of two-stage GRPO (Algorithm 1), logged and checkpointed."""
     check_config(cfg)
     out = Path(cfg.out)
-    refs = list_split(cfg.data, cfg.split)           # every sample checked before any model is loaded
+    refs = list_split(cfg.data, cfg.split, need_foreground=True, skip_bad=cfg.skip_bad)   # before any model loads
     ckpt = latest_checkpoint(out)
     if ckpt is not None and not cfg.resume:
         raise SocioError(f"{out} already holds a checkpoint: continue it with --resume, or choose another --out")
@@ -1333,6 +1407,102 @@ def train(cfg: Config):
 
 
 # ============================================================================================================
+# Benchmark: where a training step's time and memory go
+# ============================================================================================================
+# `python socioreasoner.py bench` runs a few real training steps and reports their time per kind of work
+# (train_step times each), SAM encodings per sample, generation speed and peak memory, then the same
+# micro-batch accumulated 1 and 8 times: peak memory must not grow with the effective batch.
+
+class CountedSegmenter:
+    """Passes calls through to a segmenter, counting image encodings."""
+
+    def __init__(self, segmenter):
+        self.segmenter, self.encodings = segmenter, 0
+
+    def encode(self, image):
+        self.encodings += 1
+        return self.segmenter.encode(image)
+
+    def segment(self, encoding, boxes, points=None):
+        return self.segmenter.segment(encoding, boxes, points)
+
+
+def reset_peak_memory(device):
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    else:
+        try:                                  # Linux: resets VmHWM (peak resident memory) to the current RSS
+            Path("/proc/self/clear_refs").write_text("5")
+        except OSError:
+            pass
+
+
+def peak_memory_mb(device) -> float:
+    """Peak GPU memory allocated by torch, or the process's peak resident memory on a CPU."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated() / 2**20
+    status = Path("/proc/self/status")
+    if status.exists():
+        return int(re.search(r"VmHWM:\s+(\d+)", status.read_text()).group(1)) / 1024
+    import resource
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def bench(cfg: Config, steps: int):
+    check_config(cfg)
+    device = pick_device()
+    torch.manual_seed(cfg.seed)
+    refs = list_split(cfg.data, cfg.split)
+    policy = load_or_build_policy(cfg, device)
+    prepare_policy(policy, cfg)
+    reference = load_or_build_policy(cfg, device).model.requires_grad_(False).eval()
+    if device.type == "cuda":
+        reference.to(torch.bfloat16)
+    segmenter = CountedSegmenter(load_segmenter(cfg, device))
+    optimizer = new_optimizer(policy, cfg.lr)
+    print(f"bench: {steps} steps x {cfg.rollout_batch} prompts x G={cfg.group_size}, micro-batch {cfg.micro_batch}, "
+          f"max {cfg.max_new_tokens} new tokens, device {device}")
+    reset_peak_memory(device)
+    records = []
+    for step in range(steps):
+        t0 = time.time()
+        batch = [refs[i] for i in batch_indices(step, len(refs), cfg.rollout_batch, cfg.seed)]
+        records.append({**train_step(step, batch, policy, reference, optimizer, segmenter, cfg),
+                         "seconds": time.time() - t0})
+        print(f"  step {step + 1}: {records[-1]['seconds']:.2f}s", flush=True)
+    peak = peak_memory_mb(device)
+    per_step = lambda key: float(np.mean([r.get(key, 0.0) for r in records]))
+    total = per_step("seconds")
+    print(f"\n{'seconds per step':28s} {'mean':>8s} {'share':>7s}")
+    for key in ("generation", "segmentation", "rewards", "policy forward/backward", "reference forward",
+                "optimizer"):
+        print(f"  {key:26s} {per_step('time ' + key):8.3f} {100 * per_step('time ' + key) / total:6.1f}%")
+    print(f"  {'total':26s} {total:8.3f}")
+    gen_seconds = sum(r.get("time generation", 0.0) for r in records)
+    print(f"SAM image encodings per sample per step: {segmenter.encodings / (steps * cfg.rollout_batch):.2f}")
+    print(f"tokens generated per second: {sum(r['tokens'] for r in records) / gen_seconds:.1f}")
+    print(f"peak memory over the steps: {peak:.0f} MB ({'GPU allocated' if device.type == 'cuda' else 'process RSS'})")
+
+    # The same micro-batch, accumulated once and eight times.
+    sample = read_sample(refs[0])
+    inputs, _ = policy_inputs(policy, [sample.map, sample.sat], STAGE1_PROMPT, sample.text)
+    completions = sample_completions(policy, inputs, cfg.micro_batch, temperature=cfg.temperature, top_p=1.0,
+                                     top_k=0, max_new_tokens=cfg.max_new_tokens)
+    peaks = {}
+    policy.model.train()
+    for k in (1, 8):
+        rows = [(inputs, c) for c in completions] * k
+        advantages = torch.randn(len(rows), generator=torch.Generator().manual_seed(0))
+        optimizer.zero_grad(set_to_none=True)
+        reset_peak_memory(device)
+        accumulate_grpo_gradients(policy, reference, rows, advantages, cfg)
+        peaks[k] = peak_memory_mb(device)
+    optimizer.zero_grad(set_to_none=True)
+    print(f"gradient accumulation, micro-batch {cfg.micro_batch}: peak {peaks[1]:.0f} MB with 1 micro-batch, "
+          f"{peaks[8]:.0f} MB with 8; ratio {peaks[8] / peaks[1]:.3f}")
+
+
+# ============================================================================================================
 # §4.1 — inference: both stages once; §5.1 — metrics
 # ============================================================================================================
 # Sampling as in the authors' release (temperature 1.0, top_p 0.8, top_k 100). If the stage-2 answer is
@@ -1355,7 +1525,8 @@ def predict(policy, segmenter, sample: Sample, cfg: Config, encoding=None) -> Pr
         mask = mask_of(g)
         return Prediction([(g, mask)], mask)
     g1 = stage1_rollout(policy, sample, 1, sampling)
-    coarse, g2 = refine(policy, segmenter, encoding, sample, g1, 0, 1, sampling)
+    coarse = mask_of(g1)                                                          # M_c, eq. 2
+    g2 = stage2_rollout(policy, sample, g1, 0, coarse, 1, sampling)
     final = coarse if g2.answers[0] is None else mask_of(g2)
     return Prediction([(g1, coarse), (g2, final)], final)
 
@@ -1505,7 +1676,7 @@ def blind_baseline(segmenter, train_refs: list, refs: list) -> dict:
 
 def run_eval(cfg: Config, split: str, limit: int, pictures: bool):
     """The eval command: a Table-1 row for one model on one split, with every predicted mask on disk."""
-    refs = list_split(cfg.data, split)[: limit or None]
+    refs = list_split(cfg.data, split, skip_bad=cfg.skip_bad)[: limit or None]
     device = pick_device()
     policy = load_or_build_policy(cfg, device)
     segmenter = load_segmenter(cfg, device)
@@ -1688,7 +1859,10 @@ def main(argv=None):
     p.add_argument("--split", default="val", help="split to evaluate (default val)")
     p.add_argument("--limit", type=int, default=0, help="evaluate the first N samples only (default all)")
     p.add_argument("--pictures", action="store_true", help="also write a Fig.-3-style picture per sample")
-    _add_config_flags(p, ["data"] + INFER_FLAGS, EVAL_DEFAULTS)
+    _add_config_flags(p, ["data", "skip_bad"] + INFER_FLAGS, EVAL_DEFAULTS)
+    p = sub.add_parser("bench", help="time and memory of a few training steps, by kind of work")
+    p.add_argument("--bench-steps", type=int, default=3, help="training steps to time (default 3)")
+    _add_config_flags(p, TRAIN_FLAGS, {})
     p = sub.add_parser("make-data", help="write synthetic SocioSeg-style train/ and val/ splits")
     p.add_argument("--out", default="data_sample")
     p.add_argument("--train", type=int, default=DATA_SAMPLE_SIZES[0])
@@ -1705,6 +1879,8 @@ def main(argv=None):
             train(dataclasses.replace(config_from_args(args, SFT_DEFAULTS), steps=0))
         elif args.command == "infer":
             infer(config_from_args(args, INFER_DEFAULTS), args.sat, args.map, args.text)
+        elif args.command == "bench":
+            bench(config_from_args(args, {}), args.bench_steps)
         elif args.command == "eval":
             run_eval(config_from_args(args, EVAL_DEFAULTS), args.split, args.limit, args.pictures)
         elif args.command == "make-data":

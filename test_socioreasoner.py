@@ -80,8 +80,25 @@ def test_bad_data_is_reported_per_sample_with_the_file(tmp_path):
     with pytest.raises(sr.SocioError, match="no split 'val'"):
         sr.list_split(tmp_path, "val")
     (tmp_path / "empty").mkdir()
-    with pytest.raises(sr.SocioError, match="holds no samples"):
+    with pytest.raises(sr.SocioError, match="holds no usable samples"):
         sr.list_split(tmp_path, "empty")
+
+
+def test_broken_samples_can_be_skipped_with_a_warning(tmp_path, capsys):
+    _write_sample(tmp_path / "train" / "ok")
+    _write_sample(tmp_path / "train" / "truncated")
+    png = (tmp_path / "train" / "truncated" / "sat.png").read_bytes()
+    (tmp_path / "train" / "truncated" / "sat.png").write_bytes(png[: len(png) // 2])   # header fine, data cut
+    _write_sample(tmp_path / "train" / "blank")
+    Image.new("L", (32, 32), 0).save(tmp_path / "train" / "blank" / "mask.png")
+    with pytest.raises(sr.SocioError) as e:
+        sr.list_split(tmp_path, "train", need_foreground=True)
+    assert "2 broken" in str(e.value) and "truncated/sat.png is corrupt" in str(e.value)
+    assert "blank/mask.png has no foreground" in str(e.value)
+    assert [r.id for r in sr.list_split(tmp_path, "train", skip_bad=True)] == ["blank", "ok"]  # may be empty
+    assert capsys.readouterr().err.count("warning: skipping") == 1
+    assert [r.id for r in sr.list_split(tmp_path, "train", need_foreground=True, skip_bad=True)] == ["ok"]
+    assert capsys.readouterr().err.count("warning: skipping") == 2
 
 
 def test_shipped_data_sample_is_valid():
@@ -175,6 +192,67 @@ def test_parse_answer_never_raises_on_random_text():
         for stage in (1, 2):
             out = sr.parse_answer(text, stage)
             assert out is None or isinstance(out, list)
+
+
+def hostile_completion(rng) -> str:
+    """A completion an RL policy might write: random JSON-ish structure, wrong types, absurd numbers."""
+    def value(depth):
+        kind = rng.integers(9)
+        if kind == 0 or depth > 3:
+            return float(rng.choice([0, -1, 1e300, -1e300, 1e-300, 3.5, 1e20, 10**30]))
+        if kind == 1:
+            return int(rng.integers(-500, 500))
+        if kind == 2:
+            return str(rng.choice(["NaN", "x", "\u00e9\u4e2d", "", "12"]))
+        if kind == 3:
+            return [value(depth + 1) for _ in range(rng.integers(0, 6))]
+        if kind == 4:
+            return {str(rng.choice(["bbox_2d", "points", "box"])): value(depth + 1)}
+        if kind == 5:                                                    # a plausible box, maybe inverted
+            return [float(v) for v in rng.uniform(-300, 600, 4)]
+        if kind == 6:
+            return {"bbox_2d": value(depth + 1), "points": value(depth + 1)}
+        if kind == 7:
+            return [{"bbox_2d": [float(v) for v in rng.uniform(-300, 600, 4)],
+                     "points": [[float(v) for v in rng.uniform(-300, 600, 2)] for _ in range(rng.integers(0, 5))]}
+                    for _ in range(rng.integers(0, 4))]
+        return None
+    body = json.dumps(value(0))
+    for literal in ("NaN", "Infinity", "-Infinity"):                     # json.dumps never writes these
+        if rng.random() < 0.05:
+            body = body.replace("0.0", literal, 1)
+    if rng.random() < 0.1:
+        body = body[: rng.integers(len(body) + 1)]                        # cut off at the token limit
+    if rng.random() < 0.05:
+        body = "[" + ", ".join([body] * int(rng.integers(30, 60))) + "]"  # too many objects
+    return f"<think>{'.' * int(rng.integers(3))}</think><answer>{body}</answer>"
+
+
+def test_rewards_never_raise_and_bad_geometry_never_reaches_the_segmenter():
+    """Thousands of seeded hostile completions: every one gets a finite reward in range; the segmenter only
+    ever sees finite boxes with area, inside the image, and points inside the image."""
+    rng = np.random.default_rng(7)
+    seg = BoxFiller()
+    hw = (60, 80)
+    enc = seg.encode(np.zeros((*hw, 3), np.uint8))
+    gt = np.zeros(hw, bool); gt[10:30, 20:50] = True
+    gt_boxes = sr.mask_to_boxes(gt)
+    formats = 0
+    for i in range(4000):
+        text = hostile_completion(rng)
+        r1 = sr.stage1_reward(text, gt_boxes)
+        for stage in (1, 2):
+            mask = sr.segment_answer(seg, enc, sr.parse_answer(text, stage), (112, 112), hw)
+            r = sr.stage2_reward(text, mask, gt) if stage == 2 else r1
+            assert all(math.isfinite(v) for v in r.values())
+            assert 0 <= r["total"] <= 3 and r["format"] in (0, 1)
+            formats += r["format"]
+    assert 0 < formats < 8000                                             # both branches were exercised
+    for boxes, points in seg.calls:
+        assert np.isfinite(boxes).all() and (boxes[:, 2] > boxes[:, 0]).all() and (boxes[:, 3] > boxes[:, 1]).all()
+        assert (boxes >= 0).all() and (boxes[:, [0, 2]] <= 80).all() and (boxes[:, [1, 3]] <= 60).all()
+        for p in points or []:
+            assert np.isfinite(p).all() and (p >= 0).all() and (p[:, 0] < 80).all() and (p[:, 1] < 60).all()
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -466,6 +544,23 @@ def test_logprobs_from_one_forward_match_generates_logits(policy, sample):
     assert torch.allclose(logp, expected, atol=1e-5)
 
 
+def test_vision_tower_runs_once_per_distinct_prompt_when_scoring(policy, sample):
+    """Issue-5 economy: G rows of one prompt share one vision pass; results equal one-row-at-a-time scoring."""
+    inputs, _ = sr.policy_inputs(policy, [sample.map, sample.sat], sr.STAGE1_PROMPT, sample.text)
+    other, _ = sr.policy_inputs(policy, [sample.sat, sample.map], sr.STAGE1_PROMPT, "park")
+    rows = [(inputs, torch.tensor([60, 61, 62])), (inputs, torch.tensor([70])), (other, torch.tensor([80, 81]))]
+    calls = []
+    hook = policy.model.model.visual.register_forward_hook(lambda *a: calls.append(1))
+    try:
+        together, _ = sr.completion_logprobs(policy, policy.model, rows, 1.0)
+    finally:
+        hook.remove()
+    assert len(calls) == 2                                                  # two distinct prompts, three rows
+    for i, row in enumerate(rows):
+        alone, _ = sr.completion_logprobs(policy, policy.model, [row], 1.0)
+        assert torch.allclose(alone[0], together[i, :len(row[1])], atol=1e-5)
+
+
 def test_completions_end_at_the_first_eos_and_only_completion_tokens_are_scored(policy, sample):
     inputs, _ = sr.policy_inputs(policy, [sample.map, sample.sat], sr.STAGE1_PROMPT, sample.text)
     eos = policy.eos_ids[0]
@@ -523,7 +618,7 @@ def test_grpo_update_moves_the_policy_only_when_rewards_differ(sample):
                          rewards=[{"total": r} for r in rewards])
         before = [p.detach().clone() for p in pol.model.parameters()]
         opt = torch.optim.AdamW(pol.model.parameters(), lr=cfg.lr, weight_decay=0.0)
-        stats = sr.grpo_update(pol, reference, opt, [group], cfg)
+        stats = sr.grpo_update(pol, reference, opt, [group], cfg, {})
         moved = any(not torch.equal(b, p) for b, p in zip(before, pol.model.parameters()))
         assert moved == should_move and not stats["skipped"]
     # and the move raised the probability of the rewarded completion
@@ -555,6 +650,23 @@ def test_sft_step_lowers_the_loss_of_its_targets(sample):
     opt = torch.optim.AdamW(pol.model.parameters(), lr=3e-3, weight_decay=0.0)
     losses = [sr.sft_step(pol, opt, rows, micro_batch=1) for _ in range(5)]
     assert losses[-1] < losses[0] - 0.5
+
+
+def test_a_non_finite_loss_is_skipped_not_applied(sample):
+    """Numerical guard: a NaN anywhere in the loss leaves the weights untouched and is reported."""
+    pol = sr.build_tiny_policy(seed=0)
+    broken = sr.build_tiny_policy(seed=0).model
+    with torch.no_grad():
+        broken.lm_head.weight[0, 0] = float("nan")                        # the reference's log-probs become NaN
+    texts = ["<think>a</think><answer>[]</answer>", "junk"]
+    rows = _rows(pol, [sample] * 2, texts)
+    group = sr.Group(1, rows[0][0], (112, 112), [c for _, c in rows], texts, [None] * 2,
+                     rewards=[{"total": 3.0}, {"total": 0.0}])
+    before = [p.detach().clone() for p in pol.model.parameters()]
+    opt = torch.optim.AdamW(pol.model.parameters(), lr=1e-3, weight_decay=0.0)
+    stats = sr.grpo_update(pol, broken, opt, [group], sr.Config(micro_batch=2), {})
+    assert stats["skipped"]
+    assert all(torch.equal(b, p) for b, p in zip(before, pol.model.parameters()))
 
 
 def test_tiny_policy_saves_and_loads_through_the_real_loading_path(policy, sample, tmp_path):
@@ -642,7 +754,8 @@ def test_two_stage_rollout_converts_frames_and_carries_the_chosen_boxes(policy, 
     carried = [{"bbox_2d": [10.0, 20.0, 30.0, 40.0]}, {"bbox_2d": [100.0, 100.0, 1e300, 200.0]}]
     g1 = sr.Group(1, {}, model_hw, [None] * 2, ["", ""], [junk, carried])
     sampling = dict(temperature=1.0, top_p=1.0, top_k=0, max_new_tokens=8)
-    coarse, g2 = sr.refine(policy, seg, enc, sample, g1, 1, 3, sampling)   # carry answer g* = 1
+    coarse = sr.segment_answer(seg, enc, g1.answers[1], model_hw, mask_hw)    # carry answer g* = 1
+    g2 = sr.stage2_rollout(policy, sample, g1, 1, coarse, 3, sampling)
     assert seg.calls[-1][0].tolist() == [[20, 40, 60, 80], [200, 200, 224, 224]]  # mask frame, clipped
     assert coarse.sum() == 40 * 40 + 24 * 24
     prompt = policy.processor.tokenizer.decode(g2.inputs["input_ids"][0])
