@@ -116,7 +116,7 @@ class Config:
 # --tiny: the offline demo. Fields given as flags still win. A tiny random Qwen2.5-VL and the weights-free
 # GrowSegmenter; an SFT warm-up that teaches the answer format; GRPO with a learning rate a tiny model needs.
 TINY_DEFAULTS = dict(model="tiny", sam="grow", rollout_batch=4, group_size=8, max_new_tokens=64, micro_batch=16,
-                     lr=2e-4, steps=80, sft_steps=300, sft_lr=1e-3, sft_batch=8, eval_split="val", save_every=20)
+                     lr=1e-4, steps=80, sft_steps=300, sft_lr=1e-3, sft_batch=8, eval_split="val", save_every=20)
 
 
 def check_config(cfg: Config):
@@ -726,10 +726,6 @@ def load_or_build_policy(cfg: Config, device: torch.device) -> Policy:
     return build_tiny_policy(cfg.seed, device) if cfg.model == "tiny" else load_policy(cfg.model, device)
 
 
-def vision_tower(model):
-    return model.model.visual
-
-
 def model_frame(policy: Policy, image_size: tuple) -> tuple:
     """(H', W') of an image of (W, H) pixels after the processor's smart resize: the model's frame."""
     from transformers.models.qwen2_vl.image_processing_qwen2_vl import smart_resize
@@ -903,18 +899,19 @@ def build_tiny_policy(seed: int, device: torch.device = torch.device("cpu")) -> 
 # over completions. Under gradient accumulation each micro-batch's mean is weighted by its share of the
 # rows, so the accumulated gradient equals the full-batch gradient however the batch is cut.
 #
-# Old policy. Algorithm 1 refreshes pi_old once per step and updates once per stage, so the completions are
-# scored by the very weights that sampled them: pi_old = pi_theta (detached), r_t = 1 and the clip is
-# inactive in the first and only update. The gradient of r_t A is still A * grad log pi_theta, i.e. plain
-# REINFORCE with a group baseline. The clip only bites when old log-probs are stored and reused by further
-# updates; grpo_loss takes old_logp explicitly so that case is a call away (and is tested).
+# Old policy. We update once per stage per step on the whole batch (see Algorithm 1 below), right after
+# sampling, so the completions are scored by the very weights that sampled them: pi_old = pi_theta
+# (detached), r_t = 1 and the clip never acts (the logged clipped fraction is 0). The gradient of r_t A is
+# still A * grad log pi_theta, i.e. REINFORCE with a group baseline. The clip only bites when old log-probs
+# are stored and reused by further updates, as in Algorithm 1 read literally (an update per sample, pi_old
+# refreshed per step); grpo_loss takes old_logp explicitly so that case is a call away (and is tested).
 
 def group_advantages(rewards: torch.Tensor, group_size: int) -> torch.Tensor:
     """A = R - mean of its group (Alg. 1 lines 12-13). rewards (B*G,), groups contiguous -> (B*G,).
 
     The authors' release also divides by the group's std + 1e-6; the paper does not, and neither do we:
     dividing blows tiny reward differences up to unit size. A group whose rewards are all equal gets
-    exactly zero advantage (and so no policy gradient) either way.
+    exactly zero advantage, and so no policy gradient.
     """
     r = rewards.float().view(-1, group_size)                             # (B, G)
     adv = r - r.mean(dim=1, keepdim=True)
