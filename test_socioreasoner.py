@@ -802,8 +802,7 @@ def run_cli(*args, cwd=HERE):
                           capture_output=True, text=True, timeout=600)
 
 
-QUICK = ["--tiny", "--sft-steps", "2", "--steps", "1", "--rollout-batch", "2", "--group-size", "4",
-         "--eval-split", "", "--save-every", "1"]
+QUICK = ["--tiny", "--rollout-batch", "2", "--group-size", "4", "--eval-split", "", "--save-every", "1"]
 
 
 @pytest.fixture(scope="module")
@@ -820,7 +819,7 @@ def sft_checkpoint(tmp_path_factory):
 
 def test_cli_train_tiny_writes_log_and_checkpoint_and_resumes(tmp_path):
     out = tmp_path / "run"
-    r = run_cli("train", *QUICK, "--out", str(out))
+    r = run_cli("train", *QUICK, "--sft-steps", "2", "--steps", "1", "--out", str(out))
     assert r.returncode == 0, r.stderr
     lines = log = [json.loads(l) for l in (out / "log.jsonl").read_text().splitlines()]
     assert [(l["phase"], l["step"]) for l in lines] == [("sft", 1), ("sft", 2), ("grpo", 1)]
@@ -831,7 +830,7 @@ def test_cli_train_tiny_writes_log_and_checkpoint_and_resumes(tmp_path):
     assert (out / "checkpoint" / "model.safetensors").exists()
     with pytest.raises(sr.SocioError, match="--resume"):                 # no silent overwrite
         sr.train(sr.Config(model="tiny", sam="grow", out=str(out), data=str(HERE / "data_sample")))
-    r = run_cli("train", *QUICK[:-6], "--steps", "2", "--out", str(out), "--resume")
+    r = run_cli("train", *QUICK, "--sft-steps", "2", "--steps", "2", "--out", str(out), "--resume")
     assert r.returncode == 0, r.stderr
     assert "resuming from" in r.stdout
     lines = [json.loads(l) for l in (out / "log.jsonl").read_text().splitlines()]
@@ -856,8 +855,8 @@ def test_resumed_run_repeats_the_uninterrupted_one(sft_checkpoint, tmp_path):
 
 def test_a_run_killed_at_any_moment_resumes_from_a_complete_checkpoint(tmp_path):
     out = tmp_path / "run"
-    cmd = [sys.executable, str(HERE / "socioreasoner.py"), "train", *QUICK[:-6], "--steps", "6",
-           "--sft-steps", "4", "--save-every", "1", "--out", str(out)]
+    cmd = [sys.executable, str(HERE / "socioreasoner.py"), "train", *QUICK, "--steps", "5", "--sft-steps", "3",
+           "--out", str(out)]
     proc = subprocess.Popen(cmd, cwd=HERE, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 300
     while time.time() < deadline and sr.latest_checkpoint(out) is None:
@@ -866,10 +865,10 @@ def test_a_run_killed_at_any_moment_resumes_from_a_complete_checkpoint(tmp_path)
     proc.kill()                                                          # SIGKILL: no cleanup of any kind
     proc.wait()
     assert sr.latest_checkpoint(out) is not None
-    r = run_cli("train", *QUICK[:-6], "--steps", "6", "--sft-steps", "4", "--out", str(out), "--resume")
+    r = run_cli("train", *QUICK, "--steps", "5", "--sft-steps", "3", "--out", str(out), "--resume")
     assert r.returncode == 0, r.stderr
     steps = [(l["phase"], l["step"]) for l in sr.log_lines(out / "log.jsonl")]
-    assert steps == [("sft", i) for i in range(1, 5)] + [("grpo", i) for i in range(1, 7)]
+    assert steps == [("sft", i) for i in range(1, 4)] + [("grpo", i) for i in range(1, 6)]
 
 
 def test_checkpoint_and_log_survive_a_kill_mid_write(tmp_path):
@@ -968,8 +967,8 @@ def test_ablation_points_mu_moves_the_peak_of_the_length_reward():
 
 
 def test_cli_ablation_flags_run_end_to_end(tmp_path):
-    r = run_cli("train", *QUICK, "--single-stage", "--select", "sample", "--points-mu", "1",
-                "--out", str(tmp_path / "single"))
+    r = run_cli("train", *QUICK, "--sft-steps", "2", "--steps", "1", "--single-stage", "--select", "sample",
+                "--points-mu", "1", "--out", str(tmp_path / "single"))
     assert r.returncode == 0, r.stderr
     state = torch.load(tmp_path / "single" / "checkpoint" / "trainer_state.pt", weights_only=True)
     assert state["config"]["single_stage"] and state["config"]["points_mu"] == 1.0
