@@ -704,8 +704,9 @@ class Policy:
 def make_policy(model, processor, device) -> Policy:
     tok = processor.tokenizer
     ids = lambda names: [i for i in tok.convert_tokens_to_ids(names) if i is not None and i != tok.unk_token_id]
-    eos = model.generation_config.eos_token_id
-    eos_ids = sorted((set(ids(["<|im_end|>", "<|endoftext|>"])) | set(eos if isinstance(eos, list) else [eos])) - {None})
+    eos = model.generation_config.eos_token_id                  # an id, a list of ids, or None
+    eos_ids = set(ids(["<|im_end|>", "<|endoftext|>"])) | set(eos if isinstance(eos, list) else [eos])
+    eos_ids = sorted(eos_ids - {None})
     pad = tok.pad_token_id if tok.pad_token_id is not None else eos_ids[0]
     return Policy(model.to(device).eval(), processor, eos_ids, pad, ids(VISION_TOKENS), device)
 
