@@ -14,7 +14,9 @@ Reference implementation of "Urban Socio-Semantic Segmentation with Vision-Langu
     §4.2 (6)      GRPO          group-relative advantages, clipped ratio, k3 KL, gradient accumulation
     Alg. 1        training      the RL loop, logging, atomic checkpoints, resume
     §4.1          inference     the two stages once, with a picture of both
-                  CLI           python socioreasoner.py train | infer SAT MAP "school"
+    A.2.3         SFT           the supervised baseline, and the warm-up of the offline demo
+    §5.1          metrics       cIoU, gIoU, F1; evaluation, the ablations, a benchmark
+                  CLI           python socioreasoner.py train | sft | infer SAT MAP "school" | eval | bench
 
 The method in one paragraph. A VLM sees a digital map and a satellite image of the same place and a target
 ("school", "a certain university", "educational"). Stage 1: it reasons and answers boxes; SAM turns them
@@ -127,7 +129,9 @@ def check_config(cfg: Config):
         (min(cfg.rollout_batch, cfg.micro_batch, cfg.sft_batch, cfg.max_new_tokens) < 1,
          "--rollout-batch, --micro-batch, --sft-batch and --max-new-tokens must be positive"),
         (cfg.steps < 0 or cfg.sft_steps < 0, "--steps and --sft-steps cannot be negative"),
-        (cfg.temperature <= 0, "--temperature must be positive"),
+        (cfg.temperature <= 0 or cfg.infer_temperature <= 0, "temperatures must be positive"),
+        (not 1 <= cfg.sft_points <= MAX_POINTS, f"--sft-points must be between 1 and {MAX_POINTS}"),
+        (cfg.eval_limit < 0, "--eval-limit cannot be negative"),
         (cfg.save_every < 1, "--save-every must be positive")] if bad]
     if problems:
         raise SocioError("; ".join(problems))
@@ -190,8 +194,8 @@ def one_line(e: Exception) -> str:
 def list_split(root: str | Path, split: str, need_foreground: bool = False, skip_bad: bool = False) -> list:
     """Check and list every sample of a split, from the raw-file layout or from parquet shards.
 
-    Every file is read once here (PNG checksums verified), so that a broken sample stops the run before
-    training starts, not at step 180. All broken samples are reported together, one line each naming the
+    Every file is read here (PNG checksums verified; masks decoded when need_foreground), so that a broken
+    sample stops the run before training starts, not at step 180. All broken samples are reported together, one line each naming the
     file; with skip_bad they are left out with a warning instead. need_foreground: a mask with no target
     pixel is an error too (training needs something to find).
     """
@@ -236,9 +240,9 @@ def check_sample(ref: SampleRef, need_foreground: bool) -> Optional[str]:
     ref.size = sizes["sat"]
     if need_foreground:
         try:
-            empty = not read_sample(ref).mask.any()
-        except SocioError as e:
-            return str(e)
+            empty = not np.asarray(_open_image(ref.mask, "mask", ref.id).convert("L")).any()
+        except (SocioError, OSError) as e:
+            return f"sample {ref.id}: cannot decode mask image {ref.mask}: {one_line(e)}"
         if empty:
             return f"sample {ref.id}: mask {ref.mask} has no foreground pixel"
     return None
@@ -290,9 +294,12 @@ def read_sample(ref: SampleRef) -> Sample:
     return Sample(ref.id, ref.text, decode("sat", "RGB"), decode("map", "RGB"), mask)
 
 
+EIGHT = np.ones((3, 3), dtype=int)          # 8-connectivity: diagonal neighbours belong to the same region
+
+
 def mask_to_boxes(mask: np.ndarray) -> np.ndarray:
     """Ground-truth boxes B*: one box per 8-connected component of the mask. (H, W) bool -> (J, 4) float."""
-    labels, _ = ndimage.label(mask, structure=np.ones((3, 3), dtype=int))
+    labels, _ = ndimage.label(mask, structure=EIGHT)
     boxes = [[sx.start, sy.start, sx.stop, sy.stop] for sy, sx in ndimage.find_objects(labels)]
     return np.asarray(boxes, dtype=np.float64).reshape(-1, 4)
 
@@ -344,8 +351,8 @@ def to_frame(coords: np.ndarray, src_hw: tuple, dst_hw: tuple) -> np.ndarray:
     """Convert x/y coordinates between the mask frame and the model frame (either direction).
 
     coords: (..., 2k) with x, y alternating on the last axis: boxes (K, 4) or points (N, 2).
-    Box edges are continuous coordinates, so a plain ratio maps edge to edge exactly. (A point names a pixel
-    by its corner rather than its centre; that half-pixel is below the resolution of anything here.)
+    Box edges are continuous coordinates, so a plain ratio maps edge to edge exactly. Points are continuous
+    coordinates too: the centre of pixel (row r, column c) is (c + 0.5, r + 0.5), as the SFT targets use.
     """
     coords = np.asarray(coords, dtype=np.float64)
     (sh, sw), (dh, dw) = src_hw, dst_hw
@@ -539,7 +546,7 @@ class GrowSegmenter:
             seeds = np.stack([crop[r, c] for r, c in inside])                # (n, 3)
             near = np.linalg.norm(crop[:, :, None] - seeds[None, None], axis=-1) < self.tolerance  # (h_k, w_k, n)
             for i, (r, c) in enumerate(inside):                              # the part connected to each point
-                labels, _ = ndimage.label(near[..., i])
+                labels, _ = ndimage.label(near[..., i], structure=EIGHT)
                 mask[r1:r2, c1:c2] |= labels == labels[r, c]
         return mask
 
@@ -932,8 +939,8 @@ def grpo_loss(logp: torch.Tensor, old_logp: torch.Tensor, ref_logp: torch.Tensor
     ratio = torch.exp(logp - old_logp)                                   # (B, T)
     surrogate = torch.minimum(ratio * adv, ratio.clamp(1 - clip_eps, 1 + clip_eps) * adv)
     # k3. exp(q) can only overflow for q >> 0 (the policy far less likely than pi_ref on its own sample,
-    # which sampling makes rare), so only that side is clamped; q << 0 keeps its gradient back to pi_ref.
-    # (The authors' release clamps q to +-10.)
+    # which sampling makes rare), so only that side is clamped; for q << 0 the term keeps pulling logp back
+    # down towards ref_logp. (The authors' release clamps q to +-10.)
     q = (ref_logp - logp).clamp(max=20)
     kl = torch.exp(q) - q - 1                                            # (B, T) >= 0
     per_token = -surrogate + kl_beta * kl
@@ -1047,7 +1054,7 @@ def select_carried(rewards: list, how: str, rng: np.random.Generator) -> int:
 # ============================================================================================================
 # Memory on one GPU. The policy's weights stay float32 (AdamW at lr 1e-6 changes a weight of size ~1e-2 by
 # ~1e-6, far below bf16's resolution of ~1e-4 there: the update would round away). Forward passes run under
-# bf16 autocast on a GPU and log-probs are taken in float32. The frozen reference is a bf16 copy to save
+# bf16 autocast on a GPU; the log-softmax over the (bf16) logits is taken in float32. The frozen reference is a bf16 copy to save
 # 7.5 GB; its log-probs then differ from the policy's by bf16 rounding, so on a GPU the logged KL starts at a
 # small floor instead of exactly 0. The rows of a stage (rollout_batch x G) are cut into micro-batches whose
 # gradients are accumulated; see grpo_loss for why the sum equals the full-batch gradient.
@@ -1200,9 +1207,19 @@ def batch_indices(step: int, n: int, batch: int, seed: int) -> list[int]:
 # nothing would move. After the warm-up the KL reference of GRPO is the warmed-up policy.
 
 def format_answer(items: list) -> str:
-    """The answer text for a list of {"bbox_2d": [...], ("points": [[x, y], ...])} in the model's frame."""
-    rounded = [{k: np.round(v).astype(int).tolist() for k, v in item.items()} for item in items]
-    return f"<think></think><answer>{json.dumps(rounded)}</answer>"
+    """The answer text for a list of {"bbox_2d": [...], ("points": [[x, y], ...])} in the model's frame.
+
+    Numbers are rounded to whole model pixels; a region narrower than one model pixel keeps a box one pixel
+    wide (rounding both edges to the same number would make a target that fails its own format gate).
+    """
+    out = []
+    for item in items:
+        x1, y1, x2, y2 = np.round(item["bbox_2d"]).astype(int).tolist()
+        rounded = {"bbox_2d": [x1, y1, max(x2, x1 + 1), max(y2, y1 + 1)]}
+        if "points" in item:
+            rounded["points"] = np.round(item["points"]).astype(int).tolist()
+        out.append(rounded)
+    return f"<think></think><answer>{json.dumps(out)}</answer>"
 
 
 def sft_examples(policy, segmenter, sample: Sample, n_points: int, rng: np.random.Generator,
@@ -1211,7 +1228,7 @@ def sft_examples(policy, segmenter, sample: Sample, n_points: int, rng: np.rando
     single-stage row)."""
     mask_hw = sample.mask.shape
     model_hw = model_frame(policy, sample.sat.size)
-    labels, _ = ndimage.label(sample.mask, structure=np.ones((3, 3), dtype=int))
+    labels, _ = ndimage.label(sample.mask, structure=EIGHT)
     boxes = mask_to_boxes(sample.mask)                                           # (J, 4) mask frame
     points = []
     for j in range(1, len(boxes) + 1):                                           # n points per region
@@ -1261,7 +1278,8 @@ def sft_step(policy, optimizer, rows: list, micro_batch: int) -> float:
 # the previous one stays as checkpoint.old/ until then, so a kill at any moment leaves one complete
 # checkpoint. Sampling draws from torch's RNG, whose state is checkpointed; data order and the choice of g*
 # are seeded by (seed, step). So on a CPU a resumed run repeats exactly what the uninterrupted run would
-# have done.
+# have done. A resumed run keeps its saved config, except for the flags given again on the command line
+# (and never for RUN_FIELDS, which define the run).
 
 RUN_FIELDS = ("model", "sam", "sam_config", "seed", "freeze_vision", "sft_points")   # fixed for a run's life
 
@@ -1318,43 +1336,67 @@ def new_optimizer(policy, lr: float) -> torch.optim.Optimizer:
     return torch.optim.AdamW([p for p in policy.model.parameters() if p.requires_grad], lr=lr, weight_decay=0.0)
 
 
-def train(cfg: Config):
-    """Optional SFT warm-up, then T steps of two-stage GRPO (Algorithm 1), logged and checkpointed."""
+def load_reference(cfg: Config, source: str, out: Path, device: torch.device):
+    """pi_ref, frozen: the run's starting weights ("warmup" = this run's own <out>/warmup/). bf16 on a GPU."""
+    path = str(out / "warmup") if source == "warmup" else source
+    reference = load_or_build_policy(dataclasses.replace(cfg, model=path), device).model
+    reference.requires_grad_(False).eval()
+    return reference.to(torch.bfloat16) if device.type == "cuda" else reference
+
+
+def train(cfg: Config, given: Optional[set] = None):
+    """Optional SFT warm-up, then T steps of two-stage GRPO (Algorithm 1), logged and checkpointed.
+
+    given: the config fields set on the command line. On --resume the run's saved config is used, except
+    for these (and never for RUN_FIELDS, which define the run); None means every field of cfg counts.
+    """
     check_config(cfg)
     out = Path(cfg.out)
-    refs = list_split(cfg.data, cfg.split, need_foreground=True, skip_bad=cfg.skip_bad)   # before any model loads
     ckpt = latest_checkpoint(out)
     if ckpt is not None and not cfg.resume:
         raise SocioError(f"{out} already holds a checkpoint: continue it with --resume, or choose another --out")
     if cfg.resume and ckpt is None:
         raise SocioError(f"--resume: no checkpoint in {out}")
-    out.mkdir(parents=True, exist_ok=True)
-    device = pick_device()
-    torch.manual_seed(cfg.seed)                      # torch seeds itself at random otherwise; a resume restores
     state = {"phase": "sft" if cfg.sft_steps else "grpo", "step": 0, "reference": cfg.model}
     if ckpt is not None:
         saved = torch.load(ckpt / "trainer_state.pt", weights_only=True)
+        keep = {k: getattr(cfg, k) for k in (given if given is not None else Config.__dataclass_fields__)}
+        cfg = dataclasses.replace(Config(**saved["config"]), **{**keep, "resume": True})
         cfg = dataclasses.replace(cfg, **{k: saved["config"][k] for k in RUN_FIELDS})
         state = {k: saved[k] for k in ("phase", "step", "reference")}
         print(f"resuming from {ckpt}: {state['phase']} step {state['step']}")
+    # every sample of both splits checked before any model is loaded
+    refs = list_split(cfg.data, cfg.split, need_foreground=True, skip_bad=cfg.skip_bad)
+    eval_refs = list_split(cfg.data, cfg.eval_split, skip_bad=cfg.skip_bad)[: cfg.eval_limit or None] \
+        if cfg.eval_split else []
+    out.mkdir(parents=True, exist_ok=True)
+    device = pick_device()
+    torch.manual_seed(cfg.seed)                      # torch seeds itself at random otherwise
     policy = load_policy(str(ckpt), device) if ckpt else load_or_build_policy(cfg, device)
     prepare_policy(policy, cfg)
     segmenter = load_segmenter(cfg, device)
     optimizer = new_optimizer(policy, cfg.sft_lr if state["phase"] == "sft" else cfg.lr)
-    if ckpt is not None:
-        if saved["optimizer"] is not None:
-            optimizer.load_state_dict(saved["optimizer"])
-        torch.set_rng_state(saved["torch_rng"])
-        if "cuda_rng" in saved and torch.cuda.is_available():
-            torch.cuda.set_rng_state_all(saved["cuda_rng"])
+    if ckpt is not None and saved["optimizer"] is not None:
+        optimizer.load_state_dict(saved["optimizer"])
+        for group in optimizer.param_groups:         # a learning rate given now wins over the saved one
+            group["lr"] = cfg.sft_lr if state["phase"] == "sft" else cfg.lr
     log_path = out / "log.jsonl"
     order = ("sft", "grpo")                           # keep log lines up to the checkpoint we continue from
-    kept = [r for r in log_lines(log_path)
-            if (order.index(r.get("phase", "grpo")), r["step"]) <= (order.index(state["phase"]), state["step"])]
-    log_path.write_text("".join(json.dumps(r) + "\n" for r in kept))
+    kept = [] if ckpt is None else [
+        r for r in log_lines(log_path)
+        if (order.index(r.get("phase", "grpo")), r["step"]) <= (order.index(state["phase"]), state["step"])]
+    log_path.with_suffix(".tmp").write_text("".join(json.dumps(r) + "\n" for r in kept))
+    os.replace(log_path.with_suffix(".tmp"), log_path)
+
+    def restore_rng():   # after every model is built: building a tiny model reseeds torch
+        if ckpt is not None:
+            torch.set_rng_state(saved["torch_rng"])
+            if "cuda_rng" in saved and torch.cuda.is_available():
+                torch.cuda.set_rng_state_all(saved["cuda_rng"])
 
     # ---- Phase 1: supervised warm-up (A.2.3) ----
     if state["phase"] == "sft":
+        restore_rng()
         print(f"SFT on {len(refs)} samples: {cfg.sft_steps} steps x {cfg.sft_batch} samples x "
               f"{1 if cfg.single_stage else 2} stage(s)")
         for step in range(state["step"], cfg.sft_steps):
@@ -1373,15 +1415,14 @@ def train(cfg: Config):
         # The warmed-up weights are the KL reference of everything that follows.
         policy.model.save_pretrained(out / "warmup")
         policy.processor.save_pretrained(out / "warmup")
-        state = {"phase": "grpo", "step": 0, "reference": str(out / "warmup")}
+        state = {"phase": "grpo", "step": 0, "reference": "warmup"}
         optimizer = new_optimizer(policy, cfg.lr)
         save_checkpoint(out, policy, None, state, cfg)
+        ckpt = None                                   # the RNG now runs on from here, not from the checkpoint
 
     # ---- Phase 2: two-stage GRPO (Algorithm 1) ----
-    reference = load_or_build_policy(dataclasses.replace(cfg, model=state["reference"]), device).model
-    reference.requires_grad_(False).eval()            # pi_ref: frozen
-    if device.type == "cuda":
-        reference.to(torch.bfloat16)
+    reference = load_reference(cfg, state["reference"], out, device) if cfg.steps else None
+    restore_rng()
     if state["step"] < cfg.steps:
         print(f"GRPO on {len(refs)} samples of {cfg.data}/{cfg.split}: {cfg.steps} steps x {cfg.rollout_batch} "
               f"prompts x G={cfg.group_size}, device {device}")
@@ -1400,8 +1441,10 @@ def train(cfg: Config):
         if (step + 1) % cfg.save_every == 0 or step + 1 == cfg.steps:
             save_checkpoint(out, policy, optimizer, {**state, "step": step + 1}, cfg)
     print(f"checkpoint in {out / 'checkpoint'}, log in {log_path}")
-    if cfg.eval_split:
-        learning_report(cfg, refs, policy, state["reference"], segmenter, out)
+    if eval_refs:
+        del optimizer                                 # AdamW's moments are not needed to evaluate
+        start = make_policy(reference, policy.processor, device) if cfg.steps else None
+        learning_report(cfg, refs, eval_refs, policy, start, segmenter, out)
 
 
 # ============================================================================================================
@@ -1453,9 +1496,7 @@ def bench(cfg: Config, steps: int):
     refs = list_split(cfg.data, cfg.split)
     policy = load_or_build_policy(cfg, device)
     prepare_policy(policy, cfg)
-    reference = load_or_build_policy(cfg, device).model.requires_grad_(False).eval()
-    if device.type == "cuda":
-        reference.to(torch.bfloat16)
+    reference = load_reference(cfg, cfg.model, Path(cfg.out), device)
     segmenter = CountedSegmenter(load_segmenter(cfg, device))
     optimizer = new_optimizer(policy, cfg.lr)
     print(f"bench: {steps} steps x {cfg.rollout_batch} prompts x G={cfg.group_size}, micro-batch {cfg.micro_batch}, "
@@ -1590,9 +1631,8 @@ def save_mask(mask: np.ndarray, path: Path):
 
 def instance_matches(pred: np.ndarray, gt: np.ndarray) -> tuple:
     """(TP, number of predicted instances, number of ground-truth instances) for one image."""
-    eight = np.ones((3, 3), dtype=int)
-    lp, n_p = ndimage.label(pred, structure=eight)
-    lg, n_g = ndimage.label(gt, structure=eight)
+    lp, n_p = ndimage.label(pred, structure=EIGHT)
+    lg, n_g = ndimage.label(gt, structure=EIGHT)
     if n_p == 0 or n_g == 0:
         return 0, n_p, n_g
     inter = np.bincount(lp.ravel() * (n_g + 1) + lg.ravel(), minlength=(n_p + 1) * (n_g + 1))
@@ -1644,11 +1684,10 @@ def evaluate(policy, segmenter, refs: list, cfg: Config, images: str = "real", o
         pred = predict(policy, segmenter, s, cfg)
         seconds += time.time() - t0
         finals.append(pred.final), firsts.append(pred.stages[0][1]), gts.append(s.mask)
-        if out is not None:
+        if out is not None:   # the eval command writes files and shows progress; internal evaluations stay quiet
             save_mask(pred.final, out / "masks" / f"{ref.id}.png")
             if pictures:
                 prediction_picture(s, pred).save(out / "pictures" / f"{ref.id}.png")
-        if out is not None:   # the eval command shows progress; internal evaluations stay quiet
             eta = seconds / (k + 1) * (len(refs) - k - 1)
             print(f"\reval {k + 1}/{len(refs)}  {seconds / (k + 1):.2f} s/sample  ETA {eta:.0f}s ",
                   end="", flush=True)
@@ -1689,14 +1728,11 @@ def run_eval(cfg: Config, split: str, limit: int, pictures: bool):
     (out / "metrics.json").write_text(json.dumps(record, indent=1) + "\n")
 
 
-def learning_report(cfg: Config, train_refs: list, policy, reference: str, segmenter, out: Path):
-    """After training: held-out metrics of the starting (warm-up) policy, the trained one, and baselines."""
-    refs = list_split(cfg.data, cfg.eval_split)[: cfg.eval_limit or None]
-    device = pick_device()
-    start = load_or_build_policy(dataclasses.replace(cfg, model=reference), device) if cfg.steps else None
+def learning_report(cfg: Config, train_refs: list, refs: list, policy, start, segmenter, out: Path):
+    """After training: held-out metrics of the starting policy (if GRPO ran), the trained one, and baselines."""
     torch.manual_seed(cfg.seed)
-    trained = "after GRPO" if cfg.steps else "after SFT"
-    rows = {"start of GRPO": evaluate(start, segmenter, refs, cfg)} if cfg.steps else {}
+    trained = "after GRPO" if start is not None else "after SFT"
+    rows = {"start of GRPO": evaluate(start, segmenter, refs, cfg)} if start is not None else {}
     rows.update({trained: evaluate(policy, segmenter, refs, cfg),
                  f"{trained}, blank tiles": evaluate(policy, segmenter, refs, cfg, images="blank"),
                  f"{trained}, shuffled tiles": evaluate(policy, segmenter, refs, cfg, images="shuffled"),
@@ -1826,14 +1862,20 @@ def _add_config_flags(parser: argparse.ArgumentParser, names: list, defaults: di
                                 help=f"{f.metadata['doc']} (default {default})")
 
 
+def flags_given(args) -> dict:
+    return {k: v for k, v in vars(args).items() if v is not None and k in Config.__dataclass_fields__}
+
+
 def config_from_args(args, defaults: dict) -> Config:
     """Flags given win; then --tiny's defaults; then the command's defaults; then Config's."""
-    given = {k: v for k, v in vars(args).items() if v is not None and k in Config.__dataclass_fields__}
     tiny = TINY_DEFAULTS if args.tiny else {}
-    return Config(**{**defaults, **tiny, **given})
+    return Config(**{**defaults, **tiny, **flags_given(args)})
 
 
 TRAIN_FLAGS = [f.name for f in dataclasses.fields(Config) if not f.name.startswith("infer_")]
+GRPO_ONLY = {"steps", "rollout_batch", "group_size", "lr", "clip_eps", "kl_beta", "temperature", "select",
+             "points_mu", "stage1_only"}
+SFT_FLAGS = [f for f in TRAIN_FLAGS if f not in GRPO_ONLY]
 INFER_FLAGS = ["model", "sam", "sam_config", "out", "seed", "max_new_tokens", "single_stage", "stage1_only",
                "infer_temperature", "infer_top_p", "infer_top_k"]
 INFER_DEFAULTS = dict(model="vvangfaye/SocioReasoner-3B", out="runs/infer")
@@ -1847,7 +1889,7 @@ def main(argv=None):
     p = sub.add_parser("train", help="two-stage GRPO training (Algorithm 1), after an optional SFT warm-up")
     _add_config_flags(p, TRAIN_FLAGS, {})
     p = sub.add_parser("sft", help="the paper's SFT baseline (A.2.3): supervised steps only, no GRPO")
-    _add_config_flags(p, [f for f in TRAIN_FLAGS if f != "steps"], SFT_DEFAULTS)
+    _add_config_flags(p, SFT_FLAGS, SFT_DEFAULTS)
     p = sub.add_parser("infer", help="segment one place: infer SAT MAP \"school\"")
     p.add_argument("sat", help="satellite tile (PNG/JPEG)")
     p.add_argument("map", help="digital-map tile, same size, pixel-aligned")
@@ -1872,9 +1914,12 @@ def main(argv=None):
     hf_logging.disable_progress_bar()          # our own lines report progress; no bar per checkpoint write
     try:
         if args.command == "train":
-            train(config_from_args(args, {}))
+            train(config_from_args(args, {}), set(flags_given(args)))
         elif args.command == "sft":              # SFT alone is a run whose GRPO phase has no steps
-            train(dataclasses.replace(config_from_args(args, SFT_DEFAULTS), steps=0))
+            cfg = dataclasses.replace(config_from_args(args, SFT_DEFAULTS), steps=0)
+            if cfg.sft_steps < 1:
+                raise SocioError("sft: --sft-steps must be at least 1")
+            train(cfg, set(flags_given(args)) | {"steps"})
         elif args.command == "infer":
             infer(config_from_args(args, INFER_DEFAULTS), args.sat, args.map, args.text)
         elif args.command == "bench":

@@ -645,6 +645,11 @@ def test_sft_targets_are_the_ground_truth_in_each_stages_schema(policy, sample):
     assert "Its boxes were: [[" in policy.processor.tokenizer.decode(in2["input_ids"][0])
 
 
+def test_sft_targets_of_sub_pixel_regions_stay_well_formed():
+    text = sr.format_answer([{"bbox_2d": np.array([12.2, 20.0, 12.4, 30.0]), "points": np.array([[12.3, 25.0]])}])
+    assert sr.parse_answer(text, 2) == [{"bbox_2d": [12, 20, 13, 30], "points": [[12, 25]]}]
+
+
 def test_sft_step_lowers_the_loss_of_its_targets(sample):
     pol = sr.build_tiny_policy(seed=0)
     rows = sr.sft_examples(pol, sr.GrowSegmenter(), sample, 3, np.random.default_rng(0))
@@ -826,7 +831,7 @@ def test_cli_train_tiny_writes_log_and_checkpoint_and_resumes(tmp_path):
     assert {"step", "reward1", "reward2", "kl", "seconds"} <= set(log[-1])
     state = torch.load(out / "checkpoint" / "trainer_state.pt", weights_only=True)
     assert (state["phase"], state["step"]) == ("grpo", 1) and state["config"]["model"] == "tiny"
-    assert state["reference"] == str(out / "warmup") and (out / "warmup" / "model.safetensors").exists()
+    assert state["reference"] == "warmup" and (out / "warmup" / "model.safetensors").exists()
     assert (out / "checkpoint" / "model.safetensors").exists()
     with pytest.raises(sr.SocioError, match="--resume"):                 # no silent overwrite
         sr.train(sr.Config(model="tiny", sam="grow", out=str(out), data=str(HERE / "data_sample")))
