@@ -486,6 +486,8 @@ def render(image: Image.Image, boxes: np.ndarray, mask: Optional[np.ndarray],
 # the decoder attends to the padding token.
 
 class Sam2Segmenter:
+    """S as SAM 2's image predictor; an encoding is one tile's image features, kept for reuse."""
+
     def __init__(self, predictor):
         self.predictor = predictor
 
@@ -1238,15 +1240,15 @@ def sft_examples(policy, segmenter, sample: Sample, n_points: int, rng: np.rando
     boxes_model = to_frame(boxes, mask_hw, model_hw)
     target1 = format_answer([{"bbox_2d": b} for b in boxes_model])
     target2 = format_answer([{"bbox_2d": b, "points": p} for b, p in zip(boxes_model, points)])
+    end = policy.processor.tokenizer.eos_token_id                                # <|im_end|>: the turn ends
+    tokens = lambda text: torch.tensor(policy.processor.tokenizer(text)["input_ids"] + [end])
+    if single_stage:       # the paper's SFT baseline proper: one prompt, boxes and points
+        return [(policy_inputs(policy, [sample.map, sample.sat], SINGLE_PROMPT, sample.text)[0], tokens(target2))]
     size = boxes_model[:, 2:] - boxes_model[:, :2]
     jitter = rng.uniform(-0.1, 0.1, boxes_model.shape) * np.tile(size, 2)
     attempt = [{"bbox_2d": b} for b in clip_prompts(np.round(boxes_model + jitter), None, model_hw)[0]]
     coarse = segment_answer(segmenter, segmenter.encode(np.asarray(sample.sat)), attempt, model_hw, mask_hw)
     attempt_boxes = np.asarray([a["bbox_2d"] for a in attempt]).reshape(-1, 4)
-    end = policy.processor.tokenizer.eos_token_id                                # <|im_end|>: the turn ends
-    tokens = lambda text: torch.tensor(policy.processor.tokenizer(text)["input_ids"] + [end])
-    if single_stage:       # the paper's SFT baseline proper: one prompt, boxes and points
-        return [(policy_inputs(policy, [sample.map, sample.sat], SINGLE_PROMPT, sample.text)[0], tokens(target2))]
     inputs1, _ = policy_inputs(policy, [sample.map, sample.sat], STAGE1_PROMPT, sample.text)
     inputs2 = stage2_inputs(policy, sample, attempt_boxes, model_hw, coarse)
     return [(inputs1, tokens(target1)), (inputs2, tokens(target2))]
