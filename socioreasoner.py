@@ -44,7 +44,6 @@ import io
 import json
 import math
 import os
-import random
 import re
 import shutil
 import sys
