@@ -543,8 +543,14 @@ def test_logprobs_from_one_forward_match_generates_logits(policy, sample, monkey
     monkeypatch.setattr(policy.model, "generate", spy)
     torch.manual_seed(3)
     T, n = 1.3, 3
-    comps = sr.sample_completions(policy, prompts, n, T, top_p=1.0, top_k=0, max_new_tokens=12, batch=0)
+    seen = []                                         # patches through the vision tower
+    hook = policy.model.model.visual.register_forward_hook(lambda m, args, out: seen.append(len(args[0])))
+    try:
+        comps = sr.sample_completions(policy, prompts, n, T, top_p=1.0, top_k=0, max_new_tokens=12, batch=0)
+    finally:
+        hook.remove()
     assert len(logits) == 1 and [len(c) for c in comps] == [n] * 4           # one generate call for all
+    assert seen == [sum(len(p["pixel_values"]) for p in prompts)]            # images once, not once per row
     # generate's raw logits -> the sampled distribution: / T, vision tokens removed
     raw = logits[0] / T
     raw[..., policy.vision_ids] = float("-inf")
