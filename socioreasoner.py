@@ -815,7 +815,7 @@ def sample_completions(policy: Policy, prompts: list, n: int, temperature: float
     holds one prompt. generate encodes each prompt's images once and then repeats the features for its n rows.
     With one prompt per call this is exactly the one-prompt-at-a-time sampling (same seed, same draws).
     """
-    per_call = max(1, batch // n) if batch else len(prompts)
+    per_call = max(1, batch // n if batch else len(prompts))
     completions = []
     for start in range(0, len(prompts), per_call):
         inputs = left_pad(policy, prompts[start:start + per_call])
@@ -1519,7 +1519,7 @@ class CountedSegmenter:
 
     def encode_batch(self, images):
         self.encodings += len(images)
-        return encode_tiles(self.segmenter, images, chunk=len(images))
+        return encode_tiles(self.segmenter, images, chunk=max(1, len(images)))
 
     def segment(self, encoding, boxes, points=None):
         return self.segmenter.segment(encoding, boxes, points)
@@ -1680,9 +1680,9 @@ def prediction_picture(sample: Sample, pred: Prediction) -> Image.Image:
 
 
 def infer(cfg: Config, sat_path: str, map_path: Optional[str], text: Optional[str]):
-    if Path(sat_path).is_dir():                               # infer DIR [TEXT]
-        return infer_folder(cfg, Path(sat_path), map_path if text is None else text)
-    if map_path is None or text is None:
+    if Path(sat_path).is_dir() and text is None:               # infer DIR [TEXT]
+        return infer_folder(cfg, Path(sat_path), map_path)
+    if map_path is None or text is None or Path(sat_path).is_dir():
         raise SocioError("infer takes SAT MAP TEXT (two tiles and the target), or a folder DIR [TEXT]")
     sat = _open_image(sat_path, "satellite", None).convert("RGB")
     map_img = _open_image(map_path, "map", None).convert("RGB")
@@ -1727,7 +1727,9 @@ def infer_folder(cfg: Config, folder: Path, text: Optional[str]):
             if missing:
                 raise ValueError(f"no {' or '.join(missing)}")
             target = text or json.loads((d / "question.json").read_text(encoding="utf-8"))["problem"]
-            tiles.append((d.name, d, target))
+            if not isinstance(target, str) or not target.strip():
+                raise ValueError("'problem' in question.json is not a non-empty string")
+            tiles.append((d.name, d, target.strip()))
         except (OSError, ValueError, KeyError, TypeError) as e:
             problems.append(f"{d}: {one_line(e)}")
     if problems or not tiles:
@@ -1817,7 +1819,7 @@ def evaluate(policy, segmenter, refs: list, cfg: Config, images: str = "real", o
         if pictures:
             (out / "pictures").mkdir(exist_ok=True)
     finals, firsts, gts, seconds, fallbacks = [], [], [], 0.0, 0
-    per_batch = cfg.generation_batch or len(refs)
+    per_batch = cfg.generation_batch or max(1, len(refs))
     for start in range(0, len(refs), per_batch):
         chunk = refs[start:start + per_batch]
         real, seen = [read_sample(r) for r in chunk], []
