@@ -93,6 +93,8 @@ class Config:
     stage1_only: bool = hp(False, "ablation 'w/o refinement' (Table 2): infer/eval stop after stage 1")
     # --- memory (one GPU) ---------------------------------------------------------------------------------
     micro_batch: int = hp(4, "rows (prompt x completion) per forward/backward; gradients are accumulated")
+    generation_batch: int = hp(64, "sequences (prompts x G) per generate call, whole prompts; 0 = all at "
+                                   "once. infer/eval: tiles per batch (KV cache: README, Performance)")
     grad_checkpointing: bool = hp(False, "recompute activations in backward: less memory, ~30% slower")
     freeze_vision: bool = hp(False, "train the language model only; the vision tower stays as loaded")
     # --- supervised steps: the SFT baseline, and the warm-up before GRPO (A.2.3) ---------------------------
@@ -117,7 +119,8 @@ class Config:
 # --tiny: the offline demo. Fields given as flags still win. A tiny random Qwen2.5-VL and the weights-free
 # GrowSegmenter; an SFT warm-up that teaches the answer format; GRPO with a learning rate a tiny model needs.
 TINY_DEFAULTS = dict(model="tiny", sam="grow", rollout_batch=4, group_size=8, max_new_tokens=64, micro_batch=16,
-                     lr=1e-4, steps=80, sft_steps=300, sft_lr=1e-3, sft_batch=8, eval_split="val", save_every=20)
+                     lr=1e-4, steps=80, sft_steps=300, sft_lr=1e-3, sft_batch=8, eval_split="val",
+                     save_every=20, generation_batch=0)
 
 
 def check_config(cfg: Config):
@@ -130,7 +133,8 @@ def check_config(cfg: Config):
         (cfg.steps < 0 or cfg.sft_steps < 0, "--steps and --sft-steps cannot be negative"),
         (cfg.temperature <= 0 or cfg.infer_temperature <= 0, "temperatures must be positive"),
         (not 1 <= cfg.sft_points <= MAX_POINTS, f"--sft-points must be between 1 and {MAX_POINTS}"),
-        (cfg.eval_limit < 0, "--eval-limit cannot be negative"),
+        (min(cfg.eval_limit, cfg.generation_batch) < 0,
+         "--eval-limit and --generation-batch cannot be negative"),
         (cfg.save_every < 1, "--save-every must be positive")] if bad]
     if problems:
         raise SocioError("; ".join(problems))
@@ -475,7 +479,8 @@ def render(image: Image.Image, boxes: np.ndarray, mask: Optional[np.ndarray],
 # rollout can be handed any segmenter (the tests hand it a fake that fills boxes):
 #     encoding = segmenter.encode(image)               # (H, W, 3) uint8, the expensive image encoder
 #     mask = segmenter.segment(encoding, boxes, points) # (K, 4) boxes, None or K arrays (n_k, 2) -> (H, W) bool
-# One tile is encoded once per training step and reused for the coarse mask and all G final masks.
+# One tile is encoded once per training step and reused for the coarse mask and all G final masks; the
+# tiles of a batch go through the image encoder together (`encode_batch`, see `encode_tiles`).
 # Prompts reach a segmenter already made safe by `clip_prompts`: inside the image, every box with an area.
 #
 # Following the authors' release: each object (a box, plus its points in stage 2, all labelled
@@ -491,9 +496,18 @@ class Sam2Segmenter:
         self.predictor = predictor
 
     def encode(self, image: np.ndarray) -> dict:
-        self.predictor.set_image(np.array(image))    # a writable copy, as torchvision wants
-        # SAM2ImagePredictor keeps one image's features in these attributes; we keep them per tile.
-        return {k: getattr(self.predictor, k) for k in ("_features", "_orig_hw", "_is_image_set", "_is_batch")}
+        return self.encode_batch([image])[0]
+
+    def encode_batch(self, images: list) -> list:
+        """One pass of the image encoder over several tiles (any sizes: each is resized to SAM's 1024 px)."""
+        self.predictor.set_image_batch([np.array(im) for im in images])   # writable copies for torchvision
+        # The predictor keeps a batch's features in these attributes; we cut them into one single-image
+        # state per tile, which `segment` puts back (set_image of that tile alone would produce the same).
+        f = self.predictor._features          # image_embed (B, C, h, w), high_res_feats [(B, C_l, h_l, w_l)]
+        return [{"_features": {"image_embed": f["image_embed"][i:i + 1],
+                               "high_res_feats": [h[i:i + 1] for h in f["high_res_feats"]]},
+                 "_orig_hw": [hw], "_is_image_set": True, "_is_batch": False}
+                for i, hw in enumerate(self.predictor._orig_hw)]
 
     @torch.no_grad()
     def segment(self, encoding: dict, boxes: np.ndarray, points: Optional[list] = None) -> np.ndarray:
@@ -533,6 +547,9 @@ class GrowSegmenter:
         smooth = ndimage.uniform_filter(np.asarray(image, dtype=np.float32), size=(5, 5, 1))
         return {"image": smooth, "hw": smooth.shape[:2]}
 
+    def encode_batch(self, images: list) -> list:      # nothing to batch without a network
+        return [self.encode(im) for im in images]
+
     def segment(self, encoding: dict, boxes: np.ndarray, points: Optional[list] = None) -> np.ndarray:
         img, (h, w) = encoding["image"], encoding["hw"]
         mask = np.zeros((h, w), bool)
@@ -550,6 +567,14 @@ class GrowSegmenter:
                 labels, _ = ndimage.label(near[..., i], structure=EIGHT)
                 mask[r1:r2, c1:c2] |= labels == labels[r, c]
         return mask
+
+
+def encode_tiles(segmenter, images: list, chunk: int = 8) -> list:
+    """One encoding per tile, `chunk` tiles per encoder pass where the segmenter can batch (SAM 2 can; a
+    segmenter with `encode` only is called per tile). `chunk` bounds the encoder's activation memory."""
+    if not hasattr(segmenter, "encode_batch"):
+        return [segmenter.encode(im) for im in images]
+    return [e for i in range(0, len(images), chunk) for e in segmenter.encode_batch(images[i:i + chunk])]
 
 
 def clip_prompts(boxes: np.ndarray, points: Optional[list], hw: tuple):
@@ -763,21 +788,47 @@ def _autocast(device):
     return torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else contextlib.nullcontext()
 
 
+def left_pad(policy: Policy, prompts: list) -> dict:
+    """Prompts (one processor output each) as one batch for generate: ids left-padded to the longest (k, P),
+    so every row's next token is at column P; the images of all prompts concatenated in prompt order.
+
+    M-RoPE positions skip the padding (get_rope_index reads the attention mask), so each prompt gets the
+    same positions as alone; its mm_token_type_ids are padded with "text" (0), which the mask then hides.
+    """
+    P = max(p["input_ids"].shape[1] for p in prompts)
+    pad = torch.nn.functional.pad
+    left = lambda key, value: torch.cat([pad(p[key], (P - p[key].shape[1], 0), value=value) for p in prompts])
+    return {"input_ids": left("input_ids", policy.pad_id), "attention_mask": left("attention_mask", 0),
+            "mm_token_type_ids": left("mm_token_type_ids", 0),
+            "pixel_values": torch.cat([p["pixel_values"] for p in prompts]),       # (patches of all tiles, D)
+            "image_grid_thw": torch.cat([p["image_grid_thw"] for p in prompts])}   # (2k, 3)
+
+
 @torch.no_grad()
-def sample_completions(policy: Policy, inputs: dict, n: int, temperature: float, top_p: float, top_k: int,
-                       max_new_tokens: int) -> list:
-    """n sampled completions of one prompt -> n LongTensors (T_g,) on the CPU, cut after the first EOS."""
-    with _autocast(policy.device):
-        out = policy.model.generate(
-            **inputs, do_sample=True, num_return_sequences=n, max_new_tokens=max_new_tokens,
-            temperature=temperature, top_p=top_p, top_k=top_k, min_p=None, typical_p=1.0,
-            repetition_penalty=1.0, no_repeat_ngram_size=0, suppress_tokens=policy.vision_ids,
-            eos_token_id=policy.eos_ids, pad_token_id=policy.pad_id)
+def sample_completions(policy: Policy, prompts: list, n: int, temperature: float, top_p: float, top_k: int,
+                       max_new_tokens: int, batch: int = 0) -> list:
+    """n sampled completions of each prompt -> per prompt, n LongTensors (T_g,) on the CPU, cut after the
+    first EOS.
+
+    Decoding a few sequences leaves a GPU idle, so prompts are sampled together: whole prompts, at most
+    `batch` sequences (prompts x n) per generate call; 0 = all prompts in one call, and a batch below n still
+    holds one prompt. generate encodes each prompt's images once and then repeats the features for its n rows.
+    With one prompt per call this is exactly the one-prompt-at-a-time sampling (same seed, same draws).
+    """
+    per_call = max(1, batch // n if batch else len(prompts))
     completions = []
-    for seq in out[:, inputs["input_ids"].shape[1]:].cpu():                      # (n, T_max)
-        ends = torch.isin(seq, torch.tensor(policy.eos_ids)).nonzero()
-        completions.append(seq[: int(ends[0]) + 1] if len(ends) else seq)       # keep the EOS itself
-    return completions
+    for start in range(0, len(prompts), per_call):
+        inputs = left_pad(policy, prompts[start:start + per_call])
+        with _autocast(policy.device):
+            out = policy.model.generate(
+                **inputs, do_sample=True, num_return_sequences=n, max_new_tokens=max_new_tokens,
+                temperature=temperature, top_p=top_p, top_k=top_k, min_p=None, typical_p=1.0,
+                repetition_penalty=1.0, no_repeat_ngram_size=0, suppress_tokens=policy.vision_ids,
+                eos_token_id=policy.eos_ids, pad_token_id=policy.pad_id)
+        for seq in out[:, inputs["input_ids"].shape[1]:].cpu():              # (k n, T_max), prompt-major
+            ends = torch.isin(seq, torch.tensor(policy.eos_ids)).nonzero()
+            completions.append(seq[: int(ends[0]) + 1] if len(ends) else seq)   # keep the EOS itself
+    return [completions[i * n:(i + 1) * n] for i in range(len(prompts))]
 
 
 def decode(policy: Policy, completion: torch.Tensor) -> str:
@@ -990,16 +1041,10 @@ class Group:
     rewards: list = None              # G reward dicts, once computed
 
 
-def stage1_rollout(policy, sample: Sample, n: int, sampling: dict) -> Group:
-    """Eq. 1: n stage-1 answers for one sample."""
-    inputs, model_hw = policy_inputs(policy, [sample.map, sample.sat], STAGE1_PROMPT, sample.text)
-    return _sample_group(policy, 1, inputs, model_hw, n, sampling)
-
-
-def single_stage_rollout(policy, sample: Sample, n: int, sampling: dict) -> Group:
-    """The "w/o reflection" ablation: n answers with boxes and points (stage-2 schema) from the raw tiles."""
-    inputs, model_hw = policy_inputs(policy, [sample.map, sample.sat], SINGLE_PROMPT, sample.text)
-    return _sample_group(policy, 2, inputs, model_hw, n, sampling)
+def stage1_prompt(policy, sample: Sample, template: str = STAGE1_PROMPT) -> tuple:
+    """Eq. 1: the stage-1 prompt of a sample -> (inputs, model_hw). SINGLE_PROMPT gives the "w/o reflection"
+    ablation's prompt (boxes and points in one answer, from the raw tiles)."""
+    return policy_inputs(policy, [sample.map, sample.sat], template, sample.text)
 
 
 def stage2_inputs(policy, sample: Sample, boxes_model: np.ndarray, model_hw: tuple, coarse: np.ndarray) -> dict:
@@ -1014,21 +1059,23 @@ def stage2_inputs(policy, sample: Sample, boxes_model: np.ndarray, model_hw: tup
     return policy_inputs(policy, rendered, STAGE2_PROMPT, sample.text, boxes=listed)[0]
 
 
-def stage2_rollout(policy, sample: Sample, stage1: Group, g: int, coarse: np.ndarray, n: int,
-                   sampling: dict) -> Group:
-    """Alg. 1 lines 16-20: the carried stage-1 answer g and its coarse mask M_c drawn onto both tiles (eq. 3),
-    then n stage-2 answers (eq. 4). A malformed carried answer carries no boxes."""
+def stage2_prompt(policy, sample: Sample, stage1: Group, g: int, coarse: np.ndarray) -> tuple:
+    """Alg. 1 lines 16-18: the carried stage-1 answer g and its coarse mask M_c drawn onto both tiles (eq. 3),
+    as the stage-2 prompt (eq. 4) -> (inputs, model_hw). A malformed carried answer carries no boxes."""
     # Listed and drawn are the boxes as the segmenter saw them: clipped to the frame, empty ones dropped
     # (a box at 1e300 would otherwise be spelled out digit by digit in the next prompt).
     boxes_model = clip_prompts([o["bbox_2d"] for o in stage1.answers[g] or []], None, stage1.model_hw)[0]
-    inputs = stage2_inputs(policy, sample, boxes_model, stage1.model_hw, coarse)
-    return _sample_group(policy, 2, inputs, stage1.model_hw, n, sampling)
+    return stage2_inputs(policy, sample, boxes_model, stage1.model_hw, coarse), stage1.model_hw
 
 
-def _sample_group(policy, stage, inputs, model_hw, n, sampling) -> Group:
-    completions = sample_completions(policy, inputs, n, **sampling)
-    texts = [decode(policy, c) for c in completions]
-    return Group(stage, inputs, model_hw, completions, texts, [parse_answer(t, stage) for t in texts])
+def rollout(policy, stage: int, prompts: list, n: int, sampling: dict) -> list:
+    """n answers to each (inputs, model_hw) prompt, all prompts sampled together -> one Group per prompt."""
+    completions = sample_completions(policy, [inputs for inputs, _ in prompts], n, **sampling)
+    groups = []
+    for (inputs, model_hw), comps in zip(prompts, completions):
+        texts = [decode(policy, c) for c in comps]
+        groups.append(Group(stage, inputs, model_hw, comps, texts, [parse_answer(t, stage) for t in texts]))
+    return groups
 
 
 def answer_prompts(answer: Optional[list], model_hw: tuple, mask_hw: tuple):
@@ -1136,11 +1183,12 @@ def train_step(step: int, batch_refs: list, policy, reference, optimizer, segmen
     Returns mean rewards and update statistics, and the step's seconds per kind of work ("time ...").
     """
     rng = np.random.default_rng([cfg.seed, step])
-    sampling = dict(temperature=cfg.temperature, top_p=1.0, top_k=0, max_new_tokens=cfg.max_new_tokens)
+    sampling = dict(temperature=cfg.temperature, top_p=1.0, top_k=0, max_new_tokens=cfg.max_new_tokens,
+                    batch=cfg.generation_batch)
     times = {}
     samples = [read_sample(r) for r in batch_refs]
     with timed(times, "segmentation"):   # each tile encoded once, reused by M_c and all G final masks
-        encodings = [segmenter.encode(np.asarray(s.sat)) for s in samples]
+        encodings = encode_tiles(segmenter, [np.asarray(s.sat) for s in samples])
 
     def stage2_rewards(groups):
         for s, enc, g in zip(samples, encodings, groups):
@@ -1156,7 +1204,8 @@ def train_step(step: int, batch_refs: list, policy, reference, optimizer, segmen
                                        or [float("nan")]))
     if cfg.single_stage:   # "w/o reflection": one answer with boxes and points, rewarded like stage 2
         with timed(times, "generation"):
-            groups = [single_stage_rollout(policy, s, cfg.group_size, sampling) for s in samples]
+            groups = rollout(policy, 2, [stage1_prompt(policy, s, SINGLE_PROMPT) for s in samples],
+                             cfg.group_size, sampling)
         stage2_rewards(groups)
         st = grpo_update(policy, reference, optimizer, groups, cfg, times)
         stats = {"reward2": mean(groups, "total"), "format2": mean(groups, "format"),
@@ -1166,7 +1215,8 @@ def train_step(step: int, batch_refs: list, policy, reference, optimizer, segmen
     else:
         # ---- Stage 1: localisation (lines 5-14) ----
         with timed(times, "generation"):
-            groups1 = [stage1_rollout(policy, s, cfg.group_size, sampling) for s in samples]
+            groups1 = rollout(policy, 1, [stage1_prompt(policy, s) for s in samples], cfg.group_size,
+                              sampling)
         with timed(times, "rewards"):
             for s, g in zip(samples, groups1):
                 gt_model = to_frame(mask_to_boxes(s.mask), s.mask.shape, g.model_hw)   # B* in the model frame
@@ -1174,13 +1224,15 @@ def train_step(step: int, batch_refs: list, policy, reference, optimizer, segmen
         stats1 = grpo_update(policy, reference, optimizer, groups1, cfg, times)
 
         # ---- Carry g*, render, stage 2: refinement (lines 15-27), sampled from the updated policy ----
-        groups2 = []
+        carried = []                                                          # (g*, M_c) per sample
         for s, enc, g in zip(samples, encodings, groups1):
             best = select_carried([r["total"] for r in g.rewards], cfg.select, rng)
             with timed(times, "segmentation"):
                 coarse = segment_answer(segmenter, enc, g.answers[best], g.model_hw, s.mask.shape)   # M_c
-            with timed(times, "generation"):
-                groups2.append(stage2_rollout(policy, s, g, best, coarse, cfg.group_size, sampling))
+            carried.append((best, coarse))
+        with timed(times, "generation"):
+            groups2 = rollout(policy, 2, [stage2_prompt(policy, s, g, best, coarse) for s, g, (best, coarse)
+                                          in zip(samples, groups1, carried)], cfg.group_size, sampling)
         stage2_rewards(groups2)
         stats2 = grpo_update(policy, reference, optimizer, groups2, cfg, times)
         stats = {"reward1": mean(groups1, "total"), "reward2": mean(groups2, "total"),
@@ -1487,6 +1539,10 @@ class CountedSegmenter:
         self.encodings += 1
         return self.segmenter.encode(image)
 
+    def encode_batch(self, images):
+        self.encodings += len(images)
+        return encode_tiles(self.segmenter, images, chunk=max(1, len(images)))
+
     def segment(self, encoding, boxes, points=None):
         return self.segmenter.segment(encoding, boxes, points)
 
@@ -1544,12 +1600,13 @@ def bench(cfg: Config, steps: int):
     print(f"SAM image encodings per sample per step: {segmenter.encodings / (steps * cfg.rollout_batch):.2f}")
     print(f"tokens generated per second: {sum(r['tokens'] for r in records) / gen_seconds:.1f}")
     print(f"peak memory over the steps: {peak:.0f} MB ({'GPU allocated' if device.type == 'cuda' else 'process RSS'})")
+    compare_generation(policy, segmenter, [read_sample(r) for r in batch], cfg)
 
     # The same micro-batch, accumulated once and eight times.
     sample = read_sample(refs[0])
     inputs, _ = policy_inputs(policy, [sample.map, sample.sat], STAGE1_PROMPT, sample.text)
-    completions = sample_completions(policy, inputs, cfg.micro_batch, temperature=cfg.temperature, top_p=1.0,
-                                     top_k=0, max_new_tokens=cfg.max_new_tokens)
+    completions, = sample_completions(policy, [inputs], cfg.micro_batch, temperature=cfg.temperature,
+                                      top_p=1.0, top_k=0, max_new_tokens=cfg.max_new_tokens)
     peaks = {}
     policy.model.train()
     for k in (1, 8):
@@ -1564,6 +1621,34 @@ def bench(cfg: Config, steps: int):
           f"{peaks[8]:.0f} MB with 8; ratio {peaks[8] / peaks[1]:.3f}")
 
 
+def compare_generation(policy, segmenter, samples: list, cfg: Config, repeats: int = 3):
+    """Generation alone, both stages' prompts of one step, same weights: one prompt per generate call (G
+    sequences, how rollouts were sampled before batching) against --generation-batch, alternated."""
+    sampling = dict(temperature=cfg.temperature, top_p=1.0, top_k=0, max_new_tokens=cfg.max_new_tokens)
+    prompts1 = [stage1_prompt(policy, s) for s in samples]
+    groups1 = rollout(policy, 1, prompts1, 1, {**sampling, "batch": 0})   # stage 2 needs a first answer
+    encodings = encode_tiles(segmenter, [np.asarray(s.sat) for s in samples])
+    coarse = [segment_answer(segmenter, e, g.answers[0], g.model_hw, s.mask.shape)
+              for s, g, e in zip(samples, groups1, encodings)]
+    prompts2 = [stage2_prompt(policy, s, g, 0, m) for s, g, m in zip(samples, groups1, coarse)]
+    runs = {cfg.group_size: [], cfg.generation_batch: []}
+    for _ in range(repeats):                  # alternated, so a change of machine load hits both alike
+        for b in runs:
+            times = {}
+            with timed(times, "generation"):
+                tokens = sum(len(c) for prompts in (prompts1, prompts2) for cs in sample_completions(
+                    policy, [p for p, _ in prompts], cfg.group_size, **sampling, batch=b) for c in cs)
+            runs[b].append((times["generation"], tokens))
+    print(f"generation alone, both stages of a step ({len(samples)} prompts x G={cfg.group_size} each), "
+          f"median of {repeats}:")
+    seconds = {b: sorted(r)[len(r) // 2] for b, r in runs.items()}
+    for b, (s, tokens) in seconds.items():
+        what = "all prompts in one call" if b == 0 else f"{max(1, b // cfg.group_size)} prompt(s) per call"
+        speedup = f"  {seconds[cfg.group_size][0] / s:.2f}x" if b != cfg.group_size else ""
+        print(f"  --generation-batch {b:<4d} ({what}): {s:.3f} s per step, {tokens / s:,.0f} tokens/s"
+              + speedup)
+
+
 # ============================================================================================================
 # §4.1 — inference: both stages once; §5.1 — metrics
 # ============================================================================================================
@@ -1574,23 +1659,35 @@ def bench(cfg: Config, steps: int):
 class Prediction:
     stages: list                      # [(Group, its mask (H, W) bool)]: stage 1 -> M_c, stage 2 -> M_f
     final: np.ndarray                 # the delivered mask, (H, W) bool
+    fallback: bool = False            # the stage-2 answer was malformed and M_c was delivered
 
 
 def predict(policy, segmenter, sample: Sample, cfg: Config, encoding=None) -> Prediction:
-    """Both stages once (or the ablations: one single-stage answer; stage 1 alone)."""
+    """Both stages once for one sample (see predict_batch)."""
+    return predict_batch(policy, segmenter, [sample], cfg, None if encoding is None else [encoding])[0]
+
+
+def predict_batch(policy, segmenter, samples: list, cfg: Config, encodings: Optional[list] = None) -> list:
+    """Both stages once per sample (or the ablations: one single-stage answer; stage 1 alone), each stage
+    sampled for all samples together. encodings: the segmenter's, of each sample's satellite tile (default:
+    encoded here from sample.sat). With one sample this is exactly the one-sample-at-a-time path."""
     sampling = dict(temperature=cfg.infer_temperature, top_p=cfg.infer_top_p, top_k=cfg.infer_top_k,
-                    max_new_tokens=cfg.max_new_tokens)
-    encoding = encoding if encoding is not None else segmenter.encode(np.asarray(sample.sat))
-    mask_of = lambda g: segment_answer(segmenter, encoding, g.answers[0], g.model_hw, sample.mask.shape)
+                    max_new_tokens=cfg.max_new_tokens, batch=cfg.generation_batch)
+    if encodings is None:
+        encodings = encode_tiles(segmenter, [np.asarray(s.sat) for s in samples])
+    mask_of = lambda s, enc, g: segment_answer(segmenter, enc, g.answers[0], g.model_hw, s.mask.shape)
+    template, stage = (SINGLE_PROMPT, 2) if cfg.single_stage else (STAGE1_PROMPT, 1)
+    groups1 = rollout(policy, stage, [stage1_prompt(policy, s, template) for s in samples], 1, sampling)
+    coarse = [mask_of(s, enc, g) for s, enc, g in zip(samples, encodings, groups1)]          # M_c, eq. 2
     if cfg.single_stage or cfg.stage1_only:
-        g = (single_stage_rollout if cfg.single_stage else stage1_rollout)(policy, sample, 1, sampling)
-        mask = mask_of(g)
-        return Prediction([(g, mask)], mask)
-    g1 = stage1_rollout(policy, sample, 1, sampling)
-    coarse = mask_of(g1)                                                          # M_c, eq. 2
-    g2 = stage2_rollout(policy, sample, g1, 0, coarse, 1, sampling)
-    final = coarse if g2.answers[0] is None else mask_of(g2)
-    return Prediction([(g1, coarse), (g2, final)], final)
+        return [Prediction([(g, m)], m) for g, m in zip(groups1, coarse)]
+    prompts2 = [stage2_prompt(policy, s, g, 0, m) for s, g, m in zip(samples, groups1, coarse)]
+    groups2 = rollout(policy, 2, prompts2, 1, sampling)
+    preds = []
+    for s, enc, g1, m1, g2 in zip(samples, encodings, groups1, coarse, groups2):
+        final = m1 if g2.answers[0] is None else mask_of(s, enc, g2)                        # M_f, eq. 5
+        preds.append(Prediction([(g1, m1), (g2, final)], final, fallback=g2.answers[0] is None))
+    return preds
 
 
 def prediction_picture(sample: Sample, pred: Prediction) -> Image.Image:
@@ -1604,7 +1701,11 @@ def prediction_picture(sample: Sample, pred: Prediction) -> Image.Image:
     return panel
 
 
-def infer(cfg: Config, sat_path: str, map_path: str, text: str):
+def infer(cfg: Config, sat_path: str, map_path: Optional[str], text: Optional[str]):
+    if Path(sat_path).is_dir() and text is None:               # infer DIR [TEXT]
+        return infer_folder(cfg, Path(sat_path), map_path)
+    if map_path is None or text is None or Path(sat_path).is_dir():
+        raise SocioError("infer takes SAT MAP TEXT (two tiles and the target), or a folder DIR [TEXT]")
     sat = _open_image(sat_path, "satellite", None).convert("RGB")
     map_img = _open_image(map_path, "map", None).convert("RGB")
     if sat.size != map_img.size:
@@ -1636,6 +1737,49 @@ def infer(cfg: Config, sat_path: str, map_path: str, text: str):
     save_mask(pred.final, out / "mask.png")
     prediction_picture(sample, pred).save(out / "overlay.png")
     print(f"wrote {out / 'mask.png'} ({sat.size[0]}x{sat.size[1]}) and {out / 'overlay.png'} in {seconds:.1f}s")
+
+
+def infer_folder(cfg: Config, folder: Path, text: Optional[str]):
+    """Every tile DIR/<id>/{sat.png, map.png} (SocioSeg's raw layout; no mask needed), with the target TEXT
+    or each tile's question.json: <out>/<id>/mask.png and overlay.png, cfg.generation_batch tiles at once."""
+    tiles, problems = [], []                            # (id, folder, target); images are read per batch
+    for d in sorted(p for p in folder.iterdir() if p.is_dir()):
+        try:
+            missing = [f for f in ("sat.png", "map.png") if not (d / f).is_file()]
+            if missing:
+                raise ValueError(f"no {' or '.join(missing)}")
+            target = text or json.loads((d / "question.json").read_text(encoding="utf-8"))["problem"]
+            if not isinstance(target, str) or not target.strip():
+                raise ValueError("'problem' in question.json is not a non-empty string")
+            tiles.append((d.name, d, target.strip()))
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            problems.append(f"{d}: {one_line(e)}")
+    if problems or not tiles:
+        raise SocioError(f"infer {folder}: " + ("\n  ".join(problems) if problems
+                                                 else "no <id>/sat.png + map.png tiles inside"))
+    device = pick_device()
+    policy = load_or_build_policy(cfg, device)
+    segmenter = load_segmenter(cfg, device)
+    torch.manual_seed(cfg.seed)
+    out, per_batch, seconds = Path(cfg.out), cfg.generation_batch or len(tiles), 0.0
+    for start in range(0, len(tiles), per_batch):
+        samples = []
+        for name, d, target in tiles[start:start + per_batch]:
+            sat, map_img = (_open_image(d / f, f, name).convert("RGB") for f in ("sat.png", "map.png"))
+            if sat.size != map_img.size:
+                raise SocioError(f"{d}: sat.png and map.png differ in size: the tiles must be pixel-aligned")
+            samples.append(Sample(name, target, sat, map_img, np.zeros(sat.size[::-1], bool)))
+        t0 = time.time()
+        preds = predict_batch(policy, segmenter, samples, cfg)
+        seconds += time.time() - t0
+        for s, pred in zip(samples, preds):
+            (out / s.id).mkdir(parents=True, exist_ok=True)
+            save_mask(pred.final, out / s.id / "mask.png")
+            prediction_picture(s, pred).save(out / s.id / "overlay.png")
+            kept = "  (stage 2 malformed: stage-1 mask kept)" if pred.fallback else ""
+            print(f"{s.id}: \"{s.text}\"  mask {int(pred.final.sum())} pixels{kept}", flush=True)
+    print(f"wrote {out}/<id>/mask.png and overlay.png for {len(tiles)} tiles, "
+          f"{seconds / len(tiles):.2f} s per tile")
 
 
 def save_mask(mask: np.ndarray, path: Path):
@@ -1684,40 +1828,51 @@ def segmentation_metrics(preds: list, gts: list) -> dict:
 
 def evaluate(policy, segmenter, refs: list, cfg: Config, images: str = "real", out: Optional[Path] = None,
              pictures: bool = False) -> dict:
-    """Predict every sample; metrics of the final masks (and of stage 1's), and seconds per sample.
+    """Predict every sample; metrics of the final masks (and of stage 1's), seconds per sample, and how many
+    stage-2 answers were malformed so that the stage-1 mask was delivered ("stage2_fallbacks").
 
-    out: write <out>/masks/<id>.png (and, with pictures, <out>/pictures/<id>.png) so that anyone can recompute
-    the metrics from files. images="blank" replaces both tiles by grey, "shuffled" gives each sample the next
-    sample's tiles: a policy that reads the images must get worse on both.
+    Samples go cfg.generation_batch at a time (0 = all), both stages batched across them. out: write
+    <out>/masks/<id>.png (and, with pictures, <out>/pictures/<id>.png) so that anyone can recompute the
+    metrics from files. images="blank" shows the policy grey tiles, "shuffled" the next sample's tiles; the
+    segmenter still gets the sample's real satellite tile, so a drop measures what the *policy* reads.
     """
     if out is not None:
         (out / "masks").mkdir(parents=True, exist_ok=True)
         if pictures:
             (out / "pictures").mkdir(exist_ok=True)
-    finals, firsts, gts, seconds = [], [], [], 0.0
-    for k, ref in enumerate(refs):
-        s = read_sample(ref)
-        if images == "blank":
-            grey = Image.new("RGB", s.sat.size, (128, 128, 128))
-            s = dataclasses.replace(s, sat=grey, map=grey)
-        elif images == "shuffled":
-            other = read_sample(refs[(k + 1) % len(refs)])
-            s = dataclasses.replace(s, sat=other.sat.resize(s.sat.size), map=other.map.resize(s.sat.size))
+    finals, firsts, gts, seconds, fallbacks = [], [], [], 0.0, 0
+    per_batch = cfg.generation_batch or max(1, len(refs))
+    for start in range(0, len(refs), per_batch):
+        chunk = refs[start:start + per_batch]
+        real, seen = [read_sample(r) for r in chunk], []
+        for k, s in enumerate(real, start):                  # what the policy is shown
+            if images == "blank":
+                grey = Image.new("RGB", s.sat.size, (128, 128, 128))
+                s = dataclasses.replace(s, sat=grey, map=grey)
+            elif images == "shuffled":
+                other = read_sample(refs[(k + 1) % len(refs)])
+                s = dataclasses.replace(s, sat=other.sat.resize(s.sat.size), map=other.map.resize(s.sat.size))
+            seen.append(s)
         t0 = time.time()
-        pred = predict(policy, segmenter, s, cfg)
+        encodings = encode_tiles(segmenter, [np.asarray(s.sat) for s in real])
+        preds = predict_batch(policy, segmenter, seen, cfg, encodings)
         seconds += time.time() - t0
-        finals.append(pred.final), firsts.append(pred.stages[0][1]), gts.append(s.mask)
-        if out is not None:   # the eval command writes files and shows progress; internal evaluations stay quiet
-            save_mask(pred.final, out / "masks" / f"{ref.id}.png")
-            if pictures:
-                prediction_picture(s, pred).save(out / "pictures" / f"{ref.id}.png")
-            eta = seconds / (k + 1) * (len(refs) - k - 1)
-            print(f"\reval {k + 1}/{len(refs)}  {seconds / (k + 1):.2f} s/sample  ETA {eta:.0f}s ",
-                  end="", flush=True)
+        for ref, s, pred in zip(chunk, seen, preds):
+            finals.append(pred.final), firsts.append(pred.stages[0][1]), gts.append(s.mask)
+            fallbacks += pred.fallback
+            if out is not None:
+                save_mask(pred.final, out / "masks" / f"{ref.id}.png")
+                if pictures:
+                    prediction_picture(s, pred).save(out / "pictures" / f"{ref.id}.png")
+        if out is not None:   # the eval command shows progress; internal evaluations stay quiet
+            done = start + len(chunk)
+            eta = seconds / done * (len(refs) - done)
+            print(f"\reval {done}/{len(refs)}  {seconds / done:.2f} s/sample  ETA {eta:.0f}s ", end="",
+                  flush=True)
     if out is not None:
         print()
     return {**segmentation_metrics(finals, gts), "stage1_gIoU": segmentation_metrics(firsts, gts)["gIoU"],
-            "seconds_per_sample": seconds / max(1, len(refs))}
+            "seconds_per_sample": seconds / max(1, len(refs)), "stage2_fallbacks": fallbacks}
 
 
 def blind_baseline(segmenter, train_refs: list, refs: list) -> dict:
@@ -1747,6 +1902,8 @@ def run_eval(cfg: Config, split: str, limit: int, pictures: bool):
     print(f"{'Method':24s} {'cIoU':>6s} {'gIoU':>6s} {'F1':>6s}   ({cfg.data}/{split}, {m['n']} samples)")
     print(f"{method:24s} {m['cIoU']:6.1f} {m['gIoU']:6.1f} {m['F1']:6.1f}")
     print(f"{m['seconds_per_sample']:.2f} s per sample (Table 8); masks in {out / 'masks'}")
+    if not (cfg.single_stage or cfg.stage1_only):
+        print(f"stage-2 answer malformed, stage-1 mask kept: {m['stage2_fallbacks']} of {m['n']} samples")
     record = {**m, "model": cfg.model, "sam": cfg.sam, "data": cfg.data, "split": split, "method": method}
     (out / "metrics.json").write_text(json.dumps(record, indent=1) + "\n")
 
@@ -1905,7 +2062,7 @@ GRPO_ONLY = {"steps", "rollout_batch", "group_size", "lr", "clip_eps", "kl_beta"
              "points_mu", "stage1_only"}
 SFT_FLAGS = [f for f in TRAIN_FLAGS if f not in GRPO_ONLY]
 INFER_FLAGS = ["model", "sam", "sam_config", "out", "seed", "max_new_tokens", "single_stage", "stage1_only",
-               "infer_temperature", "infer_top_p", "infer_top_k"]
+               "infer_temperature", "infer_top_p", "infer_top_k", "generation_batch"]
 INFER_DEFAULTS = dict(model="vvangfaye/SocioReasoner-3B", out="runs/infer")
 EVAL_DEFAULTS = dict(INFER_DEFAULTS, out="runs/eval")
 SFT_DEFAULTS = dict(sft_steps=500, out="runs/sft")
@@ -1918,10 +2075,10 @@ def main(argv=None):
     _add_config_flags(p, TRAIN_FLAGS, {})
     p = sub.add_parser("sft", help="the paper's SFT baseline (A.2.3): supervised steps only, no GRPO")
     _add_config_flags(p, SFT_FLAGS, SFT_DEFAULTS)
-    p = sub.add_parser("infer", help="segment one place: infer SAT MAP \"school\"")
-    p.add_argument("sat", help="satellite tile (PNG/JPEG)")
-    p.add_argument("map", help="digital-map tile, same size, pixel-aligned")
-    p.add_argument("text", help="the target, e.g. \"school\", \"a certain university\", \"educational\"")
+    p = sub.add_parser("infer", help="segment one place: infer SAT MAP \"school\"; tiles: infer DIR [TEXT]")
+    p.add_argument("sat", help="satellite tile (PNG/JPEG), or a folder DIR of <id>/{sat,map}.png tiles")
+    p.add_argument("map", nargs="?", help="digital-map tile, same size, pixel-aligned (after DIR: the TEXT)")
+    p.add_argument("text", nargs="?", help="the target, e.g. \"school\", \"a certain university\"")
     _add_config_flags(p, INFER_FLAGS, INFER_DEFAULTS)
     p = sub.add_parser("eval", help="cIoU, gIoU, F1 and seconds per sample of a model on a split (Table 1)")
     p.add_argument("--split", default="val", help="split to evaluate (default val)")

@@ -526,23 +526,40 @@ def test_model_frame_is_the_processors_resized_frame(policy, sample):
     assert prompt.index("<|image_pad|>") < prompt.index("Target")        # images first, then the text
 
 
-def test_logprobs_from_one_forward_match_generates_logits(policy, sample):
-    """Re-scoring prompt + completion in one forward reproduces generate's own distribution (pitfalls 2, 6)."""
-    inputs, _ = sr.policy_inputs(policy, [sample.map, sample.sat], sr.STAGE1_PROMPT, sample.text)
+def test_logprobs_from_one_forward_match_generates_logits(policy, sample, monkeypatch):
+    """Re-scoring prompt + completion in one forward reproduces generate's own distribution (pitfalls 2, 6),
+    for prompts of different lengths sampled together: left-padded for generate, right-padded when scored."""
+    refs = sr.list_split(HERE / "data_sample", "train")[:3]
+    samples = [sr.read_sample(r) for r in refs]
+    prompts = [sr.stage1_prompt(policy, s)[0] for s in samples]                # three targets
+    prompts.insert(1, sr.stage2_inputs(policy, samples[1], np.array([[10, 20, 30, 40], [50, 50, 90, 100.5]]),
+                                       (112, 112), samples[1].mask))        # a longer, rendered prompt
+    assert len({p["input_ids"].shape[1] for p in prompts}) >= 3
+    logits, generate = [], policy.model.generate
+    def spy(**kw):                                    # sample_completions' own call, with the logits kept
+        out = generate(**kw, output_logits=True, return_dict_in_generate=True)
+        logits.append(torch.stack(out.logits, 1).float())                    # (k n, T, V) per call
+        return out.sequences
+    monkeypatch.setattr(policy.model, "generate", spy)
     torch.manual_seed(3)
-    T = 1.3
-    out = policy.model.generate(**inputs, do_sample=True, temperature=T, top_k=0, top_p=1.0, num_return_sequences=3,
-                                max_new_tokens=12, suppress_tokens=policy.vision_ids, output_logits=True,
-                                return_dict_in_generate=True, eos_token_id=policy.eos_ids, pad_token_id=policy.pad_id)
-    P = inputs["input_ids"].shape[1]
-    comps = [seq[P:] for seq in out.sequences]
+    T, n = 1.3, 3
+    seen = []                                         # patches through the vision tower
+    hook = policy.model.model.visual.register_forward_hook(lambda m, args, out: seen.append(len(args[0])))
+    try:
+        comps = sr.sample_completions(policy, prompts, n, T, top_p=1.0, top_k=0, max_new_tokens=12, batch=0)
+    finally:
+        hook.remove()
+    assert len(logits) == 1 and [len(c) for c in comps] == [n] * 4           # one generate call for all
+    assert seen == [sum(len(p["pixel_values"]) for p in prompts)]            # images once, not once per row
     # generate's raw logits -> the sampled distribution: / T, vision tokens removed
-    raw = torch.stack(out.logits, 1).float() / T                         # (3, 12, V)
+    raw = logits[0] / T
     raw[..., policy.vision_ids] = float("-inf")
-    expected = raw.log_softmax(-1).gather(-1, torch.stack(comps)[..., None]).squeeze(-1)
-    logp, mask = sr.completion_logprobs(policy, policy.model, [(inputs, c) for c in comps], T)
-    assert mask.shape == (3, 12) and mask.all()
-    assert torch.allclose(logp, expected, atol=1e-5)
+    rows = [(p, c) for p, cs in zip(prompts, comps) for c in cs]
+    logp, mask = sr.completion_logprobs(policy, policy.model, rows, T)
+    for i, (_, c) in enumerate(rows):
+        expected = raw[i, :len(c)].log_softmax(-1).gather(-1, c[:, None]).squeeze(-1)
+        assert mask[i].sum() == len(c)
+        assert torch.allclose(logp[i, :len(c)], expected, atol=1e-5)
 
 
 def test_vision_tower_runs_once_per_distinct_prompt_when_scoring(policy, sample):
@@ -737,6 +754,25 @@ def test_sam2_segmenter_with_a_random_small_model():
     assert not seg.segment(enc_a, np.zeros((0, 4))).any()               # no prompt, no SAM call, empty mask
 
 
+def test_sam2_encodes_a_batch_of_tiles_in_one_pass_like_one_at_a_time():
+    seg = sr.load_segmenter(sr.Config(sam="tiny"), CPU)
+    rng = np.random.default_rng(1)
+    tiles = [rng.integers(0, 255, hw + (3,), dtype=np.uint8) for hw in ((60, 80), (50, 50), (64, 64))]
+    calls = []
+    hook = seg.predictor.model.image_encoder.register_forward_hook(lambda *a: calls.append(1))
+    try:
+        together = sr.encode_tiles(seg, tiles)
+    finally:
+        hook.remove()
+    assert len(calls) == 1 and len(together) == 3                          # one encoder pass for three tiles
+    boxes, points = np.array([[5, 5, 40, 30], [20, 10, 45, 45]]), [np.array([[10, 10]]), np.array([[30, 20]])]
+    for tile, enc in zip(tiles, together):
+        alone = seg.encode(tile)
+        assert torch.allclose(enc["_features"]["image_embed"], alone["_features"]["image_embed"], atol=1e-4)
+        assert np.array_equal(seg.segment(enc, boxes, points), seg.segment(alone, boxes, points))
+        assert seg.segment(enc, boxes, points).shape == tile.shape[:2]
+
+
 def test_invalid_prompts_never_reach_the_segmenter():
     """Out-of-image geometry is clipped; a box with no area left is dropped, and with it its points."""
     seg = BoxFiller()
@@ -761,7 +797,7 @@ def test_two_stage_rollout_converts_frames_and_carries_the_chosen_boxes(policy, 
     g1 = sr.Group(1, {}, model_hw, [None] * 2, ["", ""], [junk, carried])
     sampling = dict(temperature=1.0, top_p=1.0, top_k=0, max_new_tokens=8)
     coarse = sr.segment_answer(seg, enc, g1.answers[1], model_hw, mask_hw)    # carry answer g* = 1
-    g2 = sr.stage2_rollout(policy, sample, g1, 1, coarse, 3, sampling)
+    g2, = sr.rollout(policy, 2, [sr.stage2_prompt(policy, sample, g1, 1, coarse)], 3, sampling)
     assert seg.calls[-1][0].tolist() == [[20, 40, 60, 80], [200, 200, 224, 224]]  # mask frame, clipped
     assert coarse.sum() == 40 * 40 + 24 * 24
     prompt = policy.processor.tokenizer.decode(g2.inputs["input_ids"][0])
@@ -907,6 +943,24 @@ def test_cli_infer_with_random_sam2(tmp_path):
     assert Image.open(tmp_path / "mask.png").size == Image.open(sat).size
 
 
+def test_cli_infer_a_folder_of_tiles_in_batches(tmp_path):
+    sr.make_synthetic_data(tmp_path / "data", n_train=0, n_val=3, seed=2)
+    tiles = tmp_path / "data" / "val"
+    for d in tiles.iterdir():
+        (d / "mask.png").unlink()                                        # no ground truth needed
+    r = run_cli("infer", str(tiles), "--tiny", "--generation-batch", "2", "--out", str(tmp_path / "out"))
+    assert r.returncode == 0, r.stderr
+    for d in tiles.iterdir():
+        target = json.loads((d / "question.json").read_text())["problem"]
+        assert f'{d.name}: "{target}"' in r.stdout
+        mask = Image.open(tmp_path / "out" / d.name / "mask.png")
+        assert mask.size == Image.open(d / "sat.png").size
+        overlay = Image.open(tmp_path / "out" / d.name / "overlay.png")
+        assert overlay.size == (2 * mask.size[0], 2 * mask.size[1])
+    r = run_cli("infer", str(tiles / "val_0000" / "sat.png"), "--tiny")
+    assert r.returncode != 0 and "SAT MAP TEXT" in r.stderr and "Traceback" not in r.stderr
+
+
 def test_cli_errors_are_one_line(tmp_path):
     r = run_cli("infer", str(tmp_path / "nope.png"), str(tmp_path / "nope.png"), "park", "--tiny")
     assert r.returncode != 0 and r.stderr.strip().count("\n") == 0
@@ -927,8 +981,9 @@ def test_cli_eval_metrics_agree_with_the_written_masks(sft_checkpoint, tmp_path)
     r = run_cli("eval", "--tiny", "--model", str(ckpt), "--data", str(data), "--split", "train", "--pictures",
                 "--out", str(tmp_path))
     assert r.returncode == 0, r.stderr
-    assert "cIoU" in r.stdout and "s per sample" in r.stdout
+    assert "cIoU" in r.stdout and "s per sample" in r.stdout and "stage-1 mask kept" in r.stdout
     m = json.loads((tmp_path / "metrics.json").read_text())
+    assert 0 <= m["stage2_fallbacks"] <= m["n"]
     refs = sr.list_split(data, "train")
     preds = [np.asarray(Image.open(tmp_path / "masks" / f"{ref.id}.png")) > 0 for ref in refs]
     gts = [sr.read_sample(ref).mask for ref in refs]
@@ -937,6 +992,41 @@ def test_cli_eval_metrics_agree_with_the_written_masks(sft_checkpoint, tmp_path)
     for k in ("cIoU", "gIoU", "F1", "n"):
         assert m[k] == pytest.approx(again[k])
     assert all((tmp_path / "pictures" / f"{ref.id}.png").exists() for ref in refs)
+
+
+class TileRecorder(BoxFiller):
+    """BoxFiller that keeps every tile it is asked to encode."""
+
+    def encode(self, image):
+        self.calls.append(np.asarray(image).copy())
+        return super().encode(image)
+
+
+def test_evaluate_batches_like_one_sample_at_a_time_and_counts_stage2_fallbacks(policy):
+    refs = sr.list_split(HERE / "data_sample", "val")[:3]
+    cfg = sr.Config(max_new_tokens=8, generation_batch=1)
+    torch.manual_seed(0)
+    m = sr.evaluate(policy, BoxFiller(), refs, cfg)
+    torch.manual_seed(0)                                 # batch of one = the per-sample path, draw for draw
+    preds = [sr.predict(policy, BoxFiller(), sr.read_sample(r), cfg) for r in refs]
+    again = sr.segmentation_metrics([p.final for p in preds], [sr.read_sample(r).mask for r in refs])
+    assert {k: m[k] for k in again} == again
+    # a random policy writes no well-formed 8-token stage-2 answer: every final mask is stage 1's
+    assert m["stage2_fallbacks"] == sum(p.fallback for p in preds) == 3
+    # greedy decoding: all samples in one batch (left-padded prompts) predict what one at a time does
+    greedy = sr.Config(max_new_tokens=8, infer_top_k=1)
+    one = [sr.predict(policy, BoxFiller(), sr.read_sample(r), greedy) for r in refs]
+    batched = sr.predict_batch(policy, BoxFiller(), [sr.read_sample(r) for r in refs], greedy)
+    assert [g.texts for p in one for g, _ in p.stages] == [g.texts for p in batched for g, _ in p.stages]
+
+
+@pytest.mark.parametrize("images", ["blank", "shuffled"])
+def test_blank_and_shuffled_tiles_change_only_what_the_policy_sees(policy, images):
+    refs = sr.list_split(HERE / "data_sample", "val")[:2]
+    seg = TileRecorder()
+    sr.evaluate(policy, seg, refs, sr.Config(max_new_tokens=4, stage1_only=True), images=images)
+    real = [np.asarray(sr.read_sample(r).sat) for r in refs]
+    assert len(seg.calls) == 2 and all(np.array_equal(a, b) for a, b in zip(seg.calls, real))
 
 
 def test_ablation_single_stage_trains_and_predicts_with_one_answer(sample):
