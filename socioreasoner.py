@@ -1956,13 +1956,18 @@ PLACE_KINDS = {
 }
 
 
-def _random_polygon(rng: np.random.Generator, size: int) -> list[tuple]:
-    """An irregular polygon somewhere in a size x size tile, roughly 20%-45% of the side across."""
-    r = rng.uniform(0.13, 0.24) * size
-    cx, cy = rng.uniform(r, size - r, 2)
-    angles = np.sort(rng.uniform(0, 2 * np.pi, rng.integers(5, 9)))
-    radii = r * rng.uniform(0.7, 1.0, len(angles))
-    return [(float(cx + rr * np.cos(a)), float(cy + rr * np.sin(a))) for a, rr in zip(angles, radii)]
+def _random_block(rng: np.random.Generator, size: int, notch: bool = True) -> np.ndarray:
+    """A place as a city block: a rectangle 18%-45% of the tile's side across, with one corner cut away (so
+    its box covers more than the place, and stage 2 has something to refine). (size, size) bool."""
+    w, h = (rng.uniform(0.18, 0.45, 2) * size).astype(int)
+    x, y = rng.integers(0, size - w), rng.integers(0, size - h)
+    block = np.zeros((size, size), bool)
+    block[y:y + h, x:x + w] = True
+    if notch:
+        nw, nh = (rng.uniform(0.3, 0.5, 2) * (w, h)).astype(int)
+        nx, ny = (x, x + w - nw)[rng.integers(2)], (y, y + h - nh)[rng.integers(2)]
+        block[ny:ny + nh, nx:nx + nw] = False
+    return block
 
 
 def make_synthetic_sample(rng: np.random.Generator, size: int = 224, kinds_per_tile: int = 2):
@@ -1972,13 +1977,12 @@ def make_synthetic_sample(rng: np.random.Generator, size: int = 224, kinds_per_t
     base = rng.uniform(100, 140, 3)
     wave = np.sin(xx / rng.uniform(9, 20) + rng.uniform(0, 6)) * np.cos(yy / rng.uniform(9, 20))
     sat = base[None, None] + 10 * wave[..., None]
-    gradient = np.stack([60 + 170 * xx / size, 60 + 170 * yy / size, np.full(xx.shape, 255.0)], -1)
+    gradient = np.stack([80 + 150 * xx / size, 80 + 150 * yy / size, np.full(xx.shape, 200.0)], -1)
     map_img = Image.fromarray(gradient.astype(np.uint8))
     map_draw = ImageDraw.Draw(map_img)
     for _ in range(rng.integers(1, 3)):                                 # roads: white on the map, dark below
         horizontal, at, w = rng.random() < 0.5, rng.integers(0, size), int(rng.integers(3, 6))
         line = [(0, at), (size, at)] if horizontal else [(at, 0), (at, size)]
-        map_draw.line(line, fill=(255, 255, 255), width=w + 2)
         road = Image.new("L", (size, size))
         ImageDraw.Draw(road).line(line, fill=255, width=w)
         sat[np.asarray(road) > 0] = (60, 60, 62)
@@ -1986,9 +1990,7 @@ def make_synthetic_sample(rng: np.random.Generator, size: int = 224, kinds_per_t
     places = []                                                         # (kind, (H, W) bool)
     for kind in rng.permutation(list(PLACE_KINDS))[:kinds_per_tile]:
         for _attempt in range(50):
-            layer = Image.new("L", (size, size))
-            ImageDraw.Draw(layer).polygon(_random_polygon(rng, size), fill=255)
-            region = np.asarray(layer) > 0
+            region = _random_block(rng, size)
             grown = ndimage.binary_dilation(region, iterations=4)
             if not (grown & taken).any():
                 taken |= grown
@@ -2005,8 +2007,6 @@ def make_synthetic_sample(rng: np.random.Generator, size: int = 224, kinds_per_t
             look += 45 * ((yy // 3) % 4 == 0)[..., None]
         sat[region] = look[region]
         map_draw.bitmap((0, 0), Image.fromarray(region.astype(np.uint8) * 255).convert("1"), fill=fill)
-        ys, xs = np.nonzero(region)
-        map_draw.ellipse([xs.mean() - 3, ys.mean() - 3, xs.mean() + 3, ys.mean() + 3], fill=icon)
     kind, mask = places[rng.integers(len(places))]
     text = kind if rng.random() < 0.5 else PLACE_KINDS[kind][0]
     return Image.fromarray(sat.clip(0, 255).astype(np.uint8)), map_img, mask, text
