@@ -71,15 +71,17 @@ def hp(default, doc):
 @dataclass
 class Config:
     # --- models -------------------------------------------------------------------------------------------
-    model: str = hp("Qwen/Qwen2.5-VL-3B-Instruct", "policy to start from: hub id, local folder, or 'tiny'")
+    model: str = hp("Qwen/Qwen2.5-VL-3B-Instruct", "the policy (for training, the start): hub id, local folder "
+                    "such as runs/NAME/checkpoint, or 'tiny' (random weights)")
     sam: str = hp("facebook/sam2-hiera-large", "SAM 2 (frozen): hub id, local .pt checkpoint, 'tiny' (random "
                   "weights) or 'grow' (a weights-free stand-in)")
     sam_config: str = hp("configs/sam2/sam2_hiera_l.yaml", "sam2 config used with a local .pt checkpoint")
-    prompts: str = hp("", "JSON file replacing our prompt wording: keys stage1, stage2, single (any of them); "
-                      "placeholders {target} (required), {w} {h} (model-frame size), and in stage2 {boxes} or "
-                      "{boxes_json}; literal braces doubled")
+    prompts: str = hp("", "JSON file replacing our prompt wording: keys stage1, stage2, single (any of "
+                      "them); placeholders {target} (required), {w} {h} (model-frame size), and in stage2 "
+                      "{boxes} or {boxes_json}; literal braces doubled")
     # --- data ---------------------------------------------------------------------------------------------
-    data: str = hp("data_sample", "SocioSeg root: <data>/<split>/<id>/{sat,map,mask}.png + question.json")
+    data: str = hp("data_sample", "SocioSeg root: <data>/<split>/<id>/{sat,map,mask}.png + question.json, "
+                   "or <split>-*.parquet shards below it")
     split: str = hp("train", "split to train on")
     out: str = hp("runs/train", "run folder: checkpoint/, log.jsonl (and warmup/, eval.json)")
     # --- GRPO (A.2.3) -------------------------------------------------------------------------------------
@@ -159,15 +161,23 @@ INFER_DEFAULTS = dict(model="vvangfaye/SocioReasoner-3B", out="runs/infer")
 EVAL_DEFAULTS = dict(INFER_DEFAULTS, out="runs/eval")
 SFT_DEFAULTS = dict(sft_steps=500, out="runs/sft")
 DEMO_OUT = "runs/demo"              # --tiny runs write here (runs/demo-sft, ... for the other commands), so
-DATA_SAMPLE_SIZES = (256, 32)       # that a demo never occupies the folder of a real run; tiles in data_sample/
+                                    # that a demo never occupies the folder of a real run
+DATA_SAMPLE_SIZES = (256, 32)       # train, val tiles in data_sample/
+
+
+def demo_out(command: str) -> str:
+    return DEMO_OUT if command == "train" else f"{DEMO_OUT}-{command}"
 
 
 def _add_config_flags(parser: argparse.ArgumentParser, names: list, defaults: dict, out_doc: str = ""):
     fields = {f.name: f for f in dataclasses.fields(Config)}
     shown = lambda v: "''" if v == "" else v
     tiny = " ".join(f"--{k.replace('_', '-')} {shown(v)}" for k, v in TINY_DEFAULTS.items() if k in names)
-    parser.add_argument("--tiny", action="store_true", help=f"offline demo: {tiny} (flags given still win); "
-                        f"output in {DEMO_OUT}[-COMMAND] unless --out is given")
+    command = parser.prog.split()[-1]
+    out = f"; --out {demo_out(command)}" if "out" in names else ""
+    random = "; unless --model is given the policy is random" if command in ("infer", "eval") else ""
+    parser.add_argument("--tiny", action="store_true", help=f"offline demo: {tiny}{out} (flags given still "
+                        f"win){random}")
     parser.add_argument("--threads", type=int, default=None,
                         help="CPU threads for torch (default: torch's own choice, one per core)")
     for name in names:
@@ -205,8 +215,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("make-data", help="write synthetic SocioSeg-style train/ and val/ splits")
     p.add_argument("--out", default="data_sample", help="folder to write train/ and val/ into (default "
                    "data_sample)")
-    p.add_argument("--train", type=int, default=DATA_SAMPLE_SIZES[0], help="training tiles (default %(default)s)")
-    p.add_argument("--val", type=int, default=DATA_SAMPLE_SIZES[1], help="held-out tiles (default %(default)s)")
+    p.add_argument("--train", type=int, default=DATA_SAMPLE_SIZES[0],
+                   help="training tiles (default %(default)s)")
+    p.add_argument("--val", type=int, default=DATA_SAMPLE_SIZES[1],
+                   help="held-out tiles (default %(default)s)")
     p.add_argument("--size", type=int, default=224, help="tile side in pixels (default %(default)s)")
     p.add_argument("--seed", type=int, default=0, help="random seed of the generator (default %(default)s)")
     return parser
@@ -217,10 +229,12 @@ def build_parser() -> argparse.ArgumentParser:
 # ============================================================================================================
 # torch runs CPU kernels on an OpenMP pool of one thread per core, whose idle threads by default spin
 # (busy-wait) for the next parallel region. When another process keeps a core busy, the spinning threads
-# compete with it, and every region waits for its slowest, descheduled thread. Measured on 2 cores beside
-# one CPU-bound process, an SFT step of the demo took PLACEHOLDER. With OMP_WAIT_POLICY=PASSIVE idle
-# threads sleep instead. OpenMP reads it once, when torch is imported, so it is set here (a value the user
-# set wins); --threads N (torch.set_num_threads) chooses the pool's size.
+# compete with it and every region waits for its slowest, descheduled thread. Measured on 2 cores already
+# shared with other work, beside one more CPU-bound process, an SFT step of the demo took 9-19 s with
+# torch's default, 1.4-2.1 s with one thread (OMP_NUM_THREADS=1) and 0.6-1.5 s with both threads and
+# OMP_WAIT_POLICY=PASSIVE, whose idle threads sleep (0.4-0.9 s without the extra process; the default, 3-6 s).
+# OpenMP reads it once, when torch is imported, so it is set here (a value the user set wins); --threads N
+# (torch.set_num_threads) chooses the pool's size.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 if __name__ == "__main__":
@@ -468,7 +482,8 @@ def load_prompts(path: str = "") -> dict:
         try:
             names = {f for _, f, _, _ in string.Formatter().parse(template) if f is not None}
         except (ValueError, TypeError, AttributeError) as e:   # a lone brace; not a string
-            problems.append(f"{key}: not a format string ({one_line(e)}; literal braces are written {{{{ }}}})")
+            problems.append(f"{key}: not a format string ({one_line(e)}; literal braces are written "
+                            f"{{{{ }}}})")
             continue
         unknown = sorted("{" + n + "}" for n in names - PROMPT_PLACEHOLDERS[key])
         missing = ["{target}"] * ("target" not in names) + \
@@ -721,13 +736,14 @@ def load_segmenter(cfg: Config, device: torch.device):
     cache_only = announce_load("SAM 2", cfg.sam)
     try:
         if Path(cfg.sam).is_file():      # a checkpoint holding {"model": state_dict}, with its config
-            return Sam2Segmenter(SAM2ImagePredictor(build_sam2(cfg.sam_config, cfg.sam, device=str(device))))
-        from huggingface_hub import hf_hub_download
-        from sam2.build_sam import HF_MODEL_ID_TO_FILENAMES          # hub id -> (config, checkpoint file)
-        if cfg.sam not in HF_MODEL_ID_TO_FILENAMES:
-            raise ValueError(f"not one of sam2's hub ids {', '.join(HF_MODEL_ID_TO_FILENAMES)}")
-        config, filename = HF_MODEL_ID_TO_FILENAMES[cfg.sam]          # what from_pretrained does, but with
-        path = hf_hub_download(cfg.sam, filename, local_files_only=cache_only)   # the cache-only switch
+            config, path = cfg.sam_config, cfg.sam
+        else:                            # as SAM2ImagePredictor.from_pretrained, with a cache-only switch
+            from huggingface_hub import hf_hub_download
+            from sam2.build_sam import HF_MODEL_ID_TO_FILENAMES      # hub id -> (config, checkpoint file)
+            if cfg.sam not in HF_MODEL_ID_TO_FILENAMES:
+                raise ValueError(f"not one of sam2's hub ids {', '.join(HF_MODEL_ID_TO_FILENAMES)}")
+            config, filename = HF_MODEL_ID_TO_FILENAMES[cfg.sam]
+            path = hf_hub_download(cfg.sam, filename, local_files_only=cache_only)
         return Sam2Segmenter(SAM2ImagePredictor(build_sam2(config, path, device=str(device))))
     except Exception as e:
         raise load_error("SAM 2", cfg.sam, "--sam", e) from None
@@ -864,8 +880,8 @@ def make_policy(model, processor, device) -> Policy:
     return Policy(model.to(device).eval(), processor, eos_ids, pad, ids(VISION_TOKENS), device)
 
 
-# Loading from the Hugging Face hub. A hub id is downloaded once into the hub's cache (~/.cache/huggingface/hub
-# or $HF_HOME), with progress bars, and read from there afterwards. With no connection, huggingface_hub
+# Loading from the Hugging Face hub. A hub id is downloaded once into the hub's cache (~/.cache/huggingface/
+# hub or $HF_HOME), with progress bars, and read from there afterwards. With no connection, huggingface_hub
 # retries each file with back-off for minutes before giving up; instead the hub is asked once, with a short
 # timeout, and if it does not answer only the cache is read (as with HF_HUB_OFFLINE=1): a model that is
 # there loads, one that is not fails at once with the ways to go on.
@@ -898,8 +914,8 @@ def announce_load(what: str, name: str) -> bool:
         return False
     from huggingface_hub import constants
     problem = hub_problem()
-    where = f"the local cache only ({problem})" if problem else "the Hugging Face hub (downloaded once, then " \
-        f"read from {constants.HF_HUB_CACHE})"
+    where = f"the local cache only ({problem})" if problem else \
+        f"the Hugging Face hub (downloaded once, then read from {constants.HF_HUB_CACHE})"
     print(f"loading {what} {name} from {where}", flush=True)
     return problem is not None
 
@@ -915,17 +931,17 @@ def load_error(what: str, name: str, flag: str, e: Exception) -> SocioError:
     return SocioError(f"cannot load {what} '{name}': {one_line(e, None).rstrip('.')}. Ways on: {ways}")
 
 
-def load_policy(name_or_path: str, device: torch.device, what: str = "policy") -> Policy:
+def load_policy(name_or_path: str, device: torch.device) -> Policy:
     """A Qwen2.5-VL checkpoint (hub id or local folder) with its processor; weights in float32. A folder
     that holds a prompts.json (written when a run used --prompts) is asked in that wording."""
     from transformers import AutoModelForImageTextToText, AutoProcessor
-    cache_only = announce_load(what, name_or_path)
+    cache_only = announce_load("policy", name_or_path)
     try:
         processor = AutoProcessor.from_pretrained(name_or_path, local_files_only=cache_only)
         model = AutoModelForImageTextToText.from_pretrained(name_or_path, dtype=torch.float32,
                                                             local_files_only=cache_only)
     except Exception as e:
-        raise load_error(what, name_or_path, "--model", e) from None
+        raise load_error("policy", name_or_path, "--model", e) from None
     policy = make_policy(model, processor, device)
     saved = Path(name_or_path) / "prompts.json"
     if saved.is_file():
@@ -1449,7 +1465,8 @@ def sft_examples(policy, segmenter, sample: Sample, n_points: int, rng: np.rando
     end = policy.processor.tokenizer.eos_token_id                                # <|im_end|>: the turn ends
     tokens = lambda text: torch.tensor(policy.processor.tokenizer(text)["input_ids"] + [end])
     if single_stage:       # the paper's SFT baseline proper: one prompt, boxes and points
-        return [(policy_inputs(policy, [sample.map, sample.sat], policy.prompts["single"], sample.text)[0], tokens(target2))]
+        inputs, _ = policy_inputs(policy, [sample.map, sample.sat], policy.prompts["single"], sample.text)
+        return [(inputs, tokens(target2))]
     size = boxes_model[:, 2:] - boxes_model[:, :2]
     jitter = rng.uniform(-0.1, 0.1, boxes_model.shape) * np.tile(size, 2)
     attempt = [{"bbox_2d": b} for b in clip_prompts(np.round(boxes_model + jitter), None, model_hw)[0]]
@@ -1801,7 +1818,7 @@ def prediction_picture(sample: Sample, pred: Prediction, max_side: int = 1024) -
             words = words[:-4] + "..."
         draw.text(xy, words, fill="black", font=font)
     text((4, 2), f'target: "{sample.text}"')
-    x, y, r = 4, line + 2, fs // 2                                      # legend: map | satellite, then swatches
+    x, y, r = 4, line + 2, fs // 2                                # the legend: which tile is which, swatches
     text((x, y), "left: map, right: satellite;")
     x += font.getlength("left: map, right: satellite;") + fs
     for name in ("box", "point", "mask"):
@@ -1811,7 +1828,8 @@ def prediction_picture(sample: Sample, pred: Prediction, max_side: int = 1024) -
             draw.ellipse([x + fs / 2 - r, y + fs / 2 - r, x + fs / 2 + r, y + fs / 2 + r], fill=POINT_RGB,
                          outline=(0, 0, 0))
         else:
-            draw.rectangle([x, y + 2, x + fs, y + fs], fill=tuple(round(0.6 * 255 + 0.4 * c) for c in MASK_RGB))
+            shade = tuple(round(0.6 * 255 + 0.4 * c) for c in MASK_RGB)          # as render() on white
+            draw.rectangle([x, y + 2, x + fs, y + fs], fill=shade)
         draw.text((x + fs + 4, y), name, fill="black", font=font)
         x += fs + 4 + font.getlength(name) + fs
     for row, (group, mask) in enumerate(pred.stages):
@@ -1856,8 +1874,8 @@ def infer(cfg: Config, sat_path: str, map_path: str, text: str):
     if not text:
         raise SocioError('the target is empty: name what to find, e.g. "school" or "a certain university"')
     if len(text) > MAX_TARGET_CHARS:
-        raise SocioError(f"the target is {len(text):,} characters long; at most {MAX_TARGET_CHARS} are accepted "
-                         f"(targets are a few words, e.g. \"school\")")
+        raise SocioError(f"the target is {len(text):,} characters long; at most {MAX_TARGET_CHARS} are "
+                         f"accepted (targets are a few words, e.g. \"school\")")
     sat, map_img = read_tile(sat_path, "satellite"), read_tile(map_path, "map")
     if sat.size != map_img.size:
         raise SocioError(f"{sat_path} is {sat.size[0]}x{sat.size[1]} but {map_path} is "
@@ -2131,9 +2149,8 @@ def flags_given(args) -> dict:
 
 
 def config_from_args(args, defaults: dict) -> Config:
-    """Flags given win; then --tiny's defaults (and its own output folder); then the command's; then Config's."""
-    tiny = {**TINY_DEFAULTS, "out": DEMO_OUT + ("" if args.command == "train" else f"-{args.command}")} \
-        if args.tiny else {}
+    """Flags given win; then --tiny's defaults (and its output folder); then the command's; then Config's."""
+    tiny = {**TINY_DEFAULTS, "out": demo_out(args.command)} if args.tiny else {}
     return Config(**{**defaults, **tiny, **flags_given(args)})
 
 

@@ -932,8 +932,8 @@ def cli_error(*args) -> str:
 
 
 def test_help_is_answered_before_torch_is_imported_and_describes_every_flag():
-    code = ("import runpy, sys\nsys.argv = ['socioreasoner.py', 'train', '--help']\n"
-            "try:\n    runpy.run_path('socioreasoner.py', run_name='__main__')\nexcept SystemExit:\n    pass\n"
+    code = ("import runpy, sys\nsys.argv = ['socioreasoner.py', 'train', '--help']\ntry:\n"
+            "    runpy.run_path('socioreasoner.py', run_name='__main__')\nexcept SystemExit:\n    pass\n"
             "print('torch imported:', 'torch' in sys.modules)")
     r = subprocess.run([sys.executable, "-c", code], cwd=HERE, capture_output=True, text=True, timeout=120)
     assert r.stdout.strip().endswith("torch imported: False"), r.stderr
@@ -942,7 +942,8 @@ def test_help_is_answered_before_torch_is_imported_and_describes_every_flag():
         text = sub.format_help()
         assert "{'" not in text and "(default )" not in text, command      # a dict; an empty default
         assert all(a.help for a in sub._actions), command                  # every flag has a line
-    helps = {a.dest: a.help for a in sr.build_parser()._subparsers._group_actions[0].choices["infer"]._actions}
+    infer = sr.build_parser()._subparsers._group_actions[0].choices["infer"]
+    helps = {a.dest: a.help for a in infer._actions}
     assert "grow" in helps["sam"] and "mask.png" in helps["out"] and "checkpoint" not in helps["out"]
 
 
@@ -989,7 +990,8 @@ def test_infer_refuses_bad_inputs_with_one_line(tmp_path):
     tile = HERE / "data_sample" / "val" / "val_0000"
     broken = tmp_path / "broken.png"
     broken.write_bytes((tile / "sat.png").read_bytes()[:2000])                   # cut off mid-file
-    msg = cli_error("infer", str(broken), str(tile / "map.png"), "park", "--tiny", "--out", str(tmp_path / "o"))
+    msg = cli_error("infer", str(broken), str(tile / "map.png"), "park", "--tiny", "--out",
+                    str(tmp_path / "o"))
     assert "broken.png" in msg and "truncated" in msg
     assert "empty" in cli_error("infer", str(tile / "sat.png"), str(tile / "map.png"), "  ", "--tiny")
     msg = cli_error("infer", str(tile / "sat.png"), str(tile / "map.png"), "x" * 10_000, "--tiny")
