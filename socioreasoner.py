@@ -71,8 +71,8 @@ def hp(default, doc):
 @dataclass
 class Config:
     # --- models -------------------------------------------------------------------------------------------
-    model: str = hp("Qwen/Qwen2.5-VL-3B-Instruct", "the policy (for training, the start): hub id, local folder "
-                    "such as runs/NAME/checkpoint, or 'tiny' (random weights)")
+    model: str = hp("Qwen/Qwen2.5-VL-3B-Instruct", "the policy (for training, the start): hub id, local "
+                    "folder such as runs/NAME/checkpoint, or 'tiny' (random weights)")
     sam: str = hp("facebook/sam2-hiera-large", "SAM 2 (frozen): hub id, local .pt checkpoint, 'tiny' (random "
                   "weights) or 'grow' (a weights-free stand-in)")
     sam_config: str = hp("configs/sam2/sam2_hiera_l.yaml", "sam2 config used with a local .pt checkpoint")
@@ -901,8 +901,8 @@ def hub_problem() -> Optional[str]:
     if constants.HF_HUB_OFFLINE:
         return "HF_HUB_OFFLINE is set"
     try:
-        get_session().head(constants.ENDPOINT, timeout=HUB_TIMEOUT)
-        return None
+        status = get_session().head(constants.ENDPOINT, timeout=HUB_TIMEOUT).status_code
+        return None if status < 400 else f"{constants.ENDPOINT} answered HTTP {status}"
     except Exception as e:  # no route, no name resolution, a timeout, a proxy refusing, ...
         return f"no answer from {constants.ENDPOINT}: {one_line(e, None)}"
 
@@ -2192,11 +2192,10 @@ def main(argv=None):
     except KeyboardInterrupt:
         if args.command not in ("train", "sft") or cfg is None:
             sys.exit("interrupted")
-        if latest_checkpoint(Path(cfg.out)) is None:
-            sys.exit(f"interrupted before the first checkpoint: nothing to resume; run the command again "
-                     f"(without --resume)")
-        sys.exit(f"interrupted: continue from {latest_checkpoint(Path(cfg.out))} with the same command and "
-                 f"--resume")
+        ckpt = latest_checkpoint(Path(cfg.out))
+        sys.exit("interrupted before the first checkpoint: nothing to resume; run the command again (without "
+                 "--resume)" if ckpt is None else f"interrupted: continue from {ckpt} with the same command "
+                 "and --resume")
 
 
 if __name__ == "__main__":
