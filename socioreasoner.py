@@ -1818,20 +1818,14 @@ def prediction_picture(sample: Sample, pred: Prediction, max_side: int = 1024) -
             words = words[:-4] + "..."
         draw.text(xy, words, fill="black", font=font)
     text((4, 2), f'target: "{sample.text}"')
-    x, y, r = 4, line + 2, fs // 2                                # the legend: which tile is which, swatches
-    text((x, y), "left: map, right: satellite;")
-    x += font.getlength("left: map, right: satellite;") + fs
-    for name in ("box", "point", "mask"):
-        if name == "box":
-            draw.rectangle([x, y + 2, x + fs, y + fs], outline=BOX_RGB, width=max(2, fs // 8))
-        elif name == "point":
-            draw.ellipse([x + fs / 2 - r, y + fs / 2 - r, x + fs / 2 + r, y + fs / 2 + r], fill=POINT_RGB,
-                         outline=(0, 0, 0))
-        else:
-            shade = tuple(round(0.6 * 255 + 0.4 * c) for c in MASK_RGB)          # as render() on white
-            draw.rectangle([x, y + 2, x + fs, y + fs], fill=shade)
+    x, y = 4 + font.getlength("left: map, right: satellite; "), line + 2       # the legend, with swatches
+    text((4, y), "left: map, right: satellite;")
+    for name, style in {"box": dict(outline=BOX_RGB, width=max(2, fs // 8)),
+                        "point": dict(fill=POINT_RGB, outline=(0, 0, 0)),
+                        "mask": dict(fill=tuple(round(0.6 * 255 + 0.4 * c) for c in MASK_RGB))}.items():
+        (draw.ellipse if name == "point" else draw.rectangle)([x, y + 2, x + fs, y + fs], **style)
         draw.text((x + fs + 4, y), name, fill="black", font=font)
-        x += fs + 4 + font.getlength(name) + fs
+        x += 2 * fs + 4 + font.getlength(name)
     for row, (group, mask) in enumerate(pred.stages):
         name = {1: "stage 1: boxes -> coarse mask", 2: "stage 2: boxes + points -> final mask"}[group.stage]
         if len(pred.stages) == 1:
