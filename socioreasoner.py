@@ -2151,7 +2151,9 @@ def config_from_args(args, defaults: dict) -> Config:
 def main(argv=None):
     """Run a command: argv is a list of arguments (sys.argv[1:] when None) or an already parsed namespace."""
     args = argv if isinstance(argv, argparse.Namespace) else build_parser().parse_args(argv)
-    if getattr(args, "threads", None):
+    if getattr(args, "threads", None) is not None:
+        if args.threads < 1:
+            sys.exit("error: --threads must be at least 1")
         torch.set_num_threads(args.threads)
     from huggingface_hub import constants as hub_constants
     from huggingface_hub.utils import enable_progress_bars
