@@ -40,23 +40,23 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
+import functools
 import io
 import json
 import math
 import os
 import re
+import shlex
 import shutil
+import string
 import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
-import numpy as np
-import torch
-from PIL import Image, ImageDraw
-from scipy import ndimage
-from scipy.optimize import linear_sum_assignment
+# Only the standard library up to the command-line parser: `--help` and mistyped flags are answered in a
+# fraction of a second, before torch and transformers are imported (seconds, more on a cold disk).
 
 
 # ============================================================================================================
@@ -71,13 +71,19 @@ def hp(default, doc):
 @dataclass
 class Config:
     # --- models -------------------------------------------------------------------------------------------
-    model: str = hp("Qwen/Qwen2.5-VL-3B-Instruct", "policy to start from: hub id, local folder, or 'tiny'")
-    sam: str = hp("facebook/sam2-hiera-large", "SAM 2 (frozen): hub id, local .pt checkpoint, or 'tiny'")
+    model: str = hp("Qwen/Qwen2.5-VL-3B-Instruct", "the policy (for training, the start): hub id, local "
+                    "folder such as runs/NAME/checkpoint, or 'tiny' (random weights)")
+    sam: str = hp("facebook/sam2-hiera-large", "SAM 2 (frozen): hub id, local .pt checkpoint, 'tiny' (random "
+                  "weights) or 'grow' (a weights-free stand-in)")
     sam_config: str = hp("configs/sam2/sam2_hiera_l.yaml", "sam2 config used with a local .pt checkpoint")
+    prompts: str = hp("", "JSON file replacing our prompt wording: keys stage1, stage2, single (any of "
+                      "them); placeholders {target} (required), {w} {h} (model-frame size), and in stage2 "
+                      "{boxes} or {boxes_json}; literal braces doubled")
     # --- data ---------------------------------------------------------------------------------------------
-    data: str = hp("data_sample", "SocioSeg root: <data>/<split>/<id>/{sat,map,mask}.png + question.json")
+    data: str = hp("data_sample", "SocioSeg root: <data>/<split>/<id>/{sat,map,mask}.png + question.json, "
+                   "or <split>-*.parquet shards below it")
     split: str = hp("train", "split to train on")
-    out: str = hp("runs/train", "run folder: checkpoint/, log.jsonl")
+    out: str = hp("runs/train", "run folder: checkpoint/, log.jsonl (and warmup/, eval.json)")
     # --- GRPO (A.2.3) -------------------------------------------------------------------------------------
     steps: int = hp(250, "RL steps T of Algorithm 1")
     rollout_batch: int = hp(128, "prompts per RL step (the paper's rollout batch)")
@@ -145,6 +151,108 @@ class SocioError(Exception):
 
 
 # ============================================================================================================
+# Command-line flags, built from Config (the commands themselves are at the end of the file)
+# ============================================================================================================
+
+TRAIN_FLAGS = [f.name for f in dataclasses.fields(Config) if not f.name.startswith("infer_")]
+GRPO_ONLY = {"steps", "rollout_batch", "group_size", "lr", "clip_eps", "kl_beta", "temperature", "select",
+             "points_mu", "stage1_only"}
+SFT_FLAGS = [f for f in TRAIN_FLAGS if f not in GRPO_ONLY]
+BENCH_FLAGS = [f for f in TRAIN_FLAGS if f not in ("out", "resume", "save_every", "eval_split", "eval_limit")]
+INFER_FLAGS = ["model", "sam", "sam_config", "prompts", "out", "seed", "max_new_tokens", "single_stage",
+               "stage1_only", "infer_temperature", "infer_top_p", "infer_top_k", "generation_batch"]
+INFER_DEFAULTS = dict(model="vvangfaye/SocioReasoner-3B", out="runs/infer")
+EVAL_DEFAULTS = dict(INFER_DEFAULTS, out="runs/eval")
+SFT_DEFAULTS = dict(sft_steps=500, out="runs/sft")
+DEMO_OUT = "runs/demo"              # --tiny runs write here (runs/demo-sft, ... for the other commands), so
+                                    # that a demo never occupies the folder of a real run
+DATA_SAMPLE_SIZES = (256, 32)       # train, val tiles in data_sample/
+
+
+def demo_out(command: str) -> str:
+    return DEMO_OUT if command == "train" else f"{DEMO_OUT}-{command}"
+
+
+def _add_config_flags(parser: argparse.ArgumentParser, names: list, defaults: dict, out_doc: str = ""):
+    fields = {f.name: f for f in dataclasses.fields(Config)}
+    shown = lambda v: "''" if v == "" else v
+    tiny = " ".join(f"--{k.replace('_', '-')} {shown(v)}" for k, v in TINY_DEFAULTS.items() if k in names)
+    command = parser.prog.split()[-1]
+    out = f"; --out {demo_out(command)}" if "out" in names else ""
+    random = "; unless --model is given the policy is random" if command in ("infer", "eval") else ""
+    parser.add_argument("--tiny", action="store_true", help=f"offline demo: {tiny}{out} (flags given still "
+                        f"win){random}")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="CPU threads for torch (default: torch's own choice, one per core)")
+    for name in names:
+        f, flag = fields[name], "--" + name.replace("_", "-")
+        doc = (out_doc if name == "out" and out_doc else f.metadata["doc"]).replace("%", "%%")  # argparse's %
+        if f.type == "bool":
+            parser.add_argument(flag, action="store_true", default=None, help=doc)
+        else:
+            parser.add_argument(flag, type=type(f.default), default=None,
+                                help=f"{doc} (default {shown(defaults.get(name, f.default))})")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="socioreasoner.py", description=__doc__.split("\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("train", help="two-stage GRPO training (Algorithm 1), after an optional SFT warm-up")
+    _add_config_flags(p, TRAIN_FLAGS, {})
+    p = sub.add_parser("sft", help="the paper's SFT baseline (A.2.3): supervised steps only, no GRPO")
+    _add_config_flags(p, SFT_FLAGS, SFT_DEFAULTS)
+    p = sub.add_parser("infer", help="segment one place: infer SAT MAP \"school\"; tiles: infer DIR [TEXT]")
+    p.add_argument("sat", help="satellite tile (PNG/JPEG), or a folder DIR of <id>/{sat,map}.png tiles")
+    p.add_argument("map", nargs="?", help="digital-map tile, same size, pixel-aligned (after DIR: the TEXT)")
+    p.add_argument("text", nargs="?", help="the target, e.g. \"school\", \"a certain university\"")
+    _add_config_flags(p, INFER_FLAGS, INFER_DEFAULTS, "folder for mask.png (the final mask, the tile's size) "
+                      "and overlay.png (a picture of both stages)")
+    p = sub.add_parser("eval", help="cIoU, gIoU, F1 and seconds per sample of a model on a split (Table 1)")
+    p.add_argument("--split", default="val", help="split to evaluate (default val)")
+    p.add_argument("--limit", type=int, default=0, help="evaluate the first N samples only (default all)")
+    p.add_argument("--pictures", action="store_true", help="also write a Fig.-3-style picture per sample")
+    _add_config_flags(p, ["data", "skip_bad"] + INFER_FLAGS, EVAL_DEFAULTS,
+                      "folder for metrics.json and masks/<id>.png (and pictures/ with --pictures)")
+    p = sub.add_parser("bench", help="time and memory of a few training steps, by kind of work")
+    p.add_argument("--bench-steps", type=int, default=3, help="training steps to time (default 3)")
+    _add_config_flags(p, BENCH_FLAGS, {})
+    p = sub.add_parser("make-data", help="write synthetic SocioSeg-style train/ and val/ splits")
+    p.add_argument("--out", default="data_sample", help="folder to write train/ and val/ into (default "
+                   "data_sample)")
+    p.add_argument("--train", type=int, default=DATA_SAMPLE_SIZES[0],
+                   help="training tiles (default %(default)s)")
+    p.add_argument("--val", type=int, default=DATA_SAMPLE_SIZES[1],
+                   help="held-out tiles (default %(default)s)")
+    p.add_argument("--size", type=int, default=224, help="tile side in pixels (default %(default)s)")
+    p.add_argument("--seed", type=int, default=0, help="random seed of the generator (default %(default)s)")
+    p.add_argument("--kinds", type=int, default=2, help="kinds of place per tile (default %(default)s)")
+    return parser
+
+
+# ============================================================================================================
+# CPU threads
+# ============================================================================================================
+# torch runs CPU kernels on an OpenMP pool of one thread per core, whose idle threads by default spin
+# (busy-wait) for the next parallel region. When another process keeps a core busy, the spinning threads
+# compete with it and every region waits for its slowest, descheduled thread. Measured on 2 cores already
+# shared with other work, beside one more CPU-bound process, an SFT step of the demo took 9-19 s with
+# torch's default, 1.4-2.1 s with one thread (OMP_NUM_THREADS=1) and 0.6-1.5 s with both threads and
+# OMP_WAIT_POLICY=PASSIVE, whose idle threads sleep (0.4-0.9 s without the extra process; the default, 3-6 s).
+# OpenMP reads it once, when torch is imported, so it is set here (a value the user set wins); --threads N
+# (torch.set_num_threads) chooses the pool's size.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+if __name__ == "__main__":
+    ARGS = build_parser().parse_args()      # --help and usage errors end here, before the imports below
+
+import numpy as np
+import torch
+from PIL import Image, ImageDraw, ImageFont
+from scipy import ndimage
+from scipy.optimize import linear_sum_assignment
+
+
+# ============================================================================================================
 # §3, A.1.1 — SocioSeg data
 # ============================================================================================================
 # A sample is a satellite tile I_s, a digital-map tile I_m of the same place (pixel-aligned, same size), a
@@ -188,10 +296,10 @@ def _open_image(source, what: str, sample_id: Optional[str]) -> Image.Image:
         raise SocioError(f"{where}cannot read {what} image {name}: {one_line(e)}") from None
 
 
-def one_line(e: Exception) -> str:
-    """An exception as one short line, for messages to the user."""
-    text = " ".join(str(e).split())
-    return f"{type(e).__name__}: {text[:200]}" if text else type(e).__name__
+def one_line(e: Exception, limit: Optional[int] = 200) -> str:
+    """An exception as one line (cut at `limit` characters; None = whole), for messages to the user."""
+    text = " ".join(str(e).split())[:limit]
+    return f"{type(e).__name__}: {text}" if text else type(e).__name__
 
 
 def list_split(root: str | Path, split: str, need_foreground: bool = False, skip_bad: bool = False) -> list:
@@ -348,6 +456,52 @@ SINGLE_PROMPT = (
     "<think></think>, then answer inside <answer></answer>:\n"
     "<think>...</think><answer>[{{\"bbox_2d\": [x1, y1, x2, y2], \"points\": [[x, y], [x, y]]}}]</answer>"
 )
+
+
+DEFAULT_PROMPTS = {"stage1": STAGE1_PROMPT, "stage2": STAGE2_PROMPT, "single": SINGLE_PROMPT}
+
+# Another wording (--prompts FILE, a JSON object with any of the keys above) lets a checkpoint be run with
+# the prompts it was trained with, e.g. the released SocioReasoner-3B with its authors' wording. Templates
+# are Python format strings; literal braces are doubled. Placeholders: {target} (required); {w}, {h}: the
+# model frame's width and height in pixels; in stage2 the first attempt's boxes (one of them required), as
+# {boxes} = [[x1, y1, x2, y2], ...] or {boxes_json} = [{"bbox_2d": [x1, y1, x2, y2]}, ...].
+PROMPT_PLACEHOLDERS = {"stage1": {"target", "w", "h"}, "stage2": {"target", "w", "h", "boxes", "boxes_json"},
+                       "single": {"target", "w", "h"}}
+
+
+def load_prompts(path: str = "") -> dict:
+    """Our three templates, with those given in the JSON file at `path` in their place (checked here)."""
+    if not path:
+        return dict(DEFAULT_PROMPTS)
+    try:
+        given = json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:
+        raise SocioError(f"--prompts {path}: cannot read it as JSON ({one_line(e)})") from None
+    if not isinstance(given, dict):
+        raise SocioError(f"--prompts {path}: expected a JSON object with keys {', '.join(DEFAULT_PROMPTS)}")
+    problems = []
+    for key, template in given.items():
+        if key not in PROMPT_PLACEHOLDERS:
+            problems.append(f"unknown key '{key}' (known: {', '.join(DEFAULT_PROMPTS)})")
+            continue
+        try:
+            names = {f for _, f, _, _ in string.Formatter().parse(template) if f is not None}
+        except (ValueError, TypeError, AttributeError) as e:   # a lone brace; not a string
+            problems.append(f"{key}: not a format string ({one_line(e)}; literal braces are written "
+                            f"{{{{ }}}})")
+            continue
+        unknown = sorted("{" + n + "}" for n in names - PROMPT_PLACEHOLDERS[key])
+        missing = ["{target}"] * ("target" not in names) + \
+            ["{boxes} or {boxes_json}"] * (key == "stage2" and not names & {"boxes", "boxes_json"})
+        if unknown:
+            problems.append(f"{key}: unknown placeholder(s) {' '.join(unknown)} (known: "
+                            f"{' '.join('{' + n + '}' for n in sorted(PROMPT_PLACEHOLDERS[key]))}; "
+                            f"literal braces are written {{{{ }}}})")
+        if missing:
+            problems.append(f"{key}: missing placeholder {' and '.join(missing)}")
+    if problems:
+        raise SocioError(f"--prompts {path}: " + "; ".join(problems))
+    return {**DEFAULT_PROMPTS, **given}
 
 
 def to_frame(coords: np.ndarray, src_hw: tuple, dst_hw: tuple) -> np.ndarray:
@@ -605,13 +759,20 @@ def load_segmenter(cfg: Config, device: torch.device):
         torch.manual_seed(cfg.seed)
         return Sam2Segmenter(SAM2ImagePredictor(build_sam2("configs/sam2.1/sam2.1_hiera_t.yaml", None,
                                                            device=str(device))))
+    cache_only = announce_load("SAM 2", cfg.sam)
     try:
         if Path(cfg.sam).is_file():      # a checkpoint holding {"model": state_dict}, with its config
-            return Sam2Segmenter(SAM2ImagePredictor(build_sam2(cfg.sam_config, cfg.sam, device=str(device))))
-        return Sam2Segmenter(SAM2ImagePredictor.from_pretrained(cfg.sam, device=str(device)))
+            config, path = cfg.sam_config, cfg.sam
+        else:                            # as SAM2ImagePredictor.from_pretrained, with a cache-only switch
+            from huggingface_hub import hf_hub_download
+            from sam2.build_sam import HF_MODEL_ID_TO_FILENAMES      # hub id -> (config, checkpoint file)
+            if cfg.sam not in HF_MODEL_ID_TO_FILENAMES:
+                raise ValueError(f"not one of sam2's hub ids {', '.join(HF_MODEL_ID_TO_FILENAMES)}")
+            config, filename = HF_MODEL_ID_TO_FILENAMES[cfg.sam]
+            path = hf_hub_download(cfg.sam, filename, local_files_only=cache_only)
+        return Sam2Segmenter(SAM2ImagePredictor(build_sam2(config, path, device=str(device))))
     except Exception as e:
-        raise SocioError(f"cannot load SAM 2 '{cfg.sam}' ({one_line(e)}). Offline? Pass "
-                         f"--sam PATH to a local .pt checkpoint (with --sam-config), or --tiny") from None
+        raise load_error("SAM 2", cfg.sam, "--sam", e) from None
 
 
 # ============================================================================================================
@@ -732,6 +893,7 @@ class Policy:
     pad_id: int
     vision_ids: list                  # never sampled, never scored
     device: torch.device
+    prompts: dict = field(default_factory=load_prompts)   # the wording it is asked in (see DEFAULT_PROMPTS)
 
 
 def make_policy(model, processor, device) -> Policy:
@@ -744,20 +906,81 @@ def make_policy(model, processor, device) -> Policy:
     return Policy(model.to(device).eval(), processor, eos_ids, pad, ids(VISION_TOKENS), device)
 
 
-def load_policy(name_or_path: str, device: torch.device) -> Policy:
-    """A Qwen2.5-VL checkpoint (hub id or local folder) with its processor; weights in float32."""
-    from transformers import AutoModelForImageTextToText, AutoProcessor
+# Loading from the Hugging Face hub. A hub id is downloaded once into the hub's cache (~/.cache/huggingface/
+# hub or $HF_HOME), with progress bars, and read from there afterwards. With no connection, huggingface_hub
+# retries each file with back-off for minutes before giving up; instead the hub is asked once, with a short
+# timeout, and if it does not answer only the cache is read (as with HF_HUB_OFFLINE=1): a model that is
+# there loads, one that is not fails at once with the ways to go on.
+
+HUB_TIMEOUT = 10        # seconds
+
+
+def is_hub_id(name: str) -> bool:
+    """'owner/name' (or 'name') that is not a local path: to be fetched from the hub."""
+    return not Path(name).exists() and re.fullmatch(r"[\w-][\w.-]*(/[\w.-]+)?", name) is not None
+
+
+@functools.lru_cache(maxsize=None)
+def hub_problem() -> Optional[str]:
+    """None when the hub answers; else why it cannot be asked (offline mode, or no answer in time)."""
+    from huggingface_hub import constants, get_session
+    if constants.HF_HUB_OFFLINE:
+        return "HF_HUB_OFFLINE is set"
     try:
-        processor = AutoProcessor.from_pretrained(name_or_path)
-        model = AutoModelForImageTextToText.from_pretrained(name_or_path, dtype=torch.float32)
+        status = get_session().head(constants.ENDPOINT, timeout=HUB_TIMEOUT).status_code
+        return None if status < 400 else f"{constants.ENDPOINT} answered HTTP {status}"
+    except Exception as e:  # no route, no name resolution, a timeout, a proxy refusing, ...
+        return f"no answer from {constants.ENDPOINT}: {one_line(e, None)}"
+
+
+def announce_load(what: str, name: str) -> bool:
+    """Say what is loaded from where; True when only the local cache can be read (the hub is unreachable)."""
+    if not is_hub_id(name):
+        print(f"loading {what} from {name}", flush=True)
+        return False
+    from huggingface_hub import constants
+    problem = hub_problem()
+    where = f"the local cache only ({problem})" if problem else \
+        f"the Hugging Face hub (downloaded once, then read from {constants.HF_HUB_CACHE})"
+    print(f"loading {what} {name} from {where}", flush=True)
+    return problem is not None
+
+
+def load_error(what: str, name: str, flag: str, e: Exception) -> SocioError:
+    """One line with the whole reason and the ways to go on."""
+    ways = f"pass {flag} PATH to a local copy, or --tiny for the offline demo"
+    if is_hub_id(name):
+        ways = (f"download it where the hub can be reached (this command, or `hf download {name}`), then set "
+                f"HF_HUB_OFFLINE=1 to read the cache only; or {ways}")
+    elif not Path(name).exists():
+        ways = f"no such file or folder; {ways}"
+    return SocioError(f"cannot load {what} '{name}': {one_line(e, None).rstrip('.')}. Ways on: {ways}")
+
+
+def load_policy(name_or_path: str, device: torch.device) -> Policy:
+    """A Qwen2.5-VL checkpoint (hub id or local folder) with its processor; weights in float32. A folder
+    that holds a prompts.json (written when a run used --prompts) is asked in that wording."""
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+    cache_only = announce_load("policy", name_or_path)
+    try:
+        processor = AutoProcessor.from_pretrained(name_or_path, local_files_only=cache_only)
+        model = AutoModelForImageTextToText.from_pretrained(name_or_path, dtype=torch.float32,
+                                                            local_files_only=cache_only)
     except Exception as e:
-        raise SocioError(f"cannot load model '{name_or_path}' ({one_line(e)}). Offline? "
-                         f"Pass --model PATH to a local folder, or --tiny for a tiny random model") from None
-    return make_policy(model, processor, device)
+        raise load_error("policy", name_or_path, "--model", e) from None
+    policy = make_policy(model, processor, device)
+    saved = Path(name_or_path) / "prompts.json"
+    if saved.is_file():
+        policy.prompts = load_prompts(str(saved))
+        print(f"  asked in the wording of {saved}")
+    return policy
 
 
 def load_or_build_policy(cfg: Config, device: torch.device) -> Policy:
-    return build_tiny_policy(cfg.seed, device) if cfg.model == "tiny" else load_policy(cfg.model, device)
+    policy = build_tiny_policy(cfg.seed, device) if cfg.model == "tiny" else load_policy(cfg.model, device)
+    if cfg.prompts:
+        policy.prompts = load_prompts(cfg.prompts)
+    return policy
 
 
 def model_frame(policy: Policy, image_size: tuple) -> tuple:
@@ -1041,10 +1264,10 @@ class Group:
     rewards: list = None              # G reward dicts, once computed
 
 
-def stage1_prompt(policy, sample: Sample, template: str = STAGE1_PROMPT) -> tuple:
-    """Eq. 1: the stage-1 prompt of a sample -> (inputs, model_hw). SINGLE_PROMPT gives the "w/o reflection"
+def stage1_prompt(policy, sample: Sample, key: str = "stage1") -> tuple:
+    """Eq. 1: the stage-1 prompt of a sample -> (inputs, model_hw). key="single" gives the "w/o reflection"
     ablation's prompt (boxes and points in one answer, from the raw tiles)."""
-    return policy_inputs(policy, [sample.map, sample.sat], template, sample.text)
+    return policy_inputs(policy, [sample.map, sample.sat], policy.prompts[key], sample.text)
 
 
 def stage2_inputs(policy, sample: Sample, boxes_model: np.ndarray, model_hw: tuple, coarse: np.ndarray) -> dict:
@@ -1055,8 +1278,9 @@ def stage2_inputs(policy, sample: Sample, boxes_model: np.ndarray, model_hw: tup
     """
     boxes_mask = to_frame(boxes_model, model_hw, sample.mask.shape)
     rendered = [render(sample.map, boxes_mask, coarse), render(sample.sat, boxes_mask, coarse)]
-    listed = json.dumps([[round(float(v), 1) if v % 1 else int(v) for v in b] for b in boxes_model])
-    return policy_inputs(policy, rendered, STAGE2_PROMPT, sample.text, boxes=listed)[0]
+    listed = [[round(float(v), 1) if v % 1 else int(v) for v in b] for b in boxes_model]
+    return policy_inputs(policy, rendered, policy.prompts["stage2"], sample.text, boxes=json.dumps(listed),
+                         boxes_json=json.dumps([{"bbox_2d": b} for b in listed]))[0]
 
 
 def stage2_prompt(policy, sample: Sample, stage1: Group, g: int, coarse: np.ndarray) -> tuple:
@@ -1204,7 +1428,7 @@ def train_step(step: int, batch_refs: list, policy, reference, optimizer, segmen
                                        or [float("nan")]))
     if cfg.single_stage:   # "w/o reflection": one answer with boxes and points, rewarded like stage 2
         with timed(times, "generation"):
-            groups = rollout(policy, 2, [stage1_prompt(policy, s, SINGLE_PROMPT) for s in samples],
+            groups = rollout(policy, 2, [stage1_prompt(policy, s, "single") for s in samples],
                              cfg.group_size, sampling)
         stage2_rewards(groups)
         st = grpo_update(policy, reference, optimizer, groups, cfg, times)
@@ -1316,13 +1540,14 @@ def sft_examples(policy, segmenter, sample: Sample, n_points: int, rng: np.rando
     end = policy.processor.tokenizer.eos_token_id                                # <|im_end|>: the turn ends
     tokens = lambda text: torch.tensor(policy.processor.tokenizer(text)["input_ids"] + [end])
     if single_stage:       # the paper's SFT baseline proper: one prompt, boxes and points
-        return [(policy_inputs(policy, [sample.map, sample.sat], SINGLE_PROMPT, sample.text)[0], tokens(target2))]
+        inputs, _ = policy_inputs(policy, [sample.map, sample.sat], policy.prompts["single"], sample.text)
+        return [(inputs, tokens(target2))]
     size = boxes_model[:, 2:] - boxes_model[:, :2]
     jitter = rng.uniform(-0.1, 0.1, boxes_model.shape) * np.tile(size, 2)
     attempt = [{"bbox_2d": b} for b in clip_prompts(np.round(boxes_model + jitter), None, model_hw)[0]]
     coarse = segment_answer(segmenter, segmenter.encode(np.asarray(sample.sat)), attempt, model_hw, mask_hw)
     attempt_boxes = np.asarray([a["bbox_2d"] for a in attempt]).reshape(-1, 4)
-    inputs1, _ = policy_inputs(policy, [sample.map, sample.sat], STAGE1_PROMPT, sample.text)
+    inputs1, _ = policy_inputs(policy, [sample.map, sample.sat], policy.prompts["stage1"], sample.text)
     inputs2 = stage2_inputs(policy, sample, attempt_boxes, model_hw, coarse)
     return [(inputs1, tokens(target1)), (inputs2, tokens(target2))]
 
@@ -1364,6 +1589,8 @@ def save_checkpoint(out: Path, policy, optimizer, state: dict, cfg: Config):
     shutil.rmtree(tmp, ignore_errors=True)
     policy.model.save_pretrained(tmp)
     policy.processor.save_pretrained(tmp)
+    if policy.prompts != DEFAULT_PROMPTS:            # the wording it was trained in goes with it
+        (tmp / "prompts.json").write_text(json.dumps(policy.prompts, indent=1) + "\n", encoding="utf-8")
     rng = {"torch_rng": torch.get_rng_state()}
     if torch.cuda.is_available():
         rng["cuda_rng"] = torch.cuda.get_rng_state_all()
@@ -1442,14 +1669,18 @@ def train(cfg: Config, given: Optional[set] = None):
         print(f"resuming from {ckpt}: {state['phase']} step {state['step']}")
     # every sample of both splits checked before any model is loaded
     refs = list_split(cfg.data, cfg.split, need_foreground=True, skip_bad=cfg.skip_bad)
-    eval_refs = list_split(cfg.data, cfg.eval_split, skip_bad=cfg.skip_bad)[: cfg.eval_limit or None] \
-        if cfg.eval_split else []
-    out.mkdir(parents=True, exist_ok=True)
+    try:
+        eval_refs = list_split(cfg.data, cfg.eval_split, skip_bad=cfg.skip_bad)[: cfg.eval_limit or None] \
+            if cfg.eval_split else []
+    except SocioError as e:
+        raise SocioError(f"{e}. --eval-split {cfg.eval_split} (which --tiny sets) evaluates on it after "
+                         f"training; --eval-split '' skips that") from None
     device = pick_device()
     torch.manual_seed(cfg.seed)                      # torch seeds itself at random otherwise
-    policy = load_policy(str(ckpt), device) if ckpt else load_or_build_policy(cfg, device)
+    policy = load_or_build_policy(dataclasses.replace(cfg, model=str(ckpt)) if ckpt else cfg, device)
     prepare_policy(policy, cfg)
     segmenter = load_segmenter(cfg, device)
+    out.mkdir(parents=True, exist_ok=True)           # only once the models have loaded
     optimizer = new_optimizer(policy, cfg.sft_lr if state["phase"] == "sft" else cfg.lr)
     if ckpt is not None and saved["optimizer"] is not None:
         optimizer.load_state_dict(saved["optimizer"])
@@ -1676,8 +1907,8 @@ def predict_batch(policy, segmenter, samples: list, cfg: Config, encodings: Opti
     if encodings is None:
         encodings = encode_tiles(segmenter, [np.asarray(s.sat) for s in samples])
     mask_of = lambda s, enc, g: segment_answer(segmenter, enc, g.answers[0], g.model_hw, s.mask.shape)
-    template, stage = (SINGLE_PROMPT, 2) if cfg.single_stage else (STAGE1_PROMPT, 1)
-    groups1 = rollout(policy, stage, [stage1_prompt(policy, s, template) for s in samples], 1, sampling)
+    key, stage = ("single", 2) if cfg.single_stage else ("stage1", 1)
+    groups1 = rollout(policy, stage, [stage1_prompt(policy, s, key) for s in samples], 1, sampling)
     coarse = [mask_of(s, enc, g) for s, enc, g in zip(samples, encodings, groups1)]          # M_c, eq. 2
     if cfg.single_stage or cfg.stage1_only:
         return [Prediction([(g, m)], m) for g, m in zip(groups1, coarse)]
@@ -1690,15 +1921,66 @@ def predict_batch(policy, segmenter, samples: list, cfg: Config, encodings: Opti
     return preds
 
 
-def prediction_picture(sample: Sample, pred: Prediction) -> Image.Image:
-    """In the spirit of the paper's Fig. 3: a row per stage (boxes, points, mask), map left, satellite right."""
-    w, h = sample.sat.size
-    panel = Image.new("RGB", (2 * w, len(pred.stages) * h), (255, 255, 255))
+def prediction_picture(sample: Sample, pred: Prediction, max_side: int = 1024) -> Image.Image:
+    """In the spirit of the paper's Fig. 3: the target and a legend on top, then a row per stage, named, with
+    its boxes, points and mask drawn on the map (left) and the satellite tile (right). Tiles larger than
+    max_side pixels are drawn scaled down (the mask itself keeps the tile's size)."""
+    scale = min(1.0, max_side / max(sample.sat.size))
+    w, h = (max(1, round(v * scale)) for v in sample.sat.size)
+    tiles = [t.resize((w, h), Image.BILINEAR) if scale < 1 else t for t in (sample.map, sample.sat)]
+    fs = min(28, max(12, w // 16))                                     # font size, line height
+    font, line = ImageFont.load_default(size=fs), fs + fs // 2
+    panel = Image.new("RGB", (2 * w, 2 * line + len(pred.stages) * (line + h)), "white")
+    draw = ImageDraw.Draw(panel)
+
+    def text(xy, words):                          # cut to the panel's width
+        while words and font.getlength(words) > 2 * w - xy[0] - 4:
+            words = words[:-4] + "..."
+        draw.text(xy, words, fill="black", font=font)
+    text((4, 2), f'target: "{sample.text}"')
+    x, y = 4 + font.getlength("left: map, right: satellite; "), line + 2       # the legend, with swatches
+    text((4, y), "left: map, right: satellite;")
+    for name, style in {"box": dict(outline=BOX_RGB, width=max(2, fs // 8)),
+                        "point": dict(fill=POINT_RGB, outline=(0, 0, 0)),
+                        "mask": dict(fill=tuple(round(0.6 * 255 + 0.4 * c) for c in MASK_RGB))}.items():
+        (draw.ellipse if name == "point" else draw.rectangle)([x, y + 2, x + fs, y + fs], **style)
+        draw.text((x + fs + 4, y), name, fill="black", font=font)
+        x += 2 * fs + 4 + font.getlength(name)
     for row, (group, mask) in enumerate(pred.stages):
+        name = {1: "stage 1: boxes -> coarse mask", 2: "stage 2: boxes + points -> final mask"}[group.stage]
+        if len(pred.stages) == 1:
+            name = ("single stage (w/o reflection): boxes + points" if group.stage == 2 else
+                    "stage 1 only (w/o refinement): boxes") + " -> final mask"
+        if group.answers[0] is None:
+            name += " (malformed" + ("; stage-1 mask kept)" if row else ")")
+        top = 2 * line + row * (line + h)
+        text((4, top + 2), name)
         boxes, points = answer_prompts(group.answers[0], group.model_hw, sample.mask.shape)
-        for col, tile in enumerate((sample.map, sample.sat)):
-            panel.paste(render(tile, boxes, mask, points), (col * w, row * h))
+        if scale < 1:
+            boxes, points = boxes * scale, None if points is None else [p * scale for p in points]
+            mask = np.asarray(Image.fromarray(mask).resize((w, h), Image.NEAREST))
+        for col, tile in enumerate(tiles):
+            panel.paste(render(tile, boxes, mask, points), (col * w, top + line))
     return panel
+
+
+MAX_TARGET_CHARS = 200      # SocioSeg's targets are a few words; a page of text is a mistake, not a target
+
+
+def read_tile(path: str, what: str) -> Image.Image:
+    """An RGB image from a file; a missing, unreadable or truncated file is one line naming it."""
+    image = _open_image(path, what, None)
+    try:
+        return image.convert("RGB")          # decoding happens here: truncated data shows up now
+    except Exception as e:
+        raise SocioError(f"cannot read {what} image {path}: {one_line(e)}") from None
+
+
+def random_model_note(command: str) -> str:
+    """What to say when --tiny runs without a trained --model: the answers are noise."""
+    return (f"note: --model tiny is an untrained, random policy: its answers are noise. To try the demo's "
+            f"trained policy, run `python socioreasoner.py train --tiny` (writes {DEMO_OUT}/) and then "
+            f"`python socioreasoner.py {command} --tiny --model {DEMO_OUT}/checkpoint`")
 
 
 def infer(cfg: Config, sat_path: str, map_path: Optional[str], text: Optional[str]):
@@ -1706,8 +1988,13 @@ def infer(cfg: Config, sat_path: str, map_path: Optional[str], text: Optional[st
         return infer_folder(cfg, Path(sat_path), map_path)
     if map_path is None or text is None or Path(sat_path).is_dir():
         raise SocioError("infer takes SAT MAP TEXT (two tiles and the target), or a folder DIR [TEXT]")
-    sat = _open_image(sat_path, "satellite", None).convert("RGB")
-    map_img = _open_image(map_path, "map", None).convert("RGB")
+    text = text.strip()
+    if not text:
+        raise SocioError('the target is empty: name what to find, e.g. "school" or "a certain university"')
+    if len(text) > MAX_TARGET_CHARS:
+        raise SocioError(f"the target is {len(text):,} characters long; at most {MAX_TARGET_CHARS} are "
+                         f"accepted (targets are a few words, e.g. \"school\")")
+    sat, map_img = read_tile(sat_path, "satellite"), read_tile(map_path, "map")
     if sat.size != map_img.size:
         raise SocioError(f"{sat_path} is {sat.size[0]}x{sat.size[1]} but {map_path} is "
                          f"{map_img.size[0]}x{map_img.size[1]}: the tiles must be pixel-aligned")
@@ -1735,8 +2022,12 @@ def infer(cfg: Config, sat_path: str, map_path: Optional[str], text: Optional[st
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     save_mask(pred.final, out / "mask.png")
-    prediction_picture(sample, pred).save(out / "overlay.png")
-    print(f"wrote {out / 'mask.png'} ({sat.size[0]}x{sat.size[1]}) and {out / 'overlay.png'} in {seconds:.1f}s")
+    picture = prediction_picture(sample, pred)
+    picture.save(out / "overlay.png")
+    print(f"wrote {out / 'mask.png'} ({sat.size[0]}x{sat.size[1]}) and {out / 'overlay.png'} "
+          f"({picture.size[0]}x{picture.size[1]}) in {seconds:.1f}s")
+    if cfg.model == "tiny":
+        print(random_model_note(f"infer {shlex.join([sat_path, map_path, text])}"), file=sys.stderr)
 
 
 def infer_folder(cfg: Config, folder: Path, text: Optional[str]):
@@ -1906,6 +2197,8 @@ def run_eval(cfg: Config, split: str, limit: int, pictures: bool):
         print(f"stage-2 answer malformed, stage-1 mask kept: {m['stage2_fallbacks']} of {m['n']} samples")
     record = {**m, "model": cfg.model, "sam": cfg.sam, "data": cfg.data, "split": split, "method": method}
     (out / "metrics.json").write_text(json.dumps(record, indent=1) + "\n")
+    if cfg.model == "tiny":
+        print(random_model_note("eval"), file=sys.stderr)
 
 
 def learning_report(cfg: Config, train_refs: list, refs: list, policy, start, segmenter, out: Path):
@@ -2012,9 +2305,6 @@ def make_synthetic_sample(rng: np.random.Generator, size: int = 224, kinds_per_t
     return Image.fromarray(sat.clip(0, 255).astype(np.uint8)), map_img, mask, text
 
 
-DATA_SAMPLE_SIZES = (256, 32)   # train, val tiles in data_sample/
-
-
 def make_synthetic_data(out: str | Path, n_train: int = DATA_SAMPLE_SIZES[0], n_val: int = DATA_SAMPLE_SIZES[1],
                         size: int = 224, seed: int = 0, kinds_per_tile: int = 2):
     """Write train/ and val/ splits of synthetic tiles in the SocioSeg raw-file layout."""
@@ -2033,94 +2323,61 @@ def make_synthetic_data(out: str | Path, n_train: int = DATA_SAMPLE_SIZES[0], n_
 # Command line
 # ============================================================================================================
 
-def _add_config_flags(parser: argparse.ArgumentParser, names: list, defaults: dict):
-    fields = {f.name: f for f in dataclasses.fields(Config)}
-    parser.add_argument("--tiny", action="store_true",
-                        help="offline: tiny random models built in code, small batches (flags given still win)")
-    for name in names:
-        f, flag = fields[name], "--" + name.replace("_", "-")
-        default = defaults.get(name, f.default)
-        if f.type == "bool":
-            parser.add_argument(flag, action="store_true", default=None, help=f.metadata["doc"])
-        else:
-            parser.add_argument(flag, type=type(f.default), default=None,
-                                help=f"{f.metadata['doc']} (default {default})")
-
-
 def flags_given(args) -> dict:
     return {k: v for k, v in vars(args).items() if v is not None and k in Config.__dataclass_fields__}
 
 
 def config_from_args(args, defaults: dict) -> Config:
-    """Flags given win; then --tiny's defaults; then the command's defaults; then Config's."""
-    tiny = TINY_DEFAULTS if args.tiny else {}
+    """Flags given win; then --tiny's defaults (and its output folder); then the command's; then Config's."""
+    tiny = {**TINY_DEFAULTS, "out": demo_out(args.command)} if args.tiny else {}
     return Config(**{**defaults, **tiny, **flags_given(args)})
 
 
-TRAIN_FLAGS = [f.name for f in dataclasses.fields(Config) if not f.name.startswith("infer_")]
-GRPO_ONLY = {"steps", "rollout_batch", "group_size", "lr", "clip_eps", "kl_beta", "temperature", "select",
-             "points_mu", "stage1_only"}
-SFT_FLAGS = [f for f in TRAIN_FLAGS if f not in GRPO_ONLY]
-INFER_FLAGS = ["model", "sam", "sam_config", "out", "seed", "max_new_tokens", "single_stage", "stage1_only",
-               "infer_temperature", "infer_top_p", "infer_top_k", "generation_batch"]
-INFER_DEFAULTS = dict(model="vvangfaye/SocioReasoner-3B", out="runs/infer")
-EVAL_DEFAULTS = dict(INFER_DEFAULTS, out="runs/eval")
-SFT_DEFAULTS = dict(sft_steps=500, out="runs/sft")
-
-
 def main(argv=None):
-    parser = argparse.ArgumentParser(prog="socioreasoner.py", description=__doc__.split("\n")[0])
-    sub = parser.add_subparsers(dest="command", required=True)
-    p = sub.add_parser("train", help="two-stage GRPO training (Algorithm 1), after an optional SFT warm-up")
-    _add_config_flags(p, TRAIN_FLAGS, {})
-    p = sub.add_parser("sft", help="the paper's SFT baseline (A.2.3): supervised steps only, no GRPO")
-    _add_config_flags(p, SFT_FLAGS, SFT_DEFAULTS)
-    p = sub.add_parser("infer", help="segment one place: infer SAT MAP \"school\"; tiles: infer DIR [TEXT]")
-    p.add_argument("sat", help="satellite tile (PNG/JPEG), or a folder DIR of <id>/{sat,map}.png tiles")
-    p.add_argument("map", nargs="?", help="digital-map tile, same size, pixel-aligned (after DIR: the TEXT)")
-    p.add_argument("text", nargs="?", help="the target, e.g. \"school\", \"a certain university\"")
-    _add_config_flags(p, INFER_FLAGS, INFER_DEFAULTS)
-    p = sub.add_parser("eval", help="cIoU, gIoU, F1 and seconds per sample of a model on a split (Table 1)")
-    p.add_argument("--split", default="val", help="split to evaluate (default val)")
-    p.add_argument("--limit", type=int, default=0, help="evaluate the first N samples only (default all)")
-    p.add_argument("--pictures", action="store_true", help="also write a Fig.-3-style picture per sample")
-    _add_config_flags(p, ["data", "skip_bad"] + INFER_FLAGS, EVAL_DEFAULTS)
-    p = sub.add_parser("bench", help="time and memory of a few training steps, by kind of work")
-    p.add_argument("--bench-steps", type=int, default=3, help="training steps to time (default 3)")
-    _add_config_flags(p, TRAIN_FLAGS, {})
-    p = sub.add_parser("make-data", help="write synthetic SocioSeg-style train/ and val/ splits")
-    p.add_argument("--out", default="data_sample")
-    p.add_argument("--train", type=int, default=DATA_SAMPLE_SIZES[0])
-    p.add_argument("--val", type=int, default=DATA_SAMPLE_SIZES[1])
-    p.add_argument("--size", type=int, default=224)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--kinds", type=int, default=2)
-    args = parser.parse_args(argv)
+    """Run a command: argv is a list of arguments (sys.argv[1:] when None) or an already parsed namespace."""
+    args = argv if isinstance(argv, argparse.Namespace) else build_parser().parse_args(argv)
+    if getattr(args, "threads", None) is not None:
+        if args.threads < 1:
+            sys.exit("error: --threads must be at least 1")
+        torch.set_num_threads(args.threads)
+    from huggingface_hub import constants as hub_constants
+    from huggingface_hub.utils import enable_progress_bars
     from transformers.utils import logging as hf_logging
-    hf_logging.disable_progress_bar()          # our own lines report progress; no bar per checkpoint write
+    hf_logging.disable_progress_bar()          # no bar per checkpoint write or read: our own lines say it...
+    if not hub_constants.HF_HUB_DISABLE_PROGRESS_BARS:
+        enable_progress_bars()                 # ...but downloads from the hub keep theirs
+    cfg = None
     try:
+        if args.command == "make-data":
+            make_synthetic_data(args.out, args.train, args.val, args.size, args.seed, args.kinds)
+            print(f"wrote {args.train} train and {args.val} val samples to {args.out}")
+            return
+        cfg = config_from_args(args, {"sft": SFT_DEFAULTS, "infer": INFER_DEFAULTS,
+                                      "eval": EVAL_DEFAULTS}.get(args.command, {}))
+        load_prompts(cfg.prompts)                 # a bad prompts file stops here, before any model is loaded
         if args.command == "train":
-            train(config_from_args(args, {}), set(flags_given(args)))
+            train(cfg, set(flags_given(args)))
         elif args.command == "sft":              # SFT alone is a run whose GRPO phase has no steps
-            cfg = dataclasses.replace(config_from_args(args, SFT_DEFAULTS), steps=0)
+            cfg = dataclasses.replace(cfg, steps=0)
             if cfg.sft_steps < 1:
                 raise SocioError("sft: --sft-steps must be at least 1")
             train(cfg, set(flags_given(args)) | {"steps"})
         elif args.command == "infer":
-            infer(config_from_args(args, INFER_DEFAULTS), args.sat, args.map, args.text)
+            infer(cfg, args.sat, args.map, args.text)
         elif args.command == "bench":
-            bench(config_from_args(args, {}), args.bench_steps)
+            bench(cfg, args.bench_steps)
         elif args.command == "eval":
-            run_eval(config_from_args(args, EVAL_DEFAULTS), args.split, args.limit, args.pictures)
-        elif args.command == "make-data":
-            make_synthetic_data(args.out, args.train, args.val, args.size, args.seed, args.kinds)
-            print(f"wrote {args.train} train and {args.val} val samples to {args.out}")
+            run_eval(cfg, args.split, args.limit, args.pictures)
     except SocioError as e:
         sys.exit(f"error: {e}")
     except KeyboardInterrupt:
-        sys.exit("interrupted" + (" (continue from the last checkpoint with --resume)"
-                                  if args.command in ("train", "sft") else ""))
+        if args.command not in ("train", "sft") or cfg is None:
+            sys.exit("interrupted")
+        ckpt = latest_checkpoint(Path(cfg.out))
+        sys.exit("interrupted before the first checkpoint: nothing to resume; run the command again (without "
+                 "--resume)" if ckpt is None else f"interrupted: continue from {ckpt} with the same command "
+                 "and --resume")
 
 
 if __name__ == "__main__":
-    main()
+    main(ARGS)

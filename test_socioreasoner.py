@@ -7,11 +7,14 @@ Nothing here downloads anything: the VLM and SAM 2 are tiny random models built 
 import itertools
 import json
 import math
+import os
+import re
 import subprocess
 import sys
 import time
 from pathlib import Path
 
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")   # before torch starts its threads, as socioreasoner.py
 import numpy as np
 import pytest
 import torch
@@ -931,8 +934,9 @@ def test_cli_sft_checkpoint_is_accepted_by_infer(sft_checkpoint, tmp_path):
     assert "--- stage 1 ---" in r.stdout and "--- stage 2 ---" in r.stdout
     mask = Image.open(tmp_path / "mask.png")
     assert mask.size == Image.open(sat).size and mask.mode == "L"
-    overlay = Image.open(tmp_path / "overlay.png")
-    assert overlay.size == (2 * mask.size[0], 2 * mask.size[1])
+    overlay = Image.open(tmp_path / "overlay.png")                     # two tiles wide, two stages high,
+    assert overlay.size[0] == 2 * mask.size[0] and overlay.size[1] > 2 * mask.size[1]   # plus text bands
+    assert "random" not in r.stderr                                      # a trained model: no warning
 
 
 def test_cli_infer_with_random_sam2(tmp_path):
@@ -941,6 +945,7 @@ def test_cli_infer_with_random_sam2(tmp_path):
     r = run_cli("infer", str(sat), str(mp), "park", "--tiny", "--sam", "tiny", "--out", str(tmp_path))
     assert r.returncode == 0, r.stderr
     assert Image.open(tmp_path / "mask.png").size == Image.open(sat).size
+    assert "untrained, random" in r.stderr and "--tiny --model runs/demo/checkpoint" in r.stderr
 
 
 def test_cli_infer_a_folder_of_tiles_in_batches(tmp_path):
@@ -956,7 +961,7 @@ def test_cli_infer_a_folder_of_tiles_in_batches(tmp_path):
         mask = Image.open(tmp_path / "out" / d.name / "mask.png")
         assert mask.size == Image.open(d / "sat.png").size
         overlay = Image.open(tmp_path / "out" / d.name / "overlay.png")
-        assert overlay.size == (2 * mask.size[0], 2 * mask.size[1])
+        assert overlay.size[0] == 2 * mask.size[0] and overlay.size[1] > 2 * mask.size[1]   # + text bands
     r = run_cli("infer", str(tiles / "val_0000" / "sat.png"), "--tiny")
     assert r.returncode != 0 and "SAT MAP TEXT" in r.stderr and "Traceback" not in r.stderr
 
@@ -970,6 +975,116 @@ def test_cli_errors_are_one_line(tmp_path):
     r = run_cli("train", "--tiny", "--select", "best", "--group-size", "1")
     assert r.returncode != 0 and "--select" in r.stderr and "--group-size" in r.stderr
     assert "Traceback" not in r.stderr
+
+
+def cli_error(*args) -> str:
+    """Run a command in this process; the one-line message it exits with."""
+    with pytest.raises(SystemExit) as e:
+        sr.main(list(args))
+    assert isinstance(e.value.code, str) and "\n" not in e.value.code
+    return e.value.code
+
+
+def test_help_is_answered_before_torch_is_imported_and_describes_every_flag():
+    code = ("import runpy, sys\nsys.argv = ['socioreasoner.py', 'train', '--help']\ntry:\n"
+            "    runpy.run_path('socioreasoner.py', run_name='__main__')\nexcept SystemExit:\n    pass\n"
+            "print('torch imported:', 'torch' in sys.modules)")
+    r = subprocess.run([sys.executable, "-c", code], cwd=HERE, capture_output=True, text=True, timeout=120)
+    assert r.stdout.strip().endswith("torch imported: False"), r.stderr
+    for command in ("train", "sft", "infer", "eval", "bench", "make-data"):
+        sub = sr.build_parser()._subparsers._group_actions[0].choices[command]
+        text = sub.format_help()
+        assert "{'" not in text and "(default )" not in text, command      # a dict; an empty default
+        assert all(a.help for a in sub._actions), command                  # every flag has a line
+    infer = sr.build_parser()._subparsers._group_actions[0].choices["infer"]
+    helps = {a.dest: a.help for a in infer._actions}
+    assert "grow" in helps["sam"] and "mask.png" in helps["out"] and "checkpoint" not in helps["out"]
+
+
+def test_prompts_file_is_checked_and_replaces_only_the_keys_it_gives(tmp_path):
+    def prompts(obj):
+        path = tmp_path / "p.json"
+        path.write_text(obj if isinstance(obj, str) else json.dumps(obj))
+        return sr.load_prompts(str(path))
+
+    assert sr.load_prompts("") == sr.DEFAULT_PROMPTS
+    got = prompts({"stage1": "Find {target} in the {w}x{h} images: <answer>[{{...}}]</answer>"})
+    assert got["stage1"].startswith("Find {target}") and got["stage2"] == sr.STAGE2_PROMPT
+    for bad, words in [({"stage3": "{target}"}, "unknown key 'stage3'"),
+                       ({"stage1": "Find the place."}, "missing placeholder {target}"),
+                       ({"stage2": "Refine {target}."}, "{boxes} or {boxes_json}"),
+                       ({"single": "{target} at {x}"}, "unknown placeholder(s) {x}"),
+                       ({"stage1": "{target} as [{\"bbox_2d\": ...}]"}, "literal braces are written {{ }}"),
+                       ({"stage1": "{target} {"}, "not a format string"),
+                       ({"stage1": 3}, "not a format string"),
+                       ('["stage1"]', "JSON object"), ("{oops", "cannot read it as JSON")]:
+        with pytest.raises(sr.SocioError, match=re.escape(words)) as e:
+            prompts(bad)
+        assert "\n" not in str(e.value)
+    (tmp_path / "bad.json").write_text('{"stage0": "{target}"}')
+    assert "unknown key 'stage0'" in cli_error("infer", "a.png", "b.png", "park", "--tiny", "--prompts",
+                                               str(tmp_path / "bad.json"))       # before anything is read
+
+
+def test_custom_prompts_reach_the_model_and_travel_with_the_checkpoint(sample, tmp_path):
+    wording = {"stage1": "Boxes for {target}, please.", "stage2": "Refine {target}; first try: {boxes_json}."}
+    (tmp_path / "p.json").write_text(json.dumps(wording))
+    cfg = sr.Config(model="tiny", prompts=str(tmp_path / "p.json"), max_new_tokens=4)
+    pol = sr.load_or_build_policy(cfg, CPU)
+    text = lambda inputs: pol.processor.tokenizer.decode(inputs["input_ids"][0])
+    g1 = sr.stage1_rollout(pol, sample, 1, dict(temperature=1.0, top_p=1.0, top_k=0, max_new_tokens=4))
+    assert f"Boxes for {sample.text}, please." in text(g1.inputs)
+    stage2 = sr.stage2_inputs(pol, sample, np.array([[1, 2, 30, 40]]), (112, 112), sample.mask)
+    assert f'Refine {sample.text}; first try: [{{"bbox_2d": [1, 2, 30, 40]}}].' in text(stage2)
+    sr.save_checkpoint(tmp_path, pol, None, {"phase": "grpo", "step": 0, "reference": "tiny"}, cfg)
+    assert sr.load_policy(str(tmp_path / "checkpoint"), CPU).prompts == {**sr.DEFAULT_PROMPTS, **wording}
+
+
+def test_infer_refuses_bad_inputs_with_one_line(tmp_path):
+    tile = HERE / "data_sample" / "val" / "val_0000"
+    broken = tmp_path / "broken.png"
+    broken.write_bytes((tile / "sat.png").read_bytes()[:2000])                   # cut off mid-file
+    msg = cli_error("infer", str(broken), str(tile / "map.png"), "park", "--tiny", "--out",
+                    str(tmp_path / "o"))
+    assert "broken.png" in msg and "truncated" in msg
+    assert "empty" in cli_error("infer", str(tile / "sat.png"), str(tile / "map.png"), "  ", "--tiny")
+    msg = cli_error("infer", str(tile / "sat.png"), str(tile / "map.png"), "x" * 10_000, "--tiny")
+    assert "10,000 characters" in msg and str(sr.MAX_TARGET_CHARS) in msg
+    assert not (tmp_path / "o").exists()
+
+
+def test_a_big_tile_gets_a_scaled_overlay_and_a_full_size_mask(tmp_path):
+    tile = HERE / "data_sample" / "val" / "val_0000"
+    for name in ("sat", "map"):
+        Image.open(tile / f"{name}.png").resize((1300, 1300)).save(tmp_path / f"{name}.png")
+    sr.main(["infer", str(tmp_path / "sat.png"), str(tmp_path / "map.png"), "park", "--tiny",
+             "--max-new-tokens", "8", "--out", str(tmp_path / "o")])
+    assert Image.open(tmp_path / "o" / "mask.png").size == (1300, 1300)
+    assert Image.open(tmp_path / "o" / "overlay.png").size[0] == 2048
+
+
+def test_hub_models_fail_fast_offline_and_leave_no_run_folder(tmp_path, monkeypatch):
+    monkeypatch.setattr(sr, "hub_problem", lambda: "no answer from the hub (a test)")   # never asks the hub
+    t0 = time.time()
+    msg = cli_error("train", "--model", "socioreasoner-tests/no-such-model", "--sam", "grow", "--out",
+                    str(tmp_path / "run"), "--eval-split", "")
+    assert time.time() - t0 < 30 and not (tmp_path / "run").exists()
+    assert "socioreasoner-tests/no-such-model" in msg and "HF_HUB_OFFLINE=1" in msg
+    assert "--model PATH" in msg and "--tiny" in msg
+
+
+def test_recovery_hints(tmp_path, monkeypatch):
+    sr.make_synthetic_data(tmp_path / "data", n_train=1, n_val=0)
+    msg = cli_error("train", "--tiny", "--data", str(tmp_path / "data"), "--out", str(tmp_path / "run"))
+    assert "no split 'val'" in msg and "--eval-split ''" in msg and "--tiny" in msg
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(sr, "train", interrupted)
+    assert "nothing to resume" in cli_error("train", "--tiny", "--out", str(tmp_path / "run"))
+    args = sr.build_parser().parse_args(["train", "--tiny"])
+    assert sr.config_from_args(args, {}).out == "runs/demo"                # a demo never takes runs/train
+    args = sr.build_parser().parse_args(["sft", "--tiny", "--out", "x"])
+    assert sr.config_from_args(args, sr.SFT_DEFAULTS).out == "x"
 
 
 # ------------------------------------------------------------------------------------------------------------
