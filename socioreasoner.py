@@ -166,7 +166,7 @@ EVAL_DEFAULTS = dict(INFER_DEFAULTS, out="runs/eval")
 SFT_DEFAULTS = dict(sft_steps=500, out="runs/sft")
 DEMO_OUT = "runs/demo"              # --tiny runs write here (runs/demo-sft, ... for the other commands), so
                                     # that a demo never occupies the folder of a real run
-DATA_SAMPLE_SIZES = (256, 32)       # train, val tiles in data_sample/
+DATA_SAMPLE_SIZES = (256, 64)       # train, val tiles in data_sample/
 
 
 def demo_out(command: str) -> str:
@@ -225,7 +225,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="held-out tiles (default %(default)s)")
     p.add_argument("--size", type=int, default=224, help="tile side in pixels (default %(default)s)")
     p.add_argument("--seed", type=int, default=0, help="random seed of the generator (default %(default)s)")
-    p.add_argument("--kinds", type=int, default=2, help="kinds of place per tile (default %(default)s)")
+    p.add_argument("--kinds", type=int, default=1, help="1: a school per tile; 2: a school and a park, the "
+                   "text naming one (default %(default)s)")
     return parser
 
 
@@ -2222,96 +2223,80 @@ def learning_report(cfg: Config, train_refs: list, refs: list, policy, start, se
 # Appendix — synthetic SocioSeg-style tiles (data_sample/)
 # ============================================================================================================
 # SocioSeg itself cannot be downloaded on every machine, and tests must never download anything, so the
-# project ships a few tiles made by this seeded generator in the raw-file layout. Each tile holds places of
-# different kinds. The digital map shows each place as a flat area in its kind's colour with a darker icon
-# dot at its centre (the way a web map shows an area of interest); the satellite image shows the ground: a
-# texture per kind over a noisy urban background, crossed by roads. The target text names one kind present
-# in the tile, as a class ("school") or a function ("educational"); the mask is that place.
+# project ships a few tiles made by this seeded generator, in the raw-file layout. The digital map shows each
+# place as a flat block in its kind's colour; the satellite image shows the ground, grey speckle with the
+# place's ground tinted (what the stand-in segmenter grows into). The target text names the place as a class
+# ("school") or a function ("educational"); the mask is that place.
 #
 # Why the map's background is a colour gradient (red grows left to right, green top to bottom). Qwen2.5-VL
 # has no absolute position embedding: where an image token lies enters only through rotary positions inside
-# attention. A pretrained model has learnt to turn that into "this is the top-left corner"; a random tiny
-# one has not, so what it reads from a token says *what* is there, never *where*, and it cannot answer a box.
-# Measured: without a position cue in the images the tiny model stayed at the blind baseline after 1,000+
-# supervised steps, even with one square per tile; with the gradient it localises within a few hundred. The
-# gradient is the demo's stand-in for the position sense pretraining gives: each map pixel carries its own
-# coordinates as colour, and the vision tower mixes neighbouring patches, so a place's tokens learn where they
-# are. Real SocioSeg maps need no such thing. Blank tiles (the report's control) remove it with everything else.
-#
-# kinds_per_tile: 1 gives one place per tile (the text names its kind; the model only has to find it), 2 gives
-# two places of different kinds (the text decides which one is the target).
+# attention. A pretrained model has learnt to turn that into "this is the top-left corner"; a random tiny one
+# has not, so what it reads from a token says *what* is there, never *where*, and it cannot answer a box.
+# Measured (supervised steps only): without a position cue in the images the tiny model stayed at the blind
+# baseline for 1,000+ steps, even with one square per tile; with the gradient it localises within a few
+# hundred. The gradient is the demo's stand-in for the position sense pretraining gives: each map pixel carries
+# its coordinates as colour, and the vision tower mixes neighbouring patches, so a place's tokens can tell
+# where they are. Real SocioSeg maps need no such thing; the report's blank tiles remove it with the rest.
+# What else was tried and learnt more slowly or not at all within the demo's budget: irregular polygons,
+# textured satellite ground (the tiny model attends to the satellite's place, which carries no position),
+# a fixed 2-D position code added to the vision tower's output, and two kinds of place per tile.
+# kinds: the world holds the first `kinds` kinds of PLACE_KINDS, one place of each per tile, and the text names
+# one of them. kinds=1 (the demo's world): one school per tile, named "school" or "educational"; the model has
+# to find it. kinds=2: a school and a park in every tile; the text decides which one is the target.
 # Regenerate data_sample/ with:  python socioreasoner.py make-data --out data_sample
 
 PLACE_KINDS = {
-    # class     function        map colour        icon            ground colour     ground texture
-    "school":  ("educational", (250, 150, 40),  (170, 80, 10),  (160, 95, 75),   "track"),
-    "park":    ("green space", (40, 170, 60),   (10, 90, 25),   (70, 125, 60),   "trees"),
+    # class     function        map colour        satellite tint
+    "school":  ("educational", (250, 150, 40),  (40, -25, -35)),
+    "park":    ("green space", (40, 170, 60),   (-35, 20, -35)),
 }
 
 
-def _random_block(rng: np.random.Generator, size: int, notch: bool = True) -> np.ndarray:
-    """A place as a city block: a rectangle 18%-45% of the tile's side across, with one corner cut away (so
-    its box covers more than the place, and stage 2 has something to refine). (size, size) bool."""
+def _random_block(rng: np.random.Generator, size: int) -> np.ndarray:
+    """A place as a city block: a rectangle 18%-45% of the tile's side across. (size, size) bool."""
     w, h = (rng.uniform(0.18, 0.45, 2) * size).astype(int)
     x, y = rng.integers(0, size - w), rng.integers(0, size - h)
     block = np.zeros((size, size), bool)
     block[y:y + h, x:x + w] = True
-    if notch:
-        nw, nh = (rng.uniform(0.3, 0.5, 2) * (w, h)).astype(int)
-        nx, ny = (x, x + w - nw)[rng.integers(2)], (y, y + h - nh)[rng.integers(2)]
-        block[ny:ny + nh, nx:nx + nw] = False
     return block
 
 
-def make_synthetic_sample(rng: np.random.Generator, size: int = 224, kinds_per_tile: int = 2):
+def make_synthetic_sample(rng: np.random.Generator, size: int = 224, kinds: int = 1):
     """One (sat, map, mask, text) tile pair. Places never overlap, so the mask is exactly the target's."""
     yy, xx = np.mgrid[:size, :size]
-    # the ground: a smooth, tile-specific urban colour field (smooth also keeps the PNGs small)
-    base = rng.uniform(100, 140, 3)
-    wave = np.sin(xx / rng.uniform(9, 20) + rng.uniform(0, 6)) * np.cos(yy / rng.uniform(9, 20))
-    sat = base[None, None] + 10 * wave[..., None]
     gradient = np.stack([80 + 150 * xx / size, 80 + 150 * yy / size, np.full(xx.shape, 200.0)], -1)
     map_img = Image.fromarray(gradient.astype(np.uint8))
-    map_draw = ImageDraw.Draw(map_img)
-    for _ in range(rng.integers(1, 3)):                                 # roads: white on the map, dark below
-        horizontal, at, w = rng.random() < 0.5, rng.integers(0, size), int(rng.integers(3, 6))
-        line = [(0, at), (size, at)] if horizontal else [(at, 0), (at, size)]
-        road = Image.new("L", (size, size))
-        ImageDraw.Draw(road).line(line, fill=255, width=w)
-        sat[np.asarray(road) > 0] = (60, 60, 62)
+    # the ground: grey urban speckle in 2 x 2-pixel grains of 8 levels (coarse, to keep data_sample/ small)
+    grains = 115.0 + 5 * rng.integers(-4, 4, ((size + 1) // 2, (size + 1) // 2, 1))
+    sat = np.repeat(np.repeat(grains, 2, axis=0), 2, axis=1)[:size, :size].repeat(3, axis=2)
     taken = np.zeros((size, size), bool)
     places = []                                                         # (kind, (H, W) bool)
-    for kind in rng.permutation(list(PLACE_KINDS))[:kinds_per_tile]:
+    for kind in list(PLACE_KINDS)[:kinds]:
         for _attempt in range(50):
             region = _random_block(rng, size)
             grown = ndimage.binary_dilation(region, iterations=4)
             if not (grown & taken).any():
                 taken |= grown
-                places.append((str(kind), region))
+                places.append((kind, region))
                 break
-    if len(places) < kinds_per_tile:                                    # rare: no room left; try again
-        return make_synthetic_sample(rng, size, kinds_per_tile)
+    if len(places) < kinds:                                             # rare: no room left; try again
+        return make_synthetic_sample(rng, size, kinds)
     for kind, region in places:
-        _, fill, icon, ground, texture = PLACE_KINDS[kind]
-        look = np.asarray(ground, float)[None, None] + 6 * wave[..., None]
-        if texture == "trees":                                          # dark blobs of canopy
-            look -= 30 * (np.sin(xx / 2.5) * np.sin(yy / 2.5) > 0.5)[..., None]
-        elif texture == "track":                                        # bright track lines
-            look += 45 * ((yy // 3) % 4 == 0)[..., None]
-        sat[region] = look[region]
-        map_draw.bitmap((0, 0), Image.fromarray(region.astype(np.uint8) * 255).convert("1"), fill=fill)
+        _, fill, tint = PLACE_KINDS[kind]
+        sat[region] += tint            # a place's ground differs in colour: what the segmenter grows into
+        map_img.paste(fill, mask=Image.fromarray(region.astype(np.uint8) * 255))
     kind, mask = places[rng.integers(len(places))]
     text = kind if rng.random() < 0.5 else PLACE_KINDS[kind][0]
     return Image.fromarray(sat.clip(0, 255).astype(np.uint8)), map_img, mask, text
 
 
 def make_synthetic_data(out: str | Path, n_train: int = DATA_SAMPLE_SIZES[0], n_val: int = DATA_SAMPLE_SIZES[1],
-                        size: int = 224, seed: int = 0, kinds_per_tile: int = 2):
+                        size: int = 224, seed: int = 0, kinds: int = 1):
     """Write train/ and val/ splits of synthetic tiles in the SocioSeg raw-file layout."""
     rng = np.random.default_rng(seed)
     for split, n in (("train", n_train), ("val", n_val)):
         for i in range(n):
-            sat, map_img, mask, text = make_synthetic_sample(rng, size, kinds_per_tile)
+            sat, map_img, mask, text = make_synthetic_sample(rng, size, kinds)
             d = Path(out) / split / f"{split}_{i:04d}"
             d.mkdir(parents=True, exist_ok=True)
             sat.save(d / "sat.png"); map_img.save(d / "map.png")
