@@ -123,9 +123,10 @@ class Config:
 
 
 # --tiny: the offline demo. Fields given as flags still win. A tiny random Qwen2.5-VL and the weights-free
-# GrowSegmenter; an SFT warm-up that teaches the answer format; GRPO with a learning rate a tiny model needs.
-TINY_DEFAULTS = dict(model="tiny", sam="grow", rollout_batch=4, group_size=8, max_new_tokens=64, micro_batch=16,
-                     lr=1e-4, steps=80, sft_steps=300, sft_lr=1e-3, sft_batch=8, eval_split="val",
+# GrowSegmenter; an SFT warm-up long enough to localise, not only to format (a random model first learns the
+# answer's syntax, then, after ~600 steps, where the place is); GRPO with a learning rate a tiny model needs.
+TINY_DEFAULTS = dict(model="tiny", sam="grow", rollout_batch=8, group_size=8, max_new_tokens=64, micro_batch=16,
+                     lr=3e-5, steps=80, sft_steps=1000, sft_lr=1e-3, sft_batch=8, eval_split="val",
                      save_every=20, generation_batch=0)
 
 
