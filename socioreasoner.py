@@ -105,7 +105,6 @@ def resumed_config(saved: dict, cfg: Config, given: Optional[set]) -> Config:
     again = {k: getattr(cfg, k) for k in (Config.__dataclass_fields__ if given is None else given)}
     return Config(**{**saved, **again, "resume": True, **{k: saved[k] for k in RUN_FIELDS}})
 
-
 # ==== The command line's flags, and what is checked before anything runs (the commands: appendix G) =========
 
 TRAIN_FIELDS = [f.name for f in dataclasses.fields(Config) if not f.name.startswith("infer_")]
@@ -189,7 +188,6 @@ import torch
 from PIL import Image, ImageDraw, ImageFont
 from scipy import ndimage
 from scipy.optimize import linear_sum_assignment
-
 
 # ==== §3, A.1.1 — SocioSeg data =============================================================================
 # A sample: a satellite tile I_s, a digital-map tile I_m of the same place (pixel-aligned, same size), the
@@ -319,7 +317,6 @@ def mask_to_boxes(mask: np.ndarray) -> np.ndarray:
     boxes = [[sx.start, sy.start, sx.stop, sy.stop] for sy, sx in ndimage.find_objects(labels)]
     return np.asarray(boxes, dtype=np.float64).reshape(-1, 4)
 
-
 # ==== §4.1, eqs. (1) and (4) — prompts and the coordinate frames ============================================
 # The model input is [map image, satellite image, text], map first (as in the released data pipeline).
 # Qwen2.5-VL reads and writes coordinates as absolute pixels of the image *as its processor resized it*
@@ -396,7 +393,6 @@ def to_frame(coords: np.ndarray, src_hw: tuple, dst_hw: tuple) -> np.ndarray:
     (sh, sw), (dh, dw) = src_hw, dst_hw
     return coords * np.tile([dw / sw, dh / sh], coords.shape[-1] // 2)
 
-
 # ==== A.2.2 — parsing the answer; the binary format gate R_form =============================================
 # R_form = 1 iff the whole completion is <think>...</think><answer>JSON</answer> and the JSON is a list of
 # objects with exactly the stage's keys: stage 1 {"bbox_2d": [x1, y1, x2, y2]}, stage 2 {"bbox_2d": [...],
@@ -451,7 +447,6 @@ def thinking(completion: str) -> str:
     m = re.search(r"<think>(.*?)</think>", completion, re.DOTALL)
     return m.group(1).strip() if m else ""
 
-
 # ==== §4.1, eq. (3) — the renderer D ========================================================================
 # Stage 2 needs visual feedback: the stage-1 boxes and the coarse mask M_c drawn onto *both* tiles, so the
 # model can compare its attempt with the map's labels and the ground. Drawing happens in the mask frame on
@@ -476,7 +471,6 @@ def render(image: Image.Image, boxes: np.ndarray, mask: Optional[np.ndarray],
         r = 2 * width
         draw.ellipse([x - r, y - r, x + r, y + r], fill=POINT_RGB, outline=(0, 0, 0))
     return out
-
 
 # ==== §4.1, eqs. (2) and (5) — the segmenter S, and an answer as its prompt =================================
 # S is a frozen SAM 2 (A.2.3). It only ever sees the *satellite* tile, in the mask frame. Encoding a tile
@@ -592,7 +586,6 @@ def load_segmenter(cfg: Config, device: torch.device) -> Segmenter:
     except Exception as e:
         raise load_error("SAM 2", cfg.sam, "--sam", e) from None
 
-
 # ==== A.2.2, eqs. (7)-(12) — rewards ========================================================================
 # Both stages score R = R_form + R_acc + R_len, and R = 0 whenever R_form = 0. The rewards take the answer
 # as `parse_answer` returned it (None: malformed), so each completion is parsed once.
@@ -655,7 +648,6 @@ def stage2_reward(answer: Optional[list], pred_mask: np.ndarray, gt_mask: np.nda
     counts = [len(o["points"]) for o in answer]
     length = float(point_count_score(counts, mu=mu).mean()) if counts else 0.0
     return _reward(1, mask_iou(pred_mask, gt_mask), length)
-
 
 # ==== §4.2 — the policy: Qwen2.5-VL, loading, sampling G completions, log-probs of their tokens =============
 # One Qwen2.5-VL serves both stages (A.2.1: shared parameters). GRPO must train on the log-probabilities of
@@ -851,7 +843,6 @@ def completion_logprobs(policy: Policy, model, rows: list, temperature: float) -
     mask = (t[None, :] < Tc[:, None]).float()                                    # (B, T)
     return logp * mask, mask
 
-
 # ==== §4.2, eq. (6) — GRPO ==================================================================================
 # For each prompt x, G completions y^(g) with rewards R^(g). Per completion token t:
 #     r_t = pi_theta(y_t | y_<t, x) / pi_old(y_t | y_<t, x)                        (token importance ratio)
@@ -898,7 +889,6 @@ def grpo_loss(logp: torch.Tensor, old_logp: torch.Tensor, ref_logp: torch.Tensor
         stats = {"kl": ((kl * mask).sum(dim=1) / n_tokens).mean().item(),
                  "clipped": ((clipped.float() * mask).sum() / mask.sum().clamp(min=1)).item()}
     return loss, stats
-
 
 # ==== Algorithm 1 — the two-stage rollout ===================================================================
 # One prompt and its G completions form a Group, which keeps each completion's parsed answer. Stage 1 (lines
@@ -953,7 +943,6 @@ def select_carried(rewards: list, how: str, rng: np.random.Generator) -> int:
         return int(np.argmax(r))
     p = np.exp(r - r.max())
     return int(rng.choice(len(r), p=p / p.sum()))
-
 
 # ==== Algorithm 1 — the training step: one GRPO update per stage, on one GPU ================================
 # Algorithm 1 as printed updates inside the loop over a batch's samples (lines 14, 27) and refreshes pi_old
@@ -1070,7 +1059,6 @@ def batch_indices(step: int, n: int, batch: int, seed: int) -> list[int]:
         out.append(int(perms[epoch][i]))
     return out
 
-
 # ==== §4.1 — inference: both stages once ====================================================================
 # Sampling as in the authors' release (temperature 1.0, top_p 0.8, top_k 100). If the stage-2 answer is
 # malformed the coarse stage-1 mask is kept: a usable mask beats an empty one.
@@ -1104,7 +1092,6 @@ def predict_batch(policy: Policy, segmenter: Segmenter, samples: list, cfg: Conf
         final = m1 if g2.answers[0] is None else mask_of(s, enc, g2)                        # M_f, eq. 5
         preds.append(Prediction([(g1, m1), (g2, final)], final, fallback=g2.answers[0] is None))
     return preds
-
 
 # ==== §5.1 — metrics: cIoU, gIoU, F1 ========================================================================
 # cIoU: summed intersection over summed union across the split (large regions weigh more). gIoU: mean of
@@ -1180,7 +1167,6 @@ def evaluate(policy: Policy, segmenter: Segmenter, refs: list, cfg: Config, imag
                   flush=True)
     return {**segmentation_metrics(finals, gts), "stage1_gIoU": segmentation_metrics(firsts, gts)["gIoU"],
             "seconds_per_sample": seconds / max(1, len(refs)), "stage2_fallbacks": fallbacks}
-
 
 # ==== Appendix A — the offline demo: a tiny random Qwen2.5-VL and a weights-free stand-in for SAM ===========
 
@@ -1280,7 +1266,6 @@ def build_tiny_policy(seed: int, device: torch.device = torch.device("cpu")) -> 
                                                pad_token_id=tid("<|endoftext|>"))
     return make_policy(model, processor, device)
 
-
 # ==== Appendix B — A.2.3 supervised fine-tuning: the paper's SFT baseline, and the warm-up before GRPO ======
 # The SFT baseline (Table 4) trains on answers made from the ground truth: each region's box plus three
 # points inside its mask, in each stage's schema, with an empty <think></think> (there is no reasoning to
@@ -1349,7 +1334,6 @@ def sft_step(policy: Policy, optimizer, rows: list, micro_batch: int) -> float:
     optimizer_step(policy, optimizer, "sft", total)
     policy.model.eval()
     return total
-
 
 # ==== Appendix C — the training run: phases, log, atomic checkpoints, resume ================================
 # A run is an optional SFT warm-up (sft_steps), then GRPO (steps). <out>/checkpoint/ holds the policy and
@@ -1534,7 +1518,6 @@ def train(cfg: Config, given: Optional[set] = None):
         start = make_policy(reference, run.policy.processor, device) if cfg.steps else None
         held_out_report(cfg, run.refs, run.eval_refs, run.policy, start, run.segmenter)
 
-
 # ==== Appendix D — the held-out report, eval and infer ======================================================
 
 def held_out_report(cfg: Config, train_refs: list, refs: list, policy: Policy, start, segmenter: Segmenter):
@@ -1695,7 +1678,6 @@ def prediction_picture(sample: Sample, pred: Prediction, max_side: int = 1024) -
             panel.paste(render(tile, boxes, mask, points), (col * w, top + line))
     return panel
 
-
 # ==== Appendix E — benchmark: where a training step's time and memory go ====================================
 # `bench` runs a few training steps and reports their time per kind of work, SAM encodings per sample,
 # generation speed and peak memory; then generation alone, one prompt per call against --generation-batch;
@@ -1843,7 +1825,6 @@ def bench(cfg: Config, steps: int):
     print(f"gradient accumulation, micro-batch {cfg.micro_batch}: peak {peaks[1]:.0f} MB with 1 micro-batch, "
           f"{peaks[8]:.0f} MB with 8; ratio {peaks[8] / peaks[1]:.3f}")
 
-
 # ==== Appendix F — synthetic SocioSeg-style tiles ===========================================================
 # data_sample/ holds tiles made by a seeded generator that lives beside them, data_sample/synthetic.py (read
 # there what the tiles show, and why): SocioSeg itself cannot be downloaded on every machine, and the tests
@@ -1858,7 +1839,6 @@ def synthetic():
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
-
 
 # ==== Appendix G — the command line =========================================================================
 
