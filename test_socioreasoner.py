@@ -239,7 +239,8 @@ def hostile_completion(rng) -> str:
             return {"bbox_2d": value(depth + 1), "points": value(depth + 1)}
         if kind == 7:
             return [{"bbox_2d": [float(v) for v in rng.uniform(-300, 600, 4)],
-                     "points": [[float(v) for v in rng.uniform(-300, 600, 2)] for _ in range(rng.integers(0, 5))]}
+                     "points": [[float(v) for v in rng.uniform(-300, 600, 2)]
+                                for _ in range(rng.integers(0, 5))]}
                     for _ in range(rng.integers(0, 4))]
         return None
     body = json.dumps(value(0))
@@ -274,7 +275,8 @@ def test_rewards_never_raise_and_bad_geometry_never_reaches_the_segmenter():
             formats += r["format"]
     assert 0 < formats < 8000                                             # both branches were exercised
     for boxes, points in seg.calls:
-        assert np.isfinite(boxes).all() and (boxes[:, 2] > boxes[:, 0]).all() and (boxes[:, 3] > boxes[:, 1]).all()
+        assert np.isfinite(boxes).all()
+        assert (boxes[:, 2] > boxes[:, 0]).all() and (boxes[:, 3] > boxes[:, 1]).all()
         assert (boxes >= 0).all() and (boxes[:, [0, 2]] <= 80).all() and (boxes[:, [1, 3]] <= 60).all()
         for p in points or []:
             assert np.isfinite(p).all() and (p >= 0).all() and (p[:, 0] < 80).all() and (p[:, 1] < 60).all()
@@ -411,7 +413,7 @@ def test_segmentation_metrics_hand_computed():
 
 
 def test_grow_segmenter_answers_to_boxes_and_points():
-    """The demo's weights-free S: a box alone is its rectangle; a point grows over its own colour, in its box."""
+    """The demo's weights-free S: a box alone is its rectangle; a point grows over its colour, in its box."""
     img = np.full((60, 60, 3), 100, np.uint8)
     img[10:40, 10:40] = (200, 60, 60)                                       # a red place, 30 x 30
     seg = sr.GrowSegmenter()
@@ -420,11 +422,11 @@ def test_grow_segmenter_answers_to_boxes_and_points():
     assert seg.segment(enc, box, None).sum() == 40 * 40
     on_target = seg.segment(enc, box, [np.array([[20.0, 20.0]])])
     place = img[..., 0] == 200
-    assert sr.mask_iou(on_target, place) > 0.85                            # smoothing blurs the edges a little
+    assert sr.mask_iou(on_target, place) > 0.85                        # smoothing blurs the edges a little
     on_ground = seg.segment(enc, box, [np.array([[6.0, 6.0]])])
     assert not (on_ground & place).any() and on_ground.sum() > 100
     assert not on_ground[46:, :].any() and not on_ground[:, 46:].any()    # never leaves its box
-    outside = seg.segment(enc, box, [np.array([[50.0, 50.0]])])            # a point outside its box is ignored
+    outside = seg.segment(enc, box, [np.array([[50.0, 50.0]])])        # a point outside its box is ignored
     assert outside.sum() == 40 * 40
 
 
@@ -516,7 +518,7 @@ def test_grpo_loss_raises_the_expected_reward_of_a_toy_policy():
 
 
 def test_equal_rewards_give_zero_advantage_zero_gradient_and_no_nan():
-    odd = 1 + 1 / 3 + math.exp(-2 / 3)                                    # a float mean of 8 copies is off by an ulp
+    odd = 1 + 1 / 3 + math.exp(-2 / 3)                # a float mean of 8 copies of it is off by an ulp
     adv = sr.group_advantages(torch.tensor([odd] * 8 + [2.5] * 8), 8)
     assert (adv == 0).all()
     logp, mask = _loss_inputs(B=16)
@@ -592,7 +594,8 @@ def test_vision_tower_runs_once_per_distinct_prompt_when_scoring(policy, sample)
     """G rows of one prompt share one vision pass; results equal one-row-at-a-time scoring."""
     inputs, _ = sr.policy_inputs(policy, [sample.map, sample.sat], sr.STAGE1_PROMPT, sample.text)
     other, _ = sr.policy_inputs(policy, [sample.sat, sample.map], sr.STAGE1_PROMPT, "park")
-    rows = [(inputs, torch.tensor([60, 61, 62])), (inputs, torch.tensor([70])), (other, torch.tensor([80, 81]))]
+    rows = [(inputs, torch.tensor([60, 61, 62])), (inputs, torch.tensor([70])),
+            (other, torch.tensor([80, 81]))]
     calls = []
     hook = policy.model.model.visual.register_forward_hook(lambda *a: calls.append(1))
     try:
@@ -620,7 +623,7 @@ def test_completions_end_at_the_first_eos_and_only_completion_tokens_are_scored(
 
 
 def _rows(policy, samples, texts):
-    """Rows of (prompt inputs, completion ids) built from hand-written completions, prompts of different lengths."""
+    """Rows (prompt inputs, completion ids) from hand-written completions, prompts of different lengths."""
     tok = policy.processor.tokenizer
     rows = []
     for s, text in zip(samples, texts):
@@ -635,7 +638,7 @@ def test_accumulated_gradient_equals_full_batch_gradient():
     refs = sr.list_split(HERE / "data_sample", "train")[:3]
     samples = [sr.read_sample(r) for r in refs] * 2
     pol = sr.build_tiny_policy(seed=1)
-    reference = sr.build_tiny_policy(seed=2).model                      # differs, so the KL term has a gradient
+    reference = sr.build_tiny_policy(seed=2).model                  # differs, so the KL term has a gradient
     texts = ["<think>a</think><answer>[]</answer>", "x" * 9, "<think>bb</think>", "y", "zz" * 7, "<answer>"]
     rows = _rows(pol, samples, texts)
     adv = torch.tensor([0.5, -1.0, 2.0, 0.0, -0.3, 0.7])
@@ -651,7 +654,7 @@ def test_accumulated_gradient_equals_full_batch_gradient():
 
 
 def test_grpo_update_moves_the_policy_only_when_rewards_differ(sample):
-    """A stage update with unequal rewards changes the weights; with equal rewards (and pi = pi_ref) it cannot."""
+    """A stage update with unequal rewards changes the weights; with equal ones (pi = pi_ref) it cannot."""
     cfg = sr.Config(lr=1e-3, micro_batch=2)
     pol = sr.build_tiny_policy(seed=0)
     reference = sr.build_tiny_policy(seed=0).model
@@ -683,13 +686,14 @@ def test_sft_targets_are_the_ground_truth_in_each_stages_schema(policy, sample):
     a2 = sr.parse_answer(text2, 2)
     assert np.allclose([o["bbox_2d"] for o in a2], np.round(gt_model))
     _, points = sr.answer_prompts(a2, (112, 112), sample.mask.shape)
-    near = ndimage.binary_dilation(sample.mask, iterations=2)           # rounding to model pixels moves a point <= 2 px
+    near = ndimage.binary_dilation(sample.mask, iterations=2)   # rounding to model pixels moves a point <= 2px
     assert all(len(p) == 3 and near[p[:, 1].astype(int), p[:, 0].astype(int)].all() for p in points)
     assert "Its boxes were: [[" in policy.processor.tokenizer.decode(in2["input_ids"][0])
 
 
 def test_sft_targets_of_sub_pixel_regions_stay_well_formed():
-    text = sr.format_answer([{"bbox_2d": np.array([12.2, 20.0, 12.4, 30.0]), "points": np.array([[12.3, 25.0]])}])
+    text = sr.format_answer([{"bbox_2d": np.array([12.2, 20.0, 12.4, 30.0]),
+                              "points": np.array([[12.3, 25.0]])}])
     assert sr.parse_answer(text, 2) == [{"bbox_2d": [12, 20, 13, 30], "points": [[12, 25]]}]
 
 
@@ -706,7 +710,7 @@ def test_a_non_finite_loss_is_skipped_not_applied(sample):
     pol = sr.build_tiny_policy(seed=0)
     broken = sr.build_tiny_policy(seed=0).model
     with torch.no_grad():
-        broken.lm_head.weight[0, 0] = float("nan")                        # the reference's log-probs become NaN
+        broken.lm_head.weight[0, 0] = float("nan")                    # the reference's log-probs become NaN
     texts = ["<think>a</think><answer>[]</answer>", "junk"]
     rows = _rows(pol, [sample] * 2, texts)
     group = sr.Group(1, rows[0][0], (112, 112), [c for _, c in rows], texts, [None] * 2,
@@ -855,7 +859,7 @@ def test_train_step_runs_both_stages_with_a_fake_segmenter():
     opt = torch.optim.AdamW(pol.model.parameters(), lr=cfg.lr, weight_decay=0.0)
     seg = BoxFiller()
     stats = sr.train_step(0, refs, pol, reference, opt, seg, cfg)
-    assert seg.encoded == 2                                               # one SAM encoding per sample per step
+    assert seg.encoded == 2                                           # one SAM encoding per sample per step
     assert set(stats) >= {"reward1", "reward2", "kl", "clipped", "skipped"}
     # the IoU of well-formed answers is NaN when a random policy writes none; everything else is finite
     assert all(np.isfinite(v) for k, v in stats.items() if k != "iou2")
@@ -907,7 +911,7 @@ def test_cli_train_tiny_writes_log_and_checkpoint_and_resumes(tmp_path):
 
 
 def test_resumed_run_repeats_the_uninterrupted_one(sft_checkpoint, tmp_path):
-    """Checkpoint = weights + optimizer + RNG + step: the step after a resume is the step that would have run."""
+    """Checkpoint = weights + optimizer + RNG + step: the step after a resume is the one that would run."""
     data, ckpt = sft_checkpoint
     args = ["--tiny", "--model", str(ckpt), "--data", str(data), "--sft-steps", "0", "--rollout-batch", "2",
             "--group-size", "6", "--eval-split", "", "--lr", "1e-3"]
@@ -923,10 +927,10 @@ def test_resumed_run_repeats_the_uninterrupted_one(sft_checkpoint, tmp_path):
 
 
 def test_a_run_killed_after_its_first_checkpoint_resumes_and_completes_its_log(tmp_path):
-    """SIGKILL shortly after the first checkpoint appears: --resume finishes the run, every step logged once."""
+    """SIGKILL soon after the first checkpoint appears: --resume finishes the run, every step logged once."""
     out = tmp_path / "run"
-    cmd = [sys.executable, str(HERE / "socioreasoner.py"), "train", *QUICK, "--steps", "5", "--sft-steps", "3",
-           "--out", str(out)]
+    cmd = [sys.executable, str(HERE / "socioreasoner.py"), "train", *QUICK, "--steps", "5",
+           "--sft-steps", "3", "--out", str(out)]
     proc = subprocess.Popen(cmd, cwd=HERE, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 300
     while time.time() < deadline and sr.latest_checkpoint(out) is None:
