@@ -686,7 +686,7 @@ def test_sft_targets_are_the_ground_truth_in_each_stages_schema(policy, sample):
     a2 = sr.parse_answer(text2, 2)
     assert np.allclose([o["bbox_2d"] for o in a2], np.round(gt_model))
     _, points = sr.answer_prompts(a2, (112, 112), sample.mask.shape)
-    near = ndimage.binary_dilation(sample.mask, iterations=2)   # rounding to model pixels moves a point <= 2px
+    near = ndimage.binary_dilation(sample.mask, iterations=2)  # rounding to model pixels moves a point <= 2px
     assert all(len(p) == 3 and near[p[:, 1].astype(int), p[:, 0].astype(int)].all() for p in points)
     assert "Its boxes were: [[" in policy.processor.tokenizer.decode(in2["input_ids"][0])
 
