@@ -1,249 +1,186 @@
 """SocioReasoner in one file: urban socio-semantic segmentation with vision-language reasoning.
 
-Reference implementation of "Urban Socio-Semantic Segmentation with Vision-Language Reasoning"
-(Wang et al.). Keep the paper open beside this file: the sections below follow it in order.
+A reference implementation of "Urban Socio-Semantic Segmentation with Vision-Language Reasoning" (Wang et
+al.), to be read beside the paper. A VLM sees a digital map and a satellite image of the same place and a
+target ("school", "a certain university", "educational"). Stage 1: it reasons and answers boxes; SAM turns
+them into a coarse mask, drawn with the boxes onto both images. Stage 2: it looks at its own drawing and
+answers boxes with points inside them; SAM turns those into the final mask. Nothing in this chain is
+differentiable, so one shared policy is trained with GRPO on rewards computed from the ground truth.
 
-    §3, A.1.1     data          SocioSeg samples: satellite tile, digital-map tile, mask, target text
-    §4.1 (1),(4)  prompts       the two questions we ask the VLM, and the one coordinate conversion
-    A.2.2         parsing       <think>...</think><answer>JSON</answer>, the binary format gate
-    §4.1 (3)      renderer D    boxes + translucent coarse mask drawn onto both tiles
-    §4.1 (2),(5)  segmenter S   SAM 2 turns boxes (stage 1) and boxes + points (stage 2) into a mask
-    A.2.2 (7-12)  rewards       Hungarian box accuracy, count reward, pixel IoU, point-count Gaussian
-    §4.2          policy        Qwen2.5-VL: loading, sampling G completions, scoring their tokens
-    Alg. 1        rollout       stage 1 -> best of G -> render -> stage 2
-    §4.2 (6)      GRPO          group-relative advantages, clipped ratio, k3 KL, gradient accumulation
-    Alg. 1        training      the RL loop, logging, atomic checkpoints, resume
-    §4.1          inference     the two stages once, with a picture of both
-    A.2.3         SFT           the supervised baseline, and the warm-up of the offline demo
-    §5.1          metrics       cIoU, gIoU, F1; evaluation, the ablations, a benchmark
-                  CLI           python socioreasoner.py train | sft | infer SAT MAP "school" | eval | bench
+The sections follow the paper and the path of a sample: A.2.3 hyperparameters (and the command line's
+flags) | §3 data | §4.1 eqs. 1, 4 prompts and coordinate frames | A.2.2 parsing, the format gate | §4.1 eq. 3
+renderer D | §4.1 eqs. 2, 5 segmenter S, an answer as its prompt | A.2.2 eqs. 7-12 rewards | §4.2 policy:
+sampling, log-probs | §4.2 eq. 6 GRPO | Algorithm 1 rollout | Algorithm 1 training step | §4.1 inference |
+§5.1 metrics. Then appendices, for what serves the method: A the offline demo's tiny model and stand-in
+segmenter | B SFT (A.2.3) | C the training run, checkpoints, resume | D held-out report, eval, infer |
+E benchmark | F synthetic data | G the command line (train, sft, infer, eval, bench, make-data).
 
-The method in one paragraph. A VLM sees a digital map and a satellite image of the same place and a target
-("school", "a certain university", "educational"). Stage 1: it reasons and answers boxes; SAM turns them
-into a coarse mask. The boxes and coarse mask are drawn onto both images. Stage 2: it looks at its own
-drawing and answers boxes with points inside them; SAM turns those into the final mask. Nothing in this
-chain is differentiable, so one shared policy is trained with GRPO on rewards computed from the ground truth.
-
-Conventions used everywhere below:
-  * A box is [x1, y1, x2, y2] in continuous pixel coordinates: a pixel (row r, column c) covers
-    [c, c+1) x [r, r+1), so a box's area is (x2 - x1) * (y2 - y1) and the box of a single pixel is 1 x 1.
-  * Two coordinate frames exist and are never mixed silently: the *mask frame* (pixels of the tiles as
-    stored on disk, where SAM and the ground truth live) and the *model frame* (pixels of the tiles as the
-    Qwen2.5-VL processor resized them, the frame in which the model reads and writes numbers).
-    `to_frame` is the only place that converts between them.
-  * Shapes are written next to tensor code: B rows (prompt x completion pairs), T completion tokens,
-    G completions per prompt, H x W mask pixels.
+Conventions. A box is [x1, y1, x2, y2] in continuous pixel coordinates: pixel (row r, column c) covers
+[c, c+1) x [r, r+1). The *mask frame* is the tiles' pixels as stored (SAM and the ground truth live there),
+the *model frame* the tiles' pixels as the Qwen2.5-VL processor resized them (the model reads and writes
+numbers there); `to_frame` alone converts. Shapes: B rows (prompt x completion), T completion tokens, G
+completions per prompt, H x W mask pixels.
 """
-
 from __future__ import annotations
 
-import argparse
-import contextlib
-import dataclasses
-import functools
-import io
-import json
-import math
-import os
-import re
-import shlex
-import shutil
-import string
-import sys
-import time
+import argparse, contextlib, dataclasses, functools, io, json, math, os, re, shlex, shutil, string, sys, time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional
-
+from typing import Any, Optional, Protocol
 # Only the standard library up to the command-line parser: `--help` and mistyped flags are answered in a
-# fraction of a second, before torch and transformers are imported (seconds, more on a cold disk).
+# fraction of a second, before torch and transformers are imported.
 
+# ==== A.2.3 — hyperparameters, and where a run's values come from ===========================================
 
-# ============================================================================================================
-# Hyperparameters (paper A.2.3 unless marked otherwise). Every field is also a command-line flag.
-# ============================================================================================================
-
-def hp(default, doc):
-    """A config field whose doc becomes the flag's --help line."""
-    return field(default=default, metadata={"doc": doc})
-
+def param(default, doc):
+    return field(default=default, metadata={"doc": doc})       # the doc is the flag's --help line
 
 @dataclass
 class Config:
-    # --- models -------------------------------------------------------------------------------------------
-    model: str = hp("Qwen/Qwen2.5-VL-3B-Instruct", "the policy (for training, the start): hub id, local "
-                    "folder such as runs/NAME/checkpoint, or 'tiny' (random weights)")
-    sam: str = hp("facebook/sam2-hiera-large", "SAM 2 (frozen): hub id, local .pt checkpoint, 'tiny' (random "
-                  "weights) or 'grow' (a weights-free stand-in)")
-    sam_config: str = hp("configs/sam2/sam2_hiera_l.yaml", "sam2 config used with a local .pt checkpoint")
-    prompts: str = hp("", "JSON file replacing our prompt wording: keys stage1, stage2, single (any of "
-                      "them); placeholders {target} (required), {w} {h} (model-frame size), and in stage2 "
-                      "{boxes} or {boxes_json}; literal braces doubled")
-    # --- data ---------------------------------------------------------------------------------------------
-    data: str = hp("data_sample", "SocioSeg root: <data>/<split>/<id>/{sat,map,mask}.png + question.json, "
-                   "or <split>-*.parquet shards below it")
-    split: str = hp("train", "split to train on")
-    out: str = hp("runs/train", "run folder: checkpoint/, log.jsonl (and warmup/, eval.json)")
-    # --- GRPO (A.2.3) -------------------------------------------------------------------------------------
-    steps: int = hp(250, "RL steps T of Algorithm 1")
-    rollout_batch: int = hp(128, "prompts per RL step (the paper's rollout batch)")
-    group_size: int = hp(8, "G: completions sampled per prompt and stage")
-    lr: float = hp(1e-6, "AdamW learning rate")
-    clip_eps: float = hp(0.5, "PPO clip epsilon of eq. 6 (the authors' config uses 0.2)")
-    kl_beta: float = hp(0.005, "KL weight beta of eq. 6")
-    temperature: float = hp(1.0, "sampling temperature of the rollouts; logits are divided by it when scored")
-    max_new_tokens: int = hp(512, "cap on completion length; a cut-off answer fails the format gate")
-    select: str = hp("argmax", "Alg. 1 line 15: stage-1 rollout carried to stage 2, 'argmax' or 'sample' ~ exp(R1)")
-    points_mu: float = hp(2.0, "mu of the stage-2 point-count reward, eq. 11 (Table 3 ablates 1, 2, 3)")
-    single_stage: bool = hp(False, "ablation 'w/o reflection' (Table 2): boxes and points in one answer, one stage")
-    stage1_only: bool = hp(False, "ablation 'w/o refinement' (Table 2): infer/eval stop after stage 1")
-    # --- memory (one GPU) ---------------------------------------------------------------------------------
-    micro_batch: int = hp(4, "rows (prompt x completion) per forward/backward; gradients are accumulated")
-    generation_batch: int = hp(64, "sequences (prompts x G) per generate call, whole prompts; 0 = all at "
-                                   "once. infer/eval: tiles per batch (KV cache: README, Performance)")
-    grad_checkpointing: bool = hp(False, "recompute activations in backward: less memory, ~30% slower")
-    freeze_vision: bool = hp(False, "train the language model only; the vision tower stays as loaded")
-    # --- supervised steps: the SFT baseline, and the warm-up before GRPO (A.2.3) ---------------------------
-    sft_steps: int = hp(0, "supervised steps before GRPO (0 = none); the sft command's length")
-    sft_lr: float = hp(1e-5, "AdamW learning rate of the supervised steps (not given in the paper)")
-    sft_batch: int = hp(8, "samples per supervised step, each giving a stage-1 and a stage-2 example")
-    sft_points: int = hp(3, "points per ground-truth region in stage-2 targets (A.2.3: three)")
-    # --- evaluation ---------------------------------------------------------------------------------------
-    eval_split: str = hp("", "after training, compare warm-up and trained policy on this split ('' = no)")
-    eval_limit: int = hp(0, "evaluate at most this many samples (0 = all)")
-    # --- inference sampling (the authors' release) --------------------------------------------------------
-    infer_temperature: float = hp(1.0, "inference sampling temperature")
-    infer_top_p: float = hp(0.8, "inference nucleus sampling")
-    infer_top_k: int = hp(100, "inference top-k sampling")
-    # --- bookkeeping --------------------------------------------------------------------------------------
-    seed: int = hp(0, "seeds data order, sampling and the tiny models")
-    save_every: int = hp(10, "write a checkpoint every N steps (and at the end of each phase)")
-    skip_bad: bool = hp(False, "leave broken samples out with a warning, instead of stopping before training")
-    resume: bool = hp(False, "continue from <out>/checkpoint")
+    model: str = param("Qwen/Qwen2.5-VL-3B-Instruct", "the policy (for training, the start): hub id, local "
+                       "folder such as runs/NAME/checkpoint, or 'tiny' (random weights)")
+    sam: str = param("facebook/sam2-hiera-large", "SAM 2 (frozen): hub id, local .pt checkpoint, 'tiny' "
+                     "(random weights) or 'grow' (a weights-free stand-in)")
+    sam_config: str = param("configs/sam2/sam2_hiera_l.yaml", "sam2 config used with a local .pt checkpoint")
+    prompts: str = param("", "JSON file replacing our prompt wording: keys stage1, stage2, single (any of "
+                         "them); placeholders {target} (required), {w} {h} (model-frame size), and in stage2 "
+                         "{boxes} or {boxes_json}; literal braces doubled")
+    data: str = param("data_sample", "SocioSeg root: <data>/<split>/<id>/{sat,map,mask}.png + question.json, "
+                      "or <split>-*.parquet shards below it")
+    split: str = param("train", "split to train on")
+    out: str = param("runs/train", "run folder: checkpoint/, log.jsonl (and warmup/, eval.json)")
+    steps: int = param(250, "RL steps T of Algorithm 1")
+    rollout_batch: int = param(128, "prompts per RL step (the paper's rollout batch)")
+    group_size: int = param(8, "G: completions sampled per prompt and stage")
+    lr: float = param(1e-6, "AdamW learning rate")
+    clip_eps: float = param(0.5, "PPO clip epsilon of eq. 6 (the authors' config uses 0.2)")
+    kl_beta: float = param(0.005, "KL weight beta of eq. 6")
+    temperature: float = param(1.0, "sampling temperature of the rollouts; scored logits are divided by it")
+    max_new_tokens: int = param(512, "cap on completion length; a cut-off answer fails the format gate")
+    select: str = param("argmax", "Alg. 1 line 15: rollout carried to stage 2: 'argmax' or 'sample' ~exp(R1)")
+    points_mu: float = param(2.0, "mu of the stage-2 point-count reward, eq. 11 (Table 3 ablates 1, 2, 3)")
+    single_stage: bool = param(False, "ablation 'w/o reflection' (Table 2): boxes and points in one answer")
+    stage1_only: bool = param(False, "ablation 'w/o refinement' (Table 2): infer/eval stop after stage 1")
+    micro_batch: int = param(4, "rows (prompt x completion) per forward/backward; gradients are accumulated")
+    generation_batch: int = param(64, "sequences (prompts x G) per generate call, whole prompts; 0 = all at "
+                                  "once. infer/eval: tiles per batch (KV cache: README, Performance)")
+    grad_checkpointing: bool = param(False, "recompute activations in backward: less memory, ~30% slower")
+    freeze_vision: bool = param(False, "train the language model only; the vision tower stays as loaded")
+    sft_steps: int = param(0, "supervised steps before GRPO (0 = none); the sft command's length")
+    sft_lr: float = param(1e-5, "AdamW learning rate of the supervised steps (not given in the paper)")
+    sft_batch: int = param(8, "samples per supervised step, each giving a stage-1 and a stage-2 example")
+    sft_points: int = param(3, "points per ground-truth region in stage-2 targets (A.2.3: three)")
+    eval_split: str = param("", "after training, compare warm-up and trained policy on this split ('' = no)")
+    eval_limit: int = param(0, "evaluate at most this many samples (0 = all)")
+    infer_temperature: float = param(1.0, "inference sampling temperature (the authors' release)")
+    infer_top_p: float = param(0.8, "inference nucleus sampling")
+    infer_top_k: int = param(100, "inference top-k sampling")
+    seed: int = param(0, "seeds data order, sampling and the tiny models")
+    save_every: int = param(10, "write a checkpoint every N steps (and at the end of each phase)")
+    skip_bad: bool = param(False, "leave broken samples out with a warning, rather than stop before training")
+    resume: bool = param(False, "continue from <out>/checkpoint")
 
+# --tiny, the offline demo: a tiny random Qwen2.5-VL and a weights-free stand-in for SAM (appendix A), an SFT
+# warm-up long enough to localise, not only to format (a random model first learns the answer's syntax, and
+# only after ~600 steps where the place is), and GRPO with a learning rate a tiny model needs.
+TINY_DEFAULTS = dict(model="tiny", sam="grow", rollout_batch=8, group_size=8, max_new_tokens=64,
+                     micro_batch=16, lr=3e-5, steps=80, sft_steps=1000, sft_lr=1e-3, sft_batch=8,
+                     eval_split="val", save_every=20, generation_batch=0)
+DEMO_OUT = "runs/demo"      # --tiny's out (runs/demo-sft, ... for other commands): never a real run's folder
+RELEASED = "vvangfaye/SocioReasoner-3B"
+COMMAND_DEFAULTS = {"sft": dict(sft_steps=500, out="runs/sft"), "eval": dict(model=RELEASED, out="runs/eval"),
+                    "infer": dict(model=RELEASED, out="runs/infer")}
+RUN_FIELDS = ("model", "sam", "sam_config", "seed", "freeze_vision", "sft_points")   # fixed for a run's life
 
-# --tiny: the offline demo. Fields given as flags still win. A tiny random Qwen2.5-VL and the weights-free
-# GrowSegmenter; an SFT warm-up long enough to localise, not only to format (a random model first learns the
-# answer's syntax, then, after ~600 steps, where the place is); GRPO with a learning rate a tiny model needs.
-TINY_DEFAULTS = dict(model="tiny", sam="grow", rollout_batch=8, group_size=8, max_new_tokens=64, micro_batch=16,
-                     lr=3e-5, steps=80, sft_steps=1000, sft_lr=1e-3, sft_batch=8, eval_split="val",
-                     save_every=20, generation_batch=0)
+def demo_out(command: str) -> str:
+    return DEMO_OUT if command == "train" else f"{DEMO_OUT}-{command}"
 
+def command_config(command: str, tiny: bool, given: dict) -> Config:
+    """The one rule: Config's defaults, then the command's, then --tiny's, then the flags given. A resumed
+    run starts from its saved config instead (resumed_config). `sft` is `train` given --steps 0."""
+    tiny_values = {**TINY_DEFAULTS, "out": demo_out(command)} if tiny else {}
+    return Config(**{**COMMAND_DEFAULTS.get(command, {}), **tiny_values, **given})
+
+def resumed_config(saved: dict, cfg: Config, given: Optional[set]) -> Config:
+    """--resume: the saved config, then cfg's values of the flags given again (None: all) but RUN_FIELDS."""
+    again = {k: getattr(cfg, k) for k in (Config.__dataclass_fields__ if given is None else given)}
+    return Config(**{**saved, **again, "resume": True, **{k: saved[k] for k in RUN_FIELDS}})
+
+# ==== The command line's flags, and what is checked before anything runs (the commands: appendix G) =========
+
+TRAIN_FIELDS = [f.name for f in dataclasses.fields(Config) if not f.name.startswith("infer_")]
+GRPO_ONLY = ["steps", "rollout_batch", "group_size", "lr", "clip_eps", "kl_beta", "temperature", "select",
+             "points_mu", "stage1_only"]
+INFER_FIELDS = ["model", "sam", "sam_config", "prompts", "out", "seed", "max_new_tokens", "single_stage",
+                "stage1_only", "infer_temperature", "infer_top_p", "infer_top_k", "generation_batch"]
+COMMANDS = {  # command: (what it does, the Config fields it takes as flags)
+    "train": ("two-stage GRPO training (Algorithm 1), after an optional SFT warm-up", TRAIN_FIELDS),
+    "sft": ("the paper's SFT baseline (A.2.3): supervised steps only, no GRPO",
+            [f for f in TRAIN_FIELDS if f not in GRPO_ONLY]),
+    "infer": ("segment one place: infer SAT MAP \"school\"; tiles: infer DIR [TEXT]", INFER_FIELDS),
+    "eval": ("cIoU, gIoU, F1 and seconds per sample of a model on a split (Table 1)",
+             ["data", "skip_bad"] + INFER_FIELDS),
+    "bench": ("time and memory of a few training steps, by kind of work",
+          [f for f in TRAIN_FIELDS if f not in ("out", "resume", "save_every", "eval_split", "eval_limit")])
+}
+OUT_DOCS = {"infer": "folder for mask.png (the final mask, the tile's size) and overlay.png (both stages)",
+            "eval": "folder for metrics.json and masks/<id>.png (and pictures/ with --pictures)"}
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="socioreasoner.py", description=__doc__.split("\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = {name: sub.add_parser(name, help=doc) for name, (doc, _) in COMMANDS.items()}
+    infer, evaluate, bench = p["infer"].add_argument, p["eval"].add_argument, p["bench"].add_argument
+    infer("sat", help="satellite tile (PNG/JPEG), or a folder DIR of <id>/{sat,map}.png tiles")
+    infer("map", nargs="?", help="digital-map tile, same size, pixel-aligned (after DIR: the TEXT)")
+    infer("text", nargs="?", help="the target, e.g. \"school\", \"a certain university\"")
+    evaluate("--split", default="val", help="split to evaluate (default val)")
+    evaluate("--limit", type=int, default=0, help="evaluate the first N samples only (default all)")
+    evaluate("--pictures", action="store_true", help="also write a Fig.-3-style picture per sample")
+    bench("--bench-steps", type=int, default=3, help="training steps to time (default 3)")
+    shown = lambda v: "''" if v == "" else v
+    for name, (_, names) in COMMANDS.items():
+        tiny = " ".join(f"--{k.replace('_', '-')} {shown(v)}" for k, v in TINY_DEFAULTS.items() if k in names)
+        tiny += f"; --out {demo_out(name)}" * ("out" in names) + " (flags given still win)"
+        p[name].add_argument("--tiny", action="store_true", help=f"offline demo: {tiny}" +
+                             "; unless --model is given the policy is random" * (name in ("infer", "eval")))
+        p[name].add_argument("--threads", type=int, help="CPU threads for torch (default: one per core)")
+        for f in (f for f in dataclasses.fields(Config) if f.name in names):
+            doc = OUT_DOCS.get(name, f.metadata["doc"]) if f.name == "out" else f.metadata["doc"]
+            doc = doc.replace("%", "%%")                                     # argparse formats help with %
+            default = COMMAND_DEFAULTS.get(name, {}).get(f.name, f.default)
+            kind = dict(action="store_true") if f.type == "bool" else dict(type=type(f.default))
+            p[name].add_argument("--" + f.name.replace("_", "-"), default=None, **kind,
+                                 help=doc if f.type == "bool" else f"{doc} (default {shown(default)})")
+    m = sub.add_parser("make-data", help="write synthetic SocioSeg-style train/ and val/ splits")
+    m.add_argument("--out", default="data_sample", help="folder for train/ and val/ (default data_sample)")
+    for flag, what in [("--train", "training tiles"), ("--val", "held-out tiles"), ("--size", "tile side in "
+                       "pixels"), ("--seed", "random seed"), ("--kinds", "1: a school per tile, 2: and a park")]:
+        m.add_argument(flag, type=int, help=f"{what} (default: data_sample/synthetic.py's)")
+    return parser
 
 def check_config(cfg: Config):
     """Reject values that would fail later, deep inside a library, with one clear message."""
     problems = [msg for bad, msg in [
-        (cfg.select not in ("argmax", "sample"), f"--select must be 'argmax' or 'sample', not '{cfg.select}'"),
+        (cfg.select not in ("argmax", "sample"), f"--select is 'argmax' or 'sample', not '{cfg.select}'"),
         (cfg.group_size < 2, "--group-size must be at least 2: advantages are relative to the group"),
         (min(cfg.rollout_batch, cfg.micro_batch, cfg.sft_batch, cfg.max_new_tokens) < 1,
          "--rollout-batch, --micro-batch, --sft-batch and --max-new-tokens must be positive"),
         (cfg.steps < 0 or cfg.sft_steps < 0, "--steps and --sft-steps cannot be negative"),
         (cfg.temperature <= 0 or cfg.infer_temperature <= 0, "temperatures must be positive"),
         (not 1 <= cfg.sft_points <= MAX_POINTS, f"--sft-points must be between 1 and {MAX_POINTS}"),
-        (min(cfg.eval_limit, cfg.generation_batch) < 0,
-         "--eval-limit and --generation-batch cannot be negative"),
+        (min(cfg.eval_limit, cfg.generation_batch) < 0, "--eval-limit, --generation-batch can't be negative"),
         (cfg.save_every < 1, "--save-every must be positive")] if bad]
     if problems:
         raise SocioError("; ".join(problems))
 
-
 class SocioError(Exception):
-    """A problem the user can fix (a bad file, a missing model). The CLI prints it as one line."""
+    """A problem the user can fix (a bad file, a missing model): the command line prints it as one line."""
 
-
-# ============================================================================================================
-# Command-line flags, built from Config (the commands themselves are at the end of the file)
-# ============================================================================================================
-
-TRAIN_FLAGS = [f.name for f in dataclasses.fields(Config) if not f.name.startswith("infer_")]
-GRPO_ONLY = {"steps", "rollout_batch", "group_size", "lr", "clip_eps", "kl_beta", "temperature", "select",
-             "points_mu", "stage1_only"}
-SFT_FLAGS = [f for f in TRAIN_FLAGS if f not in GRPO_ONLY]
-BENCH_FLAGS = [f for f in TRAIN_FLAGS if f not in ("out", "resume", "save_every", "eval_split", "eval_limit")]
-INFER_FLAGS = ["model", "sam", "sam_config", "prompts", "out", "seed", "max_new_tokens", "single_stage",
-               "stage1_only", "infer_temperature", "infer_top_p", "infer_top_k", "generation_batch"]
-INFER_DEFAULTS = dict(model="vvangfaye/SocioReasoner-3B", out="runs/infer")
-EVAL_DEFAULTS = dict(INFER_DEFAULTS, out="runs/eval")
-SFT_DEFAULTS = dict(sft_steps=500, out="runs/sft")
-DEMO_OUT = "runs/demo"              # --tiny runs write here (runs/demo-sft, ... for the other commands), so
-                                    # that a demo never occupies the folder of a real run
-DATA_SAMPLE_SIZES = (256, 64)       # train, val tiles in data_sample/
-
-
-def demo_out(command: str) -> str:
-    return DEMO_OUT if command == "train" else f"{DEMO_OUT}-{command}"
-
-
-def _add_config_flags(parser: argparse.ArgumentParser, names: list, defaults: dict, out_doc: str = ""):
-    fields = {f.name: f for f in dataclasses.fields(Config)}
-    shown = lambda v: "''" if v == "" else v
-    tiny = " ".join(f"--{k.replace('_', '-')} {shown(v)}" for k, v in TINY_DEFAULTS.items() if k in names)
-    command = parser.prog.split()[-1]
-    out = f"; --out {demo_out(command)}" if "out" in names else ""
-    random = "; unless --model is given the policy is random" if command in ("infer", "eval") else ""
-    parser.add_argument("--tiny", action="store_true", help=f"offline demo: {tiny}{out} (flags given still "
-                        f"win){random}")
-    parser.add_argument("--threads", type=int, default=None,
-                        help="CPU threads for torch (default: torch's own choice, one per core)")
-    for name in names:
-        f, flag = fields[name], "--" + name.replace("_", "-")
-        doc = (out_doc if name == "out" and out_doc else f.metadata["doc"]).replace("%", "%%")  # argparse's %
-        if f.type == "bool":
-            parser.add_argument(flag, action="store_true", default=None, help=doc)
-        else:
-            parser.add_argument(flag, type=type(f.default), default=None,
-                                help=f"{doc} (default {shown(defaults.get(name, f.default))})")
-
-
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="socioreasoner.py", description=__doc__.split("\n")[0])
-    sub = parser.add_subparsers(dest="command", required=True)
-    p = sub.add_parser("train", help="two-stage GRPO training (Algorithm 1), after an optional SFT warm-up")
-    _add_config_flags(p, TRAIN_FLAGS, {})
-    p = sub.add_parser("sft", help="the paper's SFT baseline (A.2.3): supervised steps only, no GRPO")
-    _add_config_flags(p, SFT_FLAGS, SFT_DEFAULTS)
-    p = sub.add_parser("infer", help="segment one place: infer SAT MAP \"school\"; tiles: infer DIR [TEXT]")
-    p.add_argument("sat", help="satellite tile (PNG/JPEG), or a folder DIR of <id>/{sat,map}.png tiles")
-    p.add_argument("map", nargs="?", help="digital-map tile, same size, pixel-aligned (after DIR: the TEXT)")
-    p.add_argument("text", nargs="?", help="the target, e.g. \"school\", \"a certain university\"")
-    _add_config_flags(p, INFER_FLAGS, INFER_DEFAULTS, "folder for mask.png (the final mask, the tile's size) "
-                      "and overlay.png (a picture of both stages)")
-    p = sub.add_parser("eval", help="cIoU, gIoU, F1 and seconds per sample of a model on a split (Table 1)")
-    p.add_argument("--split", default="val", help="split to evaluate (default val)")
-    p.add_argument("--limit", type=int, default=0, help="evaluate the first N samples only (default all)")
-    p.add_argument("--pictures", action="store_true", help="also write a Fig.-3-style picture per sample")
-    _add_config_flags(p, ["data", "skip_bad"] + INFER_FLAGS, EVAL_DEFAULTS,
-                      "folder for metrics.json and masks/<id>.png (and pictures/ with --pictures)")
-    p = sub.add_parser("bench", help="time and memory of a few training steps, by kind of work")
-    p.add_argument("--bench-steps", type=int, default=3, help="training steps to time (default 3)")
-    _add_config_flags(p, BENCH_FLAGS, {})
-    p = sub.add_parser("make-data", help="write synthetic SocioSeg-style train/ and val/ splits")
-    p.add_argument("--out", default="data_sample", help="folder to write train/ and val/ into (default "
-                   "data_sample)")
-    p.add_argument("--train", type=int, default=DATA_SAMPLE_SIZES[0],
-                   help="training tiles (default %(default)s)")
-    p.add_argument("--val", type=int, default=DATA_SAMPLE_SIZES[1],
-                   help="held-out tiles (default %(default)s)")
-    p.add_argument("--size", type=int, default=224, help="tile side in pixels (default %(default)s)")
-    p.add_argument("--seed", type=int, default=0, help="random seed of the generator (default %(default)s)")
-    p.add_argument("--kinds", type=int, default=1, help="1: a school per tile; 2: a school and a park, the "
-                   "text naming one (default %(default)s)")
-    return parser
-
-
-# ============================================================================================================
-# CPU threads
-# ============================================================================================================
-# torch runs CPU kernels on an OpenMP pool of one thread per core, whose idle threads by default spin
-# (busy-wait) for the next parallel region. When another process keeps a core busy, the spinning threads
-# compete with it and every region waits for its slowest, descheduled thread. Measured on 2 cores already
-# shared with other work, beside one more CPU-bound process, an SFT step of the demo took 9-19 s with
-# torch's default, 1.4-2.1 s with one thread (OMP_NUM_THREADS=1) and 0.6-1.5 s with both threads and
-# OMP_WAIT_POLICY=PASSIVE, whose idle threads sleep (0.4-0.9 s without the extra process; the default, 3-6 s).
-# OpenMP reads it once, when torch is imported, so it is set here (a value the user set wins); --threads N
-# (torch.set_num_threads) chooses the pool's size.
+# torch's CPU threads busy-wait between parallel regions by default; on cores shared with another process
+# they fight it (a demo SFT step took 9-19 s, against 0.6-1.5 s with idle threads asleep: measured on 2 shared
+# cores). OpenMP reads OMP_WAIT_POLICY once, when torch is imported, so it is set here; a user's value wins.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-
 if __name__ == "__main__":
     ARGS = build_parser().parse_args()      # --help and usage errors end here, before the imports below
 
@@ -253,131 +190,103 @@ from PIL import Image, ImageDraw, ImageFont
 from scipy import ndimage
 from scipy.optimize import linear_sum_assignment
 
-
-# ============================================================================================================
-# §3, A.1.1 — SocioSeg data
-# ============================================================================================================
-# A sample is a satellite tile I_s, a digital-map tile I_m of the same place (pixel-aligned, same size), a
-# binary mask M* of the target, and the target text t ("school", "a certain university", "educational").
-# On disk (the raw-file layout of the released data):
-#     <root>/<split>/<id>/sat.png  map.png  mask.png  question.json = {"problem": "<target text>"}
-# The Hugging Face export holds the same columns in parquet shards (id, problem, sat_image, map_image,
-# mask_label); `list_split` reads either. Tiles are square in SocioSeg, but no size is assumed anywhere.
-#
-# A split of 7,620 tiles does not fit in memory as decoded images, so listing a split only *checks* every
-# sample and `read_sample` decodes one when it is needed. (Rows of the parquet export keep their encoded
-# PNG bytes in memory, about 9 GB for the train split: prefer the raw layout on a small machine.)
+# ==== §3, A.1.1 — SocioSeg data =============================================================================
+# A sample: a satellite tile I_s, a digital-map tile I_m of the same place (pixel-aligned, same size), the
+# binary mask M* of the target, and the target text t; stored as <root>/<split>/<id>/{sat,map,mask}.png +
+# question.json {"problem": t} (the released raw files), or as the Hugging Face export's parquet shards
+# (columns id, problem, sat_image, map_image, mask_label). No tile size is assumed. A split of 7,620 tiles
+# does not fit in memory decoded, so listing a split only *checks* every sample, and `read_sample` decodes
+# one when it is needed. (Parquet rows keep their PNGs in memory, ~9 GB for train: prefer the raw files.)
 
 @dataclass
 class SampleRef:
-    """Where one sample's images are: a file path, or encoded bytes from a parquet row."""
     id: str
     text: str
-    sat: Any
+    sat: Any                          # a file path, or encoded bytes from a parquet row; so are map and mask
     map: Any
     mask: Any
-    size: tuple  # (W, H), read from the headers while listing
-
+    size: tuple = (0, 0)              # (W, H), read from the headers while listing
 
 @dataclass
 class Sample:
     id: str
     text: str
-    sat: Image.Image   # RGB, W x H
-    map: Image.Image   # RGB, W x H, pixel-aligned with sat
-    mask: np.ndarray   # (H, W) bool, the ground truth M*
-
-
-def _open_image(source, what: str, sample_id: Optional[str]) -> Image.Image:
-    """Open a path or encoded bytes; a broken file becomes one message naming the sample and the file."""
-    name = source if isinstance(source, (str, Path)) else f"{what} bytes"
-    where = f"sample {sample_id}: " if sample_id else ""
-    try:
-        return Image.open(source if isinstance(source, (str, Path)) else io.BytesIO(source))
-    except Exception as e:  # FileNotFoundError, UnidentifiedImageError, truncated headers, ...
-        raise SocioError(f"{where}cannot read {what} image {name}: {one_line(e)}") from None
-
+    sat: Image.Image                  # RGB, W x H
+    map: Image.Image                  # RGB, W x H, pixel-aligned with sat
+    mask: np.ndarray                  # (H, W) bool, the ground truth M*
 
 def one_line(e: Exception, limit: Optional[int] = 200) -> str:
-    """An exception as one line (cut at `limit` characters; None = whole), for messages to the user."""
     text = " ".join(str(e).split())[:limit]
     return f"{type(e).__name__}: {text}" if text else type(e).__name__
 
+def open_image(source, what: str, sample_id: Optional[str] = None, mode: Optional[str] = None) -> Image.Image:
+    """A path or encoded bytes as an image, decoded to `mode` if given; a broken file is one SocioError."""
+    try:
+        image = Image.open(io.BytesIO(source) if isinstance(source, bytes) else source)
+        return image.convert(mode) if mode else image     # truncated pixel data only shows up when decoding
+    except Exception as e:  # FileNotFoundError, UnidentifiedImageError, truncated data, ...
+        where = f"sample {sample_id}: " if sample_id else ""
+        name = f"{what} bytes" if isinstance(source, bytes) else source
+        raise SocioError(f"{where}cannot {'decode' if mode else 'read'} {what} image {name}: {one_line(e)}") \
+            from None
 
 def list_split(root: str | Path, split: str, need_foreground: bool = False, skip_bad: bool = False) -> list:
-    """Check and list every sample of a split, from the raw-file layout or from parquet shards.
-
-    Every file is read here (PNG checksums verified; masks decoded when need_foreground), so that a broken
-    sample stops the run before training starts, not at step 180. All broken samples are reported together, one line each naming the
-    file; with skip_bad they are left out with a warning instead. need_foreground: a mask with no target
-    pixel is an error too (training needs something to find).
-    """
-    root = Path(root)
-    if not (root / split).is_dir() and not list(root.glob(f"**/{split}-*.parquet")):
+    """Every usable sample of a split. All files are read here, so that a broken sample stops a run before
+    training, not at step 180; all are reported together, a line each (skip_bad: left out with a warning).
+    need_foreground: a mask without a target pixel is broken too (training needs something to find)."""
+    root, problems = Path(root), []
+    if (root / split).is_dir():
+        listed = _list_raw(root / split, problems)
+    elif list(root.glob(f"**/{split}-*.parquet")):
+        listed = _list_parquet(root, split, problems)
+    else:
         raise SocioError(f"no split '{split}' under {root}: expected {root}/{split}/<id>/ folders "
                          f"or {split}-*.parquet shards")
-    refs, problems = [], []
-    listed = _list_raw(root / split, problems) if (root / split).is_dir() else _list_parquet(root, split, problems)
-    for ref in listed:
-        problem = check_sample(ref, need_foreground)
-        if problem:
-            problems.append(problem)
-        else:
-            refs.append(ref)
+    checked = [(ref, check_sample(ref, need_foreground)) for ref in listed]
+    problems += [problem for _, problem in checked if problem]
     if problems and not skip_bad:
-        raise SocioError(f"{len(problems)} broken sample(s) in {root}/{split} (--skip-bad leaves them out):\n  "
-                         + "\n  ".join(problems))
+        raise SocioError(f"{len(problems)} broken sample(s) in {root}/{split} (--skip-bad leaves them out):"
+                         + "".join("\n  " + problem for problem in problems))
     for problem in problems:
         print(f"warning: skipping {problem}", file=sys.stderr)
-    if not refs:
+    if not any(problem is None for _, problem in checked):
         raise SocioError(f"split '{split}' under {root} holds no usable samples")
-    return refs
-
+    return [ref for ref, problem in checked if problem is None]
 
 def check_sample(ref: SampleRef, need_foreground: bool) -> Optional[str]:
     """None if the sample is usable, else one line saying what is wrong with which file. Sets ref.size."""
     try:
-        sizes = {}
-        for what in ("sat", "map", "mask"):
-            img = _open_image(getattr(ref, what), what, ref.id)
-            sizes[what] = img.size
+        images = {what: open_image(getattr(ref, what), what, ref.id) for what in ("sat", "map", "mask")}
+        for what, image in images.items():
             try:
-                img.verify()                  # reads the whole file: truncation, bad checksums
+                image.verify()                # reads the whole file: truncation, bad checksums
             except Exception as e:
                 return f"sample {ref.id}: {what} image {getattr(ref, what)} is corrupt: {one_line(e)}"
+        if len({image.size for image in images.values()}) != 1:
+            return f"sample {ref.id}: image sizes disagree (W x H): " + ", ".join(
+                f"{what} {image.size[0]}x{image.size[1]}" for what, image in images.items())
+        ref.size = images["sat"].size
+        if need_foreground and not np.asarray(open_image(ref.mask, "mask", ref.id, "L")).any():
+            return f"sample {ref.id}: mask {ref.mask} has no foreground pixel"
     except SocioError as e:
         return str(e)
-    if len(set(sizes.values())) != 1:
-        return (f"sample {ref.id}: image sizes disagree (W x H): "
-                + ", ".join(f"{k} {w}x{h}" for k, (w, h) in sizes.items()))
-    ref.size = sizes["sat"]
-    if need_foreground:
-        try:
-            empty = not np.asarray(_open_image(ref.mask, "mask", ref.id).convert("L")).any()
-        except (SocioError, OSError) as e:
-            return f"sample {ref.id}: cannot decode mask image {ref.mask}: {one_line(e)}"
-        if empty:
-            return f"sample {ref.id}: mask {ref.mask} has no foreground pixel"
-    return None
 
-
-def _list_raw(split_dir: Path, problems: list) -> list[SampleRef]:
+def _list_raw(split_dir: Path, problems: list, text: Optional[str] = None) -> list:
+    """The samples <id>/ of a folder, with the target of their question.json (or `text` for all)."""
     refs = []
     for d in sorted(p for p in split_dir.iterdir() if p.is_dir()):
-        q = d / "question.json"
         try:
-            text = json.loads(q.read_text(encoding="utf-8"))["problem"]
-            if not isinstance(text, str) or not text.strip():
+            target = text or json.loads((d / "question.json").read_text(encoding="utf-8"))["problem"]
+            if not isinstance(target, str) or not target.strip():
                 raise ValueError("'problem' is not a non-empty string")
+            refs.append(SampleRef(d.name, target.strip(), *(str(d / f"{k}.png") for k in ("sat", "map",
+                                                                                          "mask"))))
         except Exception as e:
-            problems.append(f"sample {d.name}: cannot read the target text from {q}: {one_line(e)}")
-            continue
-        refs.append(SampleRef(d.name, text.strip(), str(d / "sat.png"), str(d / "map.png"),
-                              str(d / "mask.png"), (0, 0)))
+            problems.append(f"sample {d.name}: cannot read the target from {d / 'question.json'}: "
+                            f"{one_line(e)}")
     return refs
 
-
-def _list_parquet(root: Path, split: str, problems: list) -> list[SampleRef]:
+def _list_parquet(root: Path, split: str, problems: list) -> list:
     try:
         import pyarrow.parquet as pq  # optional: only the parquet export needs it
     except ImportError:
@@ -386,29 +295,22 @@ def _list_parquet(root: Path, split: str, problems: list) -> list[SampleRef]:
     refs = []
     for shard in sorted(root.glob(f"**/{split}-*.parquet")):
         for row in pq.read_table(shard).to_pylist():
-            # Hugging Face image columns are structs {"bytes": ..., "path": ...}.
+            # Hugging Face image columns are structs {"bytes": ..., "path": ...}
             img = lambda col: (row[col] or {}).get("bytes") if isinstance(row[col], dict) else row[col]
-            if not isinstance(row["problem"], str) or not row["problem"].strip():
+            if isinstance(row["problem"], str) and row["problem"].strip():
+                refs.append(SampleRef(str(row["id"]), row["problem"].strip(), img("sat_image"),
+                                      img("map_image"), img("mask_label")))
+            else:
                 problems.append(f"sample {row['id']} in {shard}: 'problem' is not a non-empty string")
-                continue
-            refs.append(SampleRef(str(row["id"]), row["problem"].strip(), img("sat_image"),
-                                  img("map_image"), img("mask_label"), (0, 0)))
     return refs
-
 
 def read_sample(ref: SampleRef) -> Sample:
     """Decode one sample. The mask is foreground wherever its grayscale value is > 0."""
-    def decode(what, mode):
-        try:
-            return _open_image(getattr(ref, what), what, ref.id).convert(mode)
-        except OSError as e:  # truncated or corrupt pixel data only shows up when decoding
-            raise SocioError(f"sample {ref.id}: cannot decode {what} image: {one_line(e)}") from None
-    mask = np.asarray(decode("mask", "L")) > 0
-    return Sample(ref.id, ref.text, decode("sat", "RGB"), decode("map", "RGB"), mask)
-
+    image = lambda what, mode: open_image(getattr(ref, what), what, ref.id, mode)
+    mask = np.asarray(image("mask", "L")) > 0
+    return Sample(ref.id, ref.text, image("sat", "RGB"), image("map", "RGB"), mask)
 
 EIGHT = np.ones((3, 3), dtype=int)          # 8-connectivity: diagonal neighbours belong to the same region
-
 
 def mask_to_boxes(mask: np.ndarray) -> np.ndarray:
     """Ground-truth boxes B*: one box per 8-connected component of the mask. (H, W) bool -> (J, 4) float."""
@@ -416,63 +318,43 @@ def mask_to_boxes(mask: np.ndarray) -> np.ndarray:
     boxes = [[sx.start, sy.start, sx.stop, sy.stop] for sy, sx in ndimage.find_objects(labels)]
     return np.asarray(boxes, dtype=np.float64).reshape(-1, 4)
 
-
-# ============================================================================================================
-# §4.1, eqs. (1) and (4) — prompts and the coordinate frames
-# ============================================================================================================
+# ==== §4.1, eqs. (1) and (4) — prompts and the coordinate frames ============================================
 # The model input is [map image, satellite image, text], map first (as in the released data pipeline).
 # Qwen2.5-VL reads and writes coordinates as absolute pixels of the image *as its processor resized it*
 # (a "smart resize" to multiples of 28 within a pixel budget), so the prompt states that frame's size, and
-# every number the model writes is converted to the mask frame before SAM or the rewards see it.
-#
-# The authors' release compares ground-truth boxes in original-mask pixels with predictions in the resized
-# frame without converting either: at 768 px tiles resized to 756 px the error is small enough to hide.
-# Here the frames are explicit.
+# every number the model writes is converted to the mask frame before SAM or the rewards see it. (The
+# authors' release compares ground-truth boxes in mask pixels with predictions in the resized frame without
+# converting either: at 768 px tiles resized to 756 px the error is small enough to hide.)
 
-STAGE1_PROMPT = (
-    "The first image is a digital map and the second a satellite image of the same place; both are "
-    "{w}x{h} pixels and aligned pixel for pixel. Target: \"{target}\".\n"
-    "Use the map's labels, colours and icons together with what the ground looks like to find every area "
-    "that is the target. Reason step by step inside <think></think>, then write the answer inside "
-    "<answer></answer> as a JSON list with one object per area, boxes in pixels of the images:\n"
-    "<think>...</think><answer>[{{\"bbox_2d\": [x1, y1, x2, y2]}}]</answer>"
-)
-
-STAGE2_PROMPT = (
-    "The first image is a digital map and the second a satellite image of the same place; both are "
-    "{w}x{h} pixels and aligned pixel for pixel. Target: \"{target}\".\n"
-    "A first attempt is drawn on both images: its boxes are outlined in yellow and the mask it produced is "
-    "shaded red. Its boxes were: {boxes}.\n"
-    "Check the drawing against the map and the ground. Keep, move or drop boxes, and inside each box give "
-    "points that lie on the target, where the shaded mask misses it or spills over it. Reason step by step "
-    "inside <think></think>, then answer inside <answer></answer>:\n"
-    "<think>...</think><answer>[{{\"bbox_2d\": [x1, y1, x2, y2], \"points\": [[x, y], [x, y]]}}]</answer>"
-)
-
+_SEEN = ("The first image is a digital map and the second a satellite image of the same place; both are "
+         "{w}x{h} pixels and aligned pixel for pixel. Target: \"{target}\".\n")
+_FIND = ("Use the map's labels, colours and icons together with what the ground looks like to find every "
+         "area that is the target. ")
+_WITH_POINTS = ("<think>...</think><answer>[{{\"bbox_2d\": [x1, y1, x2, y2], \"points\": [[x, y], [x, y]]}}]"
+                "</answer>")
+STAGE1_PROMPT = (_SEEN + _FIND + "Reason step by step inside <think></think>, then write the answer inside "
+                 "<answer></answer> as a JSON list with one object per area, boxes in pixels of the images:\n"
+                 "<think>...</think><answer>[{{\"bbox_2d\": [x1, y1, x2, y2]}}]</answer>")
+STAGE2_PROMPT = (_SEEN + "A first attempt is drawn on both images: its boxes are outlined in yellow and the "
+                 "mask it produced is shaded red. Its boxes were: {boxes}.\nCheck the drawing against the "
+                 "map and the ground. Keep, move or drop boxes, and inside each box give points that lie on "
+                 "the target, where the shaded mask misses it or spills over it. Reason step by step inside "
+                 "<think></think>, then answer inside <answer></answer>:\n" + _WITH_POINTS)
 # The "w/o reflection" ablation (§5.3, Table 2): boxes and points in one answer to one prompt, no rendering.
-SINGLE_PROMPT = (
-    "The first image is a digital map and the second a satellite image of the same place; both are "
-    "{w}x{h} pixels and aligned pixel for pixel. Target: \"{target}\".\n"
-    "Use the map's labels, colours and icons together with what the ground looks like to find every area "
-    "that is the target. For each area give its box and points that lie on it. Reason step by step inside "
-    "<think></think>, then answer inside <answer></answer>:\n"
-    "<think>...</think><answer>[{{\"bbox_2d\": [x1, y1, x2, y2], \"points\": [[x, y], [x, y]]}}]</answer>"
-)
-
-
+SINGLE_PROMPT = (_SEEN + _FIND + "For each area give its box and points that lie on it. Reason step by step "
+                 "inside <think></think>, then answer inside <answer></answer>:\n" + _WITH_POINTS)
 DEFAULT_PROMPTS = {"stage1": STAGE1_PROMPT, "stage2": STAGE2_PROMPT, "single": SINGLE_PROMPT}
 
 # Another wording (--prompts FILE, a JSON object with any of the keys above) lets a checkpoint be run with
 # the prompts it was trained with, e.g. the released SocioReasoner-3B with its authors' wording. Templates
-# are Python format strings; literal braces are doubled. Placeholders: {target} (required); {w}, {h}: the
-# model frame's width and height in pixels; in stage2 the first attempt's boxes (one of them required), as
-# {boxes} = [[x1, y1, x2, y2], ...] or {boxes_json} = [{"bbox_2d": [x1, y1, x2, y2]}, ...].
+# are Python format strings (literal braces doubled) with the placeholders {target} (required); {w}, {h}: the
+# model frame's size; in stage2 the first attempt's boxes (one of them required) as {boxes} = [[x1, y1, x2,
+# y2], ...] or {boxes_json} = [{"bbox_2d": [x1, y1, x2, y2]}, ...].
 PROMPT_PLACEHOLDERS = {"stage1": {"target", "w", "h"}, "stage2": {"target", "w", "h", "boxes", "boxes_json"},
                        "single": {"target", "w", "h"}}
 
-
 def load_prompts(path: str = "") -> dict:
-    """Our three templates, with those given in the JSON file at `path` in their place (checked here)."""
+    """Our templates, with those of the JSON file at `path` (checked here) in their place."""
     if not path:
         return dict(DEFAULT_PROMPTS)
     try:
@@ -481,86 +363,66 @@ def load_prompts(path: str = "") -> dict:
         raise SocioError(f"--prompts {path}: cannot read it as JSON ({one_line(e)})") from None
     if not isinstance(given, dict):
         raise SocioError(f"--prompts {path}: expected a JSON object with keys {', '.join(DEFAULT_PROMPTS)}")
-    problems = []
+    problems, braces = [], "literal braces are written {{ }}"
+    listed = lambda names: " ".join(f"{{{n}}}" for n in sorted(names))
     for key, template in given.items():
-        if key not in PROMPT_PLACEHOLDERS:
+        known = PROMPT_PLACEHOLDERS.get(key)
+        if known is None:
             problems.append(f"unknown key '{key}' (known: {', '.join(DEFAULT_PROMPTS)})")
             continue
         try:
             names = {f for _, f, _, _ in string.Formatter().parse(template) if f is not None}
         except (ValueError, TypeError, AttributeError) as e:   # a lone brace; not a string
-            problems.append(f"{key}: not a format string ({one_line(e)}; literal braces are written "
-                            f"{{{{ }}}})")
+            problems.append(f"{key}: not a format string ({one_line(e)}; {braces})")
             continue
-        unknown = sorted("{" + n + "}" for n in names - PROMPT_PLACEHOLDERS[key])
+        if names - known:
+            problems.append(f"{key}: unknown placeholder(s) {listed(names - known)} (known: {listed(known)}; "
+                            f"{braces})")
         missing = ["{target}"] * ("target" not in names) + \
             ["{boxes} or {boxes_json}"] * (key == "stage2" and not names & {"boxes", "boxes_json"})
-        if unknown:
-            problems.append(f"{key}: unknown placeholder(s) {' '.join(unknown)} (known: "
-                            f"{' '.join('{' + n + '}' for n in sorted(PROMPT_PLACEHOLDERS[key]))}; "
-                            f"literal braces are written {{{{ }}}})")
         if missing:
             problems.append(f"{key}: missing placeholder {' and '.join(missing)}")
     if problems:
         raise SocioError(f"--prompts {path}: " + "; ".join(problems))
     return {**DEFAULT_PROMPTS, **given}
 
-
 def to_frame(coords: np.ndarray, src_hw: tuple, dst_hw: tuple) -> np.ndarray:
-    """Convert x/y coordinates between the mask frame and the model frame (either direction).
-
-    coords: (..., 2k) with x, y alternating on the last axis: boxes (K, 4) or points (N, 2).
-    Box edges are continuous coordinates, so a plain ratio maps edge to edge exactly. Points are continuous
-    coordinates too: the centre of pixel (row r, column c) is (c + 0.5, r + 0.5), as the SFT targets use.
-    """
+    """x/y coordinates from one frame to the other (mask <-> model). coords (..., 2k), x and y alternating:
+    boxes (K, 4) or points (N, 2). Box edges and points (pixel (r, c)'s centre is (c + 0.5, r + 0.5)) are
+    continuous, so a plain ratio maps them exactly."""
     coords = np.asarray(coords, dtype=np.float64)
     (sh, sw), (dh, dw) = src_hw, dst_hw
-    scale = np.tile([dw / sw, dh / sh], coords.shape[-1] // 2)
-    return coords * scale
+    return coords * np.tile([dw / sw, dh / sh], coords.shape[-1] // 2)
 
+# ==== A.2.2 — parsing the answer; the binary format gate R_form =============================================
+# R_form = 1 iff the whole completion is <think>...</think><answer>JSON</answer> and the JSON is a list of
+# objects with exactly the stage's keys: stage 1 {"bbox_2d": [x1, y1, x2, y2]}, stage 2 {"bbox_2d": [...],
+# "points": [[x, y], ...]}. The precise rules, because RL finds every loophole: numbers are finite ints or
+# floats (JSON's NaN/Infinity and booleans are not); a box has x1 < x2 and y1 < y2 (where it lies is not
+# judged: SAM's prompts are clipped to the image); an empty list is valid ("nothing here"), more than
+# MAX_OBJECTS objects or MAX_POINTS points in a group are not; a completion cut off by max_new_tokens has no
+# </answer> and fails. (The authors' release gives partial credit per well-formed item; the paper does not.)
 
-# ============================================================================================================
-# A.2.2 — parsing the answer; the binary format gate R_form
-# ============================================================================================================
-# The policy writes free text. R_form = 1 iff the whole completion is <think>...</think><answer>JSON</answer>
-# and the JSON is a list of objects with exactly the stage's keys: stage 1 {"bbox_2d": [x1, y1, x2, y2]},
-# stage 2 {"bbox_2d": [...], "points": [[x, y], ...]}. Our precise rules, written down because RL finds
-# every loophole:
-#   * numbers are finite ints or floats (JSON's NaN/Infinity and booleans are rejected);
-#   * a box has positive width and height (x1 < x2, y1 < y2); where it lies is not judged here: boxes and
-#     points outside the image are clipped when they are handed to SAM;
-#   * an empty list is a valid answer ("nothing here"); more than MAX_OBJECTS objects, or more than
-#     MAX_POINTS points in a group, is not;
-#   * a completion cut off by max_new_tokens has no closing </answer> and so fails.
-# The authors' release gives partial format credit per well-formed item; the paper's gate is binary.
-
-MAX_OBJECTS = 32
-MAX_POINTS = 16
+MAX_OBJECTS, MAX_POINTS = 32, 16
 ANSWER_RE = re.compile(r"\s*<think>(.*?)</think>\s*<answer>(.*?)</answer>\s*", re.DOTALL)
 
-
-def _number(v) -> Optional[float]:
-    if isinstance(v, bool) or not isinstance(v, (int, float)):
+def _numbers(values, n: int) -> Optional[list]:
+    """A JSON list of n finite numbers as floats, else None."""
+    if not isinstance(values, list) or len(values) != n or any(isinstance(v, bool) or not isinstance(
+            v, (int, float)) for v in values):
         return None
     try:
-        v = float(v)
+        values = [float(v) for v in values]
     except OverflowError:  # a JSON integer with hundreds of digits
         return None
-    return v if math.isfinite(v) else None
-
+    return values if all(math.isfinite(v) for v in values) else None
 
 def parse_answer(completion: str, stage: int) -> Optional[list[dict]]:
-    """Parse a completion into [{"bbox_2d": [4 floats], ("points": [[x, y], ...])}] or None (R_form = 0).
-
-    Never raises, whatever the text: that is what an RL policy will eventually write.
-    """
-    if not isinstance(completion, str) or len(completion) > 100_000:
-        return None
-    m = ANSWER_RE.fullmatch(completion)
-    if m is None:
-        return None
+    """A completion as [{"bbox_2d": [4 floats], ("points": [[x, y], ...])}], or None (R_form = 0). Never
+    raises, whatever the text: that is what an RL policy will eventually write."""
+    m = ANSWER_RE.fullmatch(completion) if isinstance(completion, str) and len(completion) < 100_001 else None
     try:
-        items = json.loads(m.group(2))    # NaN/Infinity parse here, and are rejected by _number below
+        items = json.loads(m.group(2)) if m else None  # NaN/Infinity parse here, and are rejected by _numbers
     except (ValueError, RecursionError):  # malformed JSON, absurd nesting, integers of thousands of digits
         return None
     keys = {"bbox_2d"} if stage == 1 else {"bbox_2d", "points"}
@@ -568,49 +430,35 @@ def parse_answer(completion: str, stage: int) -> Optional[list[dict]]:
         return None
     parsed = []
     for item in items:
-        if not isinstance(item, dict) or set(item) != keys:
+        box = _numbers(item["bbox_2d"], 4) if isinstance(item, dict) and set(item) == keys else None
+        if box is None or not (box[0] < box[2] and box[1] < box[3]):
             return None
-        box = item["bbox_2d"]
-        if not isinstance(box, list) or len(box) != 4:
-            return None
-        box = [_number(v) for v in box]
-        if None in box or not (box[0] < box[2] and box[1] < box[3]):
-            return None
-        out = {"bbox_2d": box}
+        parsed.append({"bbox_2d": box})
         if stage == 2:
             pts = item["points"]
-            if not isinstance(pts, list) or len(pts) > MAX_POINTS:
+            pts = [_numbers(p, 2) for p in pts] if isinstance(pts, list) and len(pts) <= MAX_POINTS \
+                else [None]
+            if None in pts:
                 return None
-            pts = [[_number(v) for v in p] if isinstance(p, list) and len(p) == 2 else [None] for p in pts]
-            if any(None in p for p in pts):
-                return None
-            out["points"] = pts
-        parsed.append(out)
+            parsed[-1]["points"] = pts
     return parsed
-
 
 def thinking(completion: str) -> str:
     """The free-form reasoning channel, for printing (empty if absent)."""
     m = re.search(r"<think>(.*?)</think>", completion, re.DOTALL)
     return m.group(1).strip() if m else ""
 
-
-# ============================================================================================================
-# §4.1, eq. (3) — the renderer D
-# ============================================================================================================
+# ==== §4.1, eq. (3) — the renderer D ========================================================================
 # Stage 2 needs visual feedback: the stage-1 boxes and the coarse mask M_c drawn onto *both* tiles, so the
 # model can compare its attempt with the map's labels and the ground. Drawing happens in the mask frame on
 # the stored tiles; the processor then resizes the drawing like any other input.
 
 MASK_RGB, BOX_RGB, POINT_RGB = (255, 0, 0), (255, 230, 0), (0, 200, 255)
 
-
 def render(image: Image.Image, boxes: np.ndarray, mask: Optional[np.ndarray],
            points: Optional[list] = None, alpha: float = 0.4) -> Image.Image:
-    """D(I, B, M): the image with `mask` shaded red, `boxes` (K, 4) outlined, `points` [(n, 2)] as dots.
-
-    All coordinates in the image's own (mask) frame. Points are only drawn for the inference picture.
-    """
+    """D(I, B, M): `mask` shaded red, `boxes` (K, 4) outlined, `points` [(n, 2)] as dots (only in the
+    inference picture); all in the image's own (mask) frame."""
     img = np.asarray(image.convert("RGB"), dtype=np.float32)            # (H, W, 3)
     if mask is not None and mask.any():
         img[mask] = (1 - alpha) * img[mask] + alpha * np.asarray(MASK_RGB, dtype=np.float32)
@@ -620,33 +468,28 @@ def render(image: Image.Image, boxes: np.ndarray, mask: Optional[np.ndarray],
     for x1, y1, x2, y2 in np.asarray(boxes, dtype=np.float64).reshape(-1, 4):
         # the outline covers the box's edge pixels; a box under one pixel wide is still drawn as one pixel
         draw.rectangle([x1, y1, max(x1, x2 - 1), max(y1, y2 - 1)], outline=BOX_RGB, width=width)
-    for group in points or []:
-        for x, y in np.asarray(group, dtype=np.float64).reshape(-1, 2):
-            r = 2 * width
-            draw.ellipse([x - r, y - r, x + r, y + r], fill=POINT_RGB, outline=(0, 0, 0))
+    for x, y in (xy for group in points or [] for xy in np.asarray(group, dtype=np.float64).reshape(-1, 2)):
+        r = 2 * width
+        draw.ellipse([x - r, y - r, x + r, y + r], fill=POINT_RGB, outline=(0, 0, 0))
     return out
 
+# ==== §4.1, eqs. (2) and (5) — the segmenter S, and an answer as its prompt =================================
+# S is a frozen SAM 2 (A.2.3). It only ever sees the *satellite* tile, in the mask frame. Encoding a tile
+# (the image encoder) is the expensive part, so it is a call of its own: each tile is encoded once per
+# training step and reused for the coarse mask and all G final masks. The rollout takes any Segmenter: SAM 2
+# below, GrowSegmenter (appendix A), a box-filling fake in the tests. One that also has encode_batch(images)
+# gets a batch's tiles in one encoder pass (`encode_tiles`).
 
-# ============================================================================================================
-# §4.1, eqs. (2) and (5) — the segmenter S
-# ============================================================================================================
-# S is a frozen SAM 2 (A.2.3). It only ever sees the *satellite* tile, in the mask frame: the model's
-# coordinates are converted by `to_frame` before they get here. The interface is two calls, so that the
-# rollout can be handed any segmenter (the tests hand it a fake that fills boxes):
-#     encoding = segmenter.encode(image)               # (H, W, 3) uint8, the expensive image encoder
-#     mask = segmenter.segment(encoding, boxes, points) # (K, 4) boxes, None or K arrays (n_k, 2) -> (H, W) bool
-# One tile is encoded once per training step and reused for the coarse mask and all G final masks; the
-# tiles of a batch go through the image encoder together (`encode_batch`, see `encode_tiles`).
-# Prompts reach a segmenter already made safe by `clip_prompts`: inside the image, every box with an area.
-#
-# Following the authors' release: each object (a box, plus its points in stage 2, all labelled
-# foreground) is one SAM prompt, SAM returns three candidate masks, the highest-scoring is kept, and the
-# objects' masks are OR-ed into one. Objects with the same number of points go through SAM in one batched
-# call; padding point lists to a common length with SAM's "no point" label would change the masks, since
-# the decoder attends to the padding token.
+class Segmenter(Protocol):
+    def encode(self, image: np.ndarray) -> Any: ...         # (H, W, 3) uint8 -> the tile's encoding
+    def segment(self, encoding: Any, boxes: np.ndarray, points: Optional[list] = None) -> np.ndarray: ...
+    # boxes (K, 4), points None or K arrays (n_k, 2), in the mask frame, never empty -> (H, W) bool
 
 class Sam2Segmenter:
-    """S as SAM 2's image predictor; an encoding is one tile's image features, kept for reuse."""
+    """S as SAM 2's image predictor. Following the authors' release, each object (a box, plus its points in
+    stage 2, all foreground) is one SAM prompt, SAM returns three candidate masks, the highest-scoring is
+    kept, and the objects' masks are OR-ed. Objects with as many points go through SAM in one call (padding
+    point lists with SAM's "no point" label would change the masks: the decoder attends to the padding)."""
 
     def __init__(self, predictor):
         self.predictor = predictor
@@ -657,7 +500,7 @@ class Sam2Segmenter:
     def encode_batch(self, images: list) -> list:
         """One pass of the image encoder over several tiles (any sizes: each is resized to SAM's 1024 px)."""
         self.predictor.set_image_batch([np.array(im) for im in images])   # writable copies for torchvision
-        # The predictor keeps a batch's features in these attributes; we cut them into one single-image
+        # The predictor keeps a batch's features in these attributes; they are cut into one single-image
         # state per tile, which `segment` puts back (set_image of that tile alone would produce the same).
         f = self.predictor._features          # image_embed (B, C, h, w), high_res_feats [(B, C_l, h_l, w_l)]
         return [{"_features": {"image_embed": f["image_embed"][i:i + 1],
@@ -669,8 +512,6 @@ class Sam2Segmenter:
     def segment(self, encoding: dict, boxes: np.ndarray, points: Optional[list] = None) -> np.ndarray:
         h, w = encoding["_orig_hw"][0]
         mask = np.zeros((h, w), bool)
-        if len(boxes) == 0:        # SAM 2 cannot be called with no prompt at all
-            return mask
         for k, v in encoding.items():
             setattr(self.predictor, k, v)
         counts = [0] * len(boxes) if points is None else [len(p) for p in points]
@@ -686,57 +527,15 @@ class Sam2Segmenter:
             mask |= (masks[np.arange(len(idx)), best] > 0).any(axis=0)
         return mask
 
-
-class GrowSegmenter:
-    """A weights-free stand-in for SAM that still answers to its prompts, for the offline demo.
-
-    A box alone gives its rectangle. A box with points gives, inside the box, the pixels connected to a
-    point through colours close to that point's (on a lightly smoothed tile): a point on the target grows
-    into the target's shape, a point on the background grows into background. So, as with SAM, stage-2
-    points can make the mask better or worse than stage 1's boxes, which is what stage 2 must learn.
-    """
-
-    def __init__(self, tolerance: float = 40.0):
-        self.tolerance = tolerance           # colour distance (0-255 RGB) still counted as "the same stuff"
-
-    def encode(self, image: np.ndarray) -> dict:
-        smooth = ndimage.uniform_filter(np.asarray(image, dtype=np.float32), size=(5, 5, 1))
-        return {"image": smooth, "hw": smooth.shape[:2]}
-
-    def encode_batch(self, images: list) -> list:      # nothing to batch without a network
-        return [self.encode(im) for im in images]
-
-    def segment(self, encoding: dict, boxes: np.ndarray, points: Optional[list] = None) -> np.ndarray:
-        img, (h, w) = encoding["image"], encoding["hw"]
-        mask = np.zeros((h, w), bool)
-        for k, (x1, y1, x2, y2) in enumerate(np.asarray(boxes).reshape(-1, 4)):
-            c1, r1, c2, r2 = int(x1), int(y1), int(math.ceil(x2)), int(math.ceil(y2))
-            pts = np.zeros((0, 2)) if points is None else np.asarray(points[k]).reshape(-1, 2)
-            inside = [(int(y) - r1, int(x) - c1) for x, y in pts if c1 <= x < c2 and r1 <= y < r2]
-            if not inside:                   # no usable point: the box itself
-                mask[r1:r2, c1:c2] = True
-                continue
-            crop = img[r1:r2, c1:c2]                                         # (h_k, w_k, 3)
-            seeds = np.stack([crop[r, c] for r, c in inside])                # (n, 3)
-            near = np.linalg.norm(crop[:, :, None] - seeds[None, None], axis=-1) < self.tolerance  # (h_k, w_k, n)
-            for i, (r, c) in enumerate(inside):                              # the part connected to each point
-                labels, _ = ndimage.label(near[..., i], structure=EIGHT)
-                mask[r1:r2, c1:c2] |= labels == labels[r, c]
-        return mask
-
-
-def encode_tiles(segmenter, images: list, chunk: int = 8) -> list:
-    """One encoding per tile, `chunk` tiles per encoder pass where the segmenter can batch (SAM 2 can; a
-    segmenter with `encode` only is called per tile). `chunk` bounds the encoder's activation memory."""
+def encode_tiles(segmenter: Segmenter, images: list, chunk: int = 8) -> list:
+    """One encoding per tile, `chunk` tiles per encoder pass (bounding its memory) where it can batch."""
     if not hasattr(segmenter, "encode_batch"):
         return [segmenter.encode(im) for im in images]
     return [e for i in range(0, len(images), chunk) for e in segmenter.encode_batch(images[i:i + chunk])]
 
-
 def clip_prompts(boxes: np.ndarray, points: Optional[list], hw: tuple):
-    """Make prompts safe for any segmenter: clip boxes and points to an H x W image, and drop boxes (with
-    their points) that have no area left. A point outside its own box is kept; what it means is the
-    segmenter's business (SAM uses it, GrowSegmenter ignores it)."""
+    """Prompts made safe for any segmenter: clipped to an H x W image, boxes with no area left dropped with
+    their points. A point outside its box is kept: what it means is the segmenter's business."""
     h, w = hw
     boxes = np.asarray(boxes, dtype=np.float64).reshape(-1, 4).copy()
     boxes[:, [0, 2]] = boxes[:, [0, 2]].clip(0, w)
@@ -747,27 +546,39 @@ def clip_prompts(boxes: np.ndarray, points: Optional[list], hw: tuple):
                   for p, k in zip(points, keep) if k]
     return boxes[keep], points
 
+def answer_prompts(answer: Optional[list], model_hw: tuple, mask_hw: tuple):
+    """A parsed answer as SAM prompts in the mask frame: boxes (K, 4) and, in stage 2, K point arrays."""
+    if not answer:
+        return np.zeros((0, 4)), None
+    boxes = to_frame([o["bbox_2d"] for o in answer], model_hw, mask_hw)
+    points = [to_frame(np.reshape(o["points"], (-1, 2)), model_hw, mask_hw) for o in answer] \
+        if "points" in answer[0] else None
+    return boxes, points
 
-def load_segmenter(cfg: Config, device: torch.device):
-    """SAM 2 from the hub (an id) or a local .pt checkpoint; 'tiny': a random small SAM 2; 'grow': GrowSegmenter."""
+def segment_answer(segmenter: Segmenter, encoding, answer, model_hw, mask_hw) -> np.ndarray:
+    """S(I_s, prompt = answer): eq. 2 for a stage-1 answer, eq. 5 for a stage-2 answer. (H, W) bool."""
+    boxes, points = clip_prompts(*answer_prompts(answer, model_hw, mask_hw), mask_hw)
+    if len(boxes) == 0:                  # nothing left to segment (SAM 2 cannot be called without a prompt)
+        return np.zeros(mask_hw, bool)
+    return segmenter.segment(encoding, boxes, points)
+
+def load_segmenter(cfg: Config, device: torch.device) -> Segmenter:
+    """SAM 2 from the hub or a .pt checkpoint; 'tiny': a random small SAM 2; 'grow': GrowSegmenter."""
     if cfg.sam == "grow":
         return GrowSegmenter()
     import warnings
     warnings.filterwarnings("ignore", message=".*torch.jit.script.*", category=FutureWarning)
-    from sam2.build_sam import build_sam2
+    from sam2.build_sam import HF_MODEL_ID_TO_FILENAMES, build_sam2        # hub id -> (config, checkpoint)
     from sam2.sam2_image_predictor import SAM2ImagePredictor
-    if cfg.sam == "tiny":
-        # Random weights from the package's smallest config: the masks mean nothing, the plumbing is real.
+    if cfg.sam == "tiny":   # random weights from the package's smallest config: no sense, real plumbing
         torch.manual_seed(cfg.seed)
         return Sam2Segmenter(SAM2ImagePredictor(build_sam2("configs/sam2.1/sam2.1_hiera_t.yaml", None,
                                                            device=str(device))))
     cache_only = announce_load("SAM 2", cfg.sam)
     try:
-        if Path(cfg.sam).is_file():      # a checkpoint holding {"model": state_dict}, with its config
-            config, path = cfg.sam_config, cfg.sam
-        else:                            # as SAM2ImagePredictor.from_pretrained, with a cache-only switch
+        config, path = cfg.sam_config, cfg.sam          # a checkpoint holding {"model": state_dict}
+        if not Path(cfg.sam).is_file():             # as SAM2ImagePredictor.from_pretrained, but cache-only
             from huggingface_hub import hf_hub_download
-            from sam2.build_sam import HF_MODEL_ID_TO_FILENAMES      # hub id -> (config, checkpoint file)
             if cfg.sam not in HF_MODEL_ID_TO_FILENAMES:
                 raise ValueError(f"not one of sam2's hub ids {', '.join(HF_MODEL_ID_TO_FILENAMES)}")
             config, filename = HF_MODEL_ID_TO_FILENAMES[cfg.sam]
@@ -776,34 +587,22 @@ def load_segmenter(cfg: Config, device: torch.device):
     except Exception as e:
         raise load_error("SAM 2", cfg.sam, "--sam", e) from None
 
-
-# ============================================================================================================
-# A.2.2, eqs. (7)-(12) — rewards
-# ============================================================================================================
-# Both stages score R = R_form + R_acc + R_len, with R = 0 whenever R_form = 0 (the gate overrides the rest).
-#
-# Stage 1 (eqs. 7-9), K predicted and J ground-truth boxes in the same frame:
-#     R_acc = N_m / max(K, J), N_m = matches of a Hungarian assignment on cost 1 - [IoU > 0.5]
+# ==== A.2.2, eqs. (7)-(12) — rewards ========================================================================
+# Both stages score R = R_form + R_acc + R_len, and R = 0 whenever R_form = 0. The rewards take the answer
+# as `parse_answer` returned it (None: malformed), so each completion is parsed once.
+#   Stage 1 (eqs. 7-9), K predicted and J ground-truth boxes in the same frame:
+#     R_acc = N_m / max(K, J), N_m = matches of a Hungarian assignment on cost 1 - [IoU > 0.5];
 #     R_len = exp(-2 |K - J| / J)
-# Stage 2 (eqs. 10-12):
-#     R_acc = IoU(M_f, M*) in pixels
+#   Stage 2 (eqs. 10-12): R_acc = IoU(M_f, M*) in pixels;
 #     R_len = mean over the G' groups of r(n) = exp(-(n - mu)^2 / (2 sigma^2)), mu = 2, sigma = 2
-#
-# Cases the paper leaves open, decided here:
-#   * J = 0 (no ground truth; SocioSeg always has some, but user data may not): an empty answer is exactly
-#     right, R_acc = 1; any box is wrong, R_acc = 0. R_len divides by max(J, 1), i.e. exp(-2K).
-#   * K = 0 with J > 0: R_acc = 0 / J = 0 and R_len = exp(-2); the format is still fine.
-#   * Stage 2 with no groups (G' = 0): R_len = 0 (the mean of nothing rewards nothing); the mask is empty.
-#   * IoU of two empty masks is 1 (nothing to find, nothing found), as the authors' gIoU does.
-#
-# What the authors' release does instead (not implemented here, noted for readers comparing numbers):
-#   * its stage-1 cost also counts a mean L1 box distance < 10 px, cost = 2 - [IoU > 0.5] - [L1 < 10], and
-#     scores (N_m - sum cost) / max(K, J), which ranges over [-1, 1];
-#   * its stage 2 requires each box to equal its stage-1 box and every point to lie inside its box;
-#   * it normalises advantages by the group's standard deviation (see group_advantages).
+# Cases the paper leaves open: J = 0 (user data): an empty answer is right (R_acc = 1), any box wrong (0), and
+# R_len = exp(-2K); K = 0 < J: R_acc = 0, R_len = exp(-2); no groups (G' = 0): R_len = 0; two empty masks
+# have IoU 1, as in the authors' gIoU. The authors' release instead also counts a mean L1 box distance < 10
+# px in the stage-1 cost (cost = 2 - [IoU > 0.5] - [L1 < 10], score (N_m - sum cost) / max(K, J), in [-1, 1]),
+# and requires stage-2 boxes to equal stage 1's and every point to lie inside its box.
 
 def box_iou(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    """IoU of every box in a (K, 4) with every box in b (J, 4) -> (K, J); boxes [x1, y1, x2, y2]."""
+    """IoU of every box in a (K, 4) with every box in b (J, 4) -> (K, J)."""
     a = np.asarray(a, dtype=np.float64).reshape(-1, 4)[:, None, :]      # (K, 1, 4)
     b = np.asarray(b, dtype=np.float64).reshape(-1, 4)[None, :, :]      # (1, J, 4)
     iw = np.clip(np.minimum(a[..., 2], b[..., 2]) - np.maximum(a[..., 0], b[..., 0]), 0, None)
@@ -813,7 +612,6 @@ def box_iou(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     union = area(a) + area(b) - inter
     return np.divide(inter, union, out=np.zeros_like(inter), where=union > 0)
 
-
 def hungarian_matches(pred: np.ndarray, gt: np.ndarray, iou_threshold: float = 0.5) -> int:
     """N_m of eq. 7: the most one-to-one pairs with IoU > threshold (linear assignment on 1 - match)."""
     if len(pred) == 0 or len(gt) == 0:
@@ -822,70 +620,50 @@ def hungarian_matches(pred: np.ndarray, gt: np.ndarray, iou_threshold: float = 0
     rows, cols = linear_sum_assignment(1.0 - match)                     # rectangular is fine
     return int(match[rows, cols].sum())
 
-
 def mask_iou(pred: np.ndarray, gt: np.ndarray) -> float:
-    """Pixel IoU of two (H, W) boolean masks; 1.0 when both are empty."""
     pred, gt = np.asarray(pred, dtype=bool), np.asarray(gt, dtype=bool)
     union = np.count_nonzero(pred | gt)
     return 1.0 if union == 0 else np.count_nonzero(pred & gt) / union
-
 
 def point_count_score(n: np.ndarray | int, mu: float = 2.0, sigma: float = 2.0) -> np.ndarray:
     """r(n) of eq. 11: a Gaussian in the number of points of one group, 1 at n = mu."""
     return np.exp(-((np.asarray(n, dtype=np.float64) - mu) ** 2) / (2 * sigma ** 2))
 
-
 def _reward(fmt: float, acc: float, length: float) -> dict:
-    total = fmt + acc + length if fmt else 0.0
     return {"format": float(fmt), "accuracy": float(acc) if fmt else 0.0,
-            "length": float(length) if fmt else 0.0, "total": float(total)}
+            "length": float(length) if fmt else 0.0, "total": float(fmt + acc + length if fmt else 0.0)}
 
-
-def stage1_reward(completion: str, gt_boxes: np.ndarray) -> dict:
+def stage1_reward(answer: Optional[list], gt_boxes: np.ndarray) -> dict:
     """R_1 of eq. 9. gt_boxes (J, 4) must be in the frame the model writes in (the model frame)."""
-    answer = parse_answer(completion, stage=1)
     if answer is None:
         return _reward(0, 0, 0)
     pred = np.asarray([o["bbox_2d"] for o in answer], dtype=np.float64).reshape(-1, 4)
     K, J = len(pred), len(gt_boxes)
     acc = (1.0 if K == 0 else 0.0) if J == 0 else hungarian_matches(pred, gt_boxes) / max(K, J)
-    length = math.exp(-2 * abs(K - J) / max(J, 1))
-    return _reward(1, acc, length)
+    return _reward(1, acc, math.exp(-2 * abs(K - J) / max(J, 1)))
 
-
-def stage2_reward(completion: str, pred_mask: np.ndarray, gt_mask: np.ndarray, mu: float = 2.0) -> dict:
-    """R_2 of eq. 12. pred_mask is S's final mask M_f for this completion, in the mask frame like gt_mask.
-
-    mu is the point count the length reward peaks at (the paper's Table 3 ablates 1, 2, 3).
-    """
-    answer = parse_answer(completion, stage=2)
+def stage2_reward(answer: Optional[list], pred_mask: np.ndarray, gt_mask: np.ndarray, mu: float = 2.0):
+    """R_2 of eq. 12; pred_mask is S's final mask M_f of this answer. mu: Table 3 ablates 1, 2, 3."""
     if answer is None:
         return _reward(0, 0, 0)
     counts = [len(o["points"]) for o in answer]
     length = float(point_count_score(counts, mu=mu).mean()) if counts else 0.0
     return _reward(1, mask_iou(pred_mask, gt_mask), length)
 
-
-# ============================================================================================================
-# §4.2 — the policy: Qwen2.5-VL, loading, sampling G completions, scoring their tokens
-# ============================================================================================================
-# One Qwen2.5-VL serves both stages (A.2.1: shared parameters). Three details decide whether the
-# log-probabilities GRPO trains on are those of the distribution that was sampled:
-#   * Sampling parameters are passed explicitly. The released checkpoint's generation_config asks for
-#     top_k=1, top_p=0.001, temperature 0.1 and a repetition penalty, and generate() silently merges any
-#     field we leave out (even top_k=50 from the library's defaults). Training samples the full softmax at
-#     the rollout temperature (top_k=0, top_p=1), which is exactly what completion_logprobs scores.
-#   * Vision placeholder tokens (<|image_pad|> and friends) are never sampled and are removed from the
-#     scoring softmax too: a completion containing one would make the re-scoring forward fail ("image
-#     features and image tokens do not match"), and removing them on one side only would skew the ratio.
-#   * Only completion tokens are scored, up to and including the first EOS; never prompt or image tokens.
+# ==== §4.2 — the policy: Qwen2.5-VL, loading, sampling G completions, log-probs of their tokens =============
+# One Qwen2.5-VL serves both stages (A.2.1: shared parameters). GRPO must train on the log-probabilities of
+# the distribution that was sampled, so: (1) sampling parameters are passed explicitly: the released
+# checkpoint's generation_config asks for top_k=1, top_p=0.001, temperature 0.1 and a repetition penalty,
+# and generate() silently merges any field left out; training samples the full softmax at the rollout
+# temperature, which is what completion_logprobs scores. (2) Vision placeholder tokens (<|image_pad|>, ...)
+# are never sampled and are removed from the scoring softmax too: a completion holding one would break the
+# re-scoring forward ("image features and image tokens do not match"). (3) Only completion tokens are scored,
+# up to and including the first EOS; never prompt or image tokens.
 
 VISION_TOKENS = ["<|vision_start|>", "<|vision_end|>", "<|vision_pad|>", "<|image_pad|>", "<|video_pad|>"]
 
-
 def pick_device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-
 
 @dataclass
 class Policy:
@@ -897,30 +675,19 @@ class Policy:
     device: torch.device
     prompts: dict = field(default_factory=load_prompts)   # the wording it is asked in (see DEFAULT_PROMPTS)
 
-
 def make_policy(model, processor, device) -> Policy:
     tok = processor.tokenizer
-    ids = lambda names: [i for i in tok.convert_tokens_to_ids(names) if i is not None and i != tok.unk_token_id]
+    ids = lambda names: [i for i in tok.convert_tokens_to_ids(names) if i not in (None, tok.unk_token_id)]
     eos = model.generation_config.eos_token_id                  # an id, a list of ids, or None
     eos_ids = set(ids(["<|im_end|>", "<|endoftext|>"])) | set(eos if isinstance(eos, list) else [eos])
     eos_ids = sorted(eos_ids - {None})
     pad = tok.pad_token_id if tok.pad_token_id is not None else eos_ids[0]
     return Policy(model.to(device).eval(), processor, eos_ids, pad, ids(VISION_TOKENS), device)
 
-
-# Loading from the Hugging Face hub. A hub id is downloaded once into the hub's cache (~/.cache/huggingface/
-# hub or $HF_HOME), with progress bars, and read from there afterwards. With no connection, huggingface_hub
-# retries each file with back-off for minutes before giving up; instead the hub is asked once, with a short
-# timeout, and if it does not answer only the cache is read (as with HF_HUB_OFFLINE=1): a model that is
-# there loads, one that is not fails at once with the ways to go on.
-
+# A hub id is downloaded once into the hub's cache (~/.cache/huggingface/hub or $HF_HOME). With no connection
+# huggingface_hub retries each file for minutes; instead the hub is asked once, with a short timeout, and if
+# it does not answer only the cache is read (as with HF_HUB_OFFLINE=1): what is not there fails at once.
 HUB_TIMEOUT = 10        # seconds
-
-
-def is_hub_id(name: str) -> bool:
-    """'owner/name' (or 'name') that is not a local path: to be fetched from the hub."""
-    return not Path(name).exists() and re.fullmatch(r"[\w-][\w.-]*(/[\w.-]+)?", name) is not None
-
 
 @functools.lru_cache(maxsize=None)
 def hub_problem() -> Optional[str]:
@@ -934,192 +701,512 @@ def hub_problem() -> Optional[str]:
     except Exception as e:  # no route, no name resolution, a timeout, a proxy refusing, ...
         return f"no answer from {constants.ENDPOINT}: {one_line(e, None)}"
 
-
-def announce_load(what: str, name: str) -> bool:
-    """Say what is loaded from where; True when only the local cache can be read (the hub is unreachable)."""
-    if not is_hub_id(name):
-        print(f"loading {what} from {name}", flush=True)
-        return False
+def load_model(what: str, name: str, flag: str, load):
+    """load(cache_only) of a hub id or local path, saying what is loaded from where; a failure is one line
+    with the whole reason and the ways to go on."""
     from huggingface_hub import constants
-    problem = hub_problem()
+    hub = not Path(name).exists() and re.fullmatch(r"[\w-][\w.-]*(/[\w.-]+)?", name) is not None
+    problem = hub_problem() if hub else None
     where = f"the local cache only ({problem})" if problem else \
         f"the Hugging Face hub (downloaded once, then read from {constants.HF_HUB_CACHE})"
-    print(f"loading {what} {name} from {where}", flush=True)
-    return problem is not None
-
-
-def load_error(what: str, name: str, flag: str, e: Exception) -> SocioError:
-    """One line with the whole reason and the ways to go on."""
-    ways = f"pass {flag} PATH to a local copy, or --tiny for the offline demo"
-    if is_hub_id(name):
-        ways = (f"download it where the hub can be reached (this command, or `hf download {name}`), then set "
-                f"HF_HUB_OFFLINE=1 to read the cache only; or {ways}")
-    elif not Path(name).exists():
-        ways = f"no such file or folder; {ways}"
-    return SocioError(f"cannot load {what} '{name}': {one_line(e, None).rstrip('.')}. Ways on: {ways}")
-
+    print(f"loading {what} {name} from {where}" if hub else f"loading {what} from {name}", flush=True)
+    try:
+        return load(problem is not None)
+    except Exception as e:
+        ways = f"pass {flag} PATH to a local copy, or --tiny for the offline demo"
+        if hub:
+            ways = (f"download it where the hub can be reached (this command, or `hf download {name}`), then "
+                    f"set HF_HUB_OFFLINE=1 to read the cache only; or {ways}")
+        elif not Path(name).exists():
+            ways = f"no such file or folder; {ways}"
+        why = one_line(e, None).rstrip(".")
+        raise SocioError(f"cannot load {what} '{name}': {why}. Ways on: {ways}") from None
 
 def load_policy(name_or_path: str, device: torch.device) -> Policy:
-    """A Qwen2.5-VL checkpoint (hub id or local folder) with its processor; weights in float32. A folder
-    that holds a prompts.json (written when a run used --prompts) is asked in that wording."""
-    from transformers import AutoModelForImageTextToText, AutoProcessor
-    cache_only = announce_load("policy", name_or_path)
-    try:
-        processor = AutoProcessor.from_pretrained(name_or_path, local_files_only=cache_only)
-        model = AutoModelForImageTextToText.from_pretrained(name_or_path, dtype=torch.float32,
-                                                            local_files_only=cache_only)
-    except Exception as e:
-        raise load_error("policy", name_or_path, "--model", e) from None
-    policy = make_policy(model, processor, device)
-    saved = Path(name_or_path) / "prompts.json"
-    if saved.is_file():
-        policy.prompts = load_prompts(str(saved))
-        print(f"  asked in the wording of {saved}")
+    """A Qwen2.5-VL checkpoint with its processor, weights in float32, asked in the wording of its
+    prompts.json if it has one (a run with --prompts writes it)."""
+    from transformers import AutoModelForImageTextToText as Model, AutoProcessor
+    policy = make_policy(*load_model("policy", name_or_path, "--model", lambda cache_only: (
+        Model.from_pretrained(name_or_path, dtype=torch.float32, local_files_only=cache_only),
+        AutoProcessor.from_pretrained(name_or_path, local_files_only=cache_only))), device)
+    if (Path(name_or_path) / "prompts.json").is_file():
+        policy.prompts = load_prompts(str(Path(name_or_path) / "prompts.json"))
+        print(f"  asked in the wording of {Path(name_or_path) / 'prompts.json'}")
     return policy
-
 
 def load_or_build_policy(cfg: Config, device: torch.device) -> Policy:
     policy = build_tiny_policy(cfg.seed, device) if cfg.model == "tiny" else load_policy(cfg.model, device)
-    if cfg.prompts:
-        policy.prompts = load_prompts(cfg.prompts)
+    policy.prompts = load_prompts(cfg.prompts) if cfg.prompts else policy.prompts
     return policy
-
 
 def model_frame(policy: Policy, image_size: tuple) -> tuple:
     """(H', W') of an image of (W, H) pixels after the processor's smart resize: the model's frame."""
     from transformers.models.qwen2_vl.image_processing_qwen2_vl import smart_resize
     ip = policy.processor.image_processor
-    w, h = image_size
-    return smart_resize(h, w, factor=ip.patch_size * ip.merge_size,
+    return smart_resize(image_size[1], image_size[0], factor=ip.patch_size * ip.merge_size,
                         min_pixels=ip.size.shortest_edge, max_pixels=ip.size.longest_edge)
-
 
 def policy_inputs(policy: Policy, images: list, template: str, target: str, **fields) -> tuple:
     """Chat-formatted prompt [map, satellite, text] -> (processor tensors on the device, (H', W'))."""
     model_hw = model_frame(policy, images[0].size)
     text = template.format(w=model_hw[1], h=model_hw[0], target=target, **fields)
-    messages = [{"role": "user", "content": [{"type": "image"}, {"type": "image"}, {"type": "text", "text": text}]}]
-    prompt = policy.processor.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    content = [{"type": "image"}, {"type": "image"}, {"type": "text", "text": text}]
+    prompt = policy.processor.apply_chat_template([{"role": "user", "content": content}], tokenize=False,
+                                                  add_generation_prompt=True)
     inputs = policy.processor(text=[prompt], images=images, return_tensors="pt")
-    grid = inputs["image_grid_thw"][0]                           # (t, h, w) in patches of patch_size pixels
-    patch = policy.processor.image_processor.patch_size
+    grid, patch = inputs["image_grid_thw"][0], policy.processor.image_processor.patch_size   # (t, h, w)
     if (int(grid[1]) * patch, int(grid[2]) * patch) != model_hw:   # the prompt would state the wrong size
         raise RuntimeError(f"processor resized to {tuple(grid[1:].tolist())} patches, expected {model_hw} px")
     return {k: v.to(policy.device) for k, v in inputs.items()}, model_hw
 
-
 def _autocast(device):
-    # bf16 matmuls on a GPU; float32 on a CPU, where bf16 is slow and buys nothing.
+    # bf16 matmuls on a GPU; float32 on a CPU, where bf16 is slow and buys nothing
     return torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else contextlib.nullcontext()
-
-
-def left_pad(policy: Policy, prompts: list) -> dict:
-    """Prompts (one processor output each) as one batch for generate: ids left-padded to the longest (k, P),
-    so every row's next token is at column P; the images of all prompts concatenated in prompt order.
-
-    M-RoPE positions skip the padding (get_rope_index reads the attention mask), so each prompt gets the
-    same positions as alone; its mm_token_type_ids are padded with "text" (0), which the mask then hides.
-    """
-    P = max(p["input_ids"].shape[1] for p in prompts)
-    pad = torch.nn.functional.pad
-    left = lambda key, value: torch.cat([pad(p[key], (P - p[key].shape[1], 0), value=value) for p in prompts])
-    return {"input_ids": left("input_ids", policy.pad_id), "attention_mask": left("attention_mask", 0),
-            "mm_token_type_ids": left("mm_token_type_ids", 0),
-            "pixel_values": torch.cat([p["pixel_values"] for p in prompts]),       # (patches of all tiles, D)
-            "image_grid_thw": torch.cat([p["image_grid_thw"] for p in prompts])}   # (2k, 3)
-
 
 @torch.no_grad()
 def sample_completions(policy: Policy, prompts: list, n: int, temperature: float, top_p: float, top_k: int,
                        max_new_tokens: int, batch: int = 0) -> list:
-    """n sampled completions of each prompt -> per prompt, n LongTensors (T_g,) on the CPU, cut after the
-    first EOS.
-
-    Decoding a few sequences leaves a GPU idle, so prompts are sampled together: whole prompts, at most
-    `batch` sequences (prompts x n) per generate call; 0 = all prompts in one call, and a batch below n still
-    holds one prompt. generate encodes each prompt's images once and then repeats the features for its n rows.
-    With one prompt per call this is exactly the one-prompt-at-a-time sampling (same seed, same draws).
-    """
-    per_call = max(1, batch // n if batch else len(prompts))
-    completions = []
+    """n sampled completions of each prompt -> per prompt, n LongTensors (T_g,) on the CPU, through the first
+    EOS. Decoding a few sequences leaves a GPU idle, so whole prompts are sampled together, at most `batch`
+    sequences (prompts x n) per generate call (0 = all; at least one prompt); with one prompt per call this
+    is exactly one-prompt-at-a-time sampling. generate encodes a prompt's images once for its n rows."""
+    per_call, completions = max(1, batch // n if batch else len(prompts)), []
     for start in range(0, len(prompts), per_call):
-        inputs = left_pad(policy, prompts[start:start + per_call])
+        # Left-padded to the longest prompt P, so that every row's next token is at column P. M-RoPE positions
+        # skip the padding (get_rope_index reads the attention mask): each prompt is positioned as if alone.
+        part, pad = prompts[start:start + per_call], torch.nn.functional.pad
+        P = max(p["input_ids"].shape[1] for p in part)
+        left = lambda key, fill: torch.cat([pad(p[key], (P - p[key].shape[1], 0), value=fill) for p in part])
+        inputs = {"input_ids": left("input_ids", policy.pad_id), "attention_mask": left("attention_mask", 0),
+                  "mm_token_type_ids": left("mm_token_type_ids", 0),                       # (k, P), 0 = text
+                  **{k: torch.cat([p[k] for p in part]) for k in ("pixel_values", "image_grid_thw")}}
         with _autocast(policy.device):
             out = policy.model.generate(
                 **inputs, do_sample=True, num_return_sequences=n, max_new_tokens=max_new_tokens,
                 temperature=temperature, top_p=top_p, top_k=top_k, min_p=None, typical_p=1.0,
                 repetition_penalty=1.0, no_repeat_ngram_size=0, suppress_tokens=policy.vision_ids,
                 eos_token_id=policy.eos_ids, pad_token_id=policy.pad_id)
-        for seq in out[:, inputs["input_ids"].shape[1]:].cpu():              # (k n, T_max), prompt-major
+        for seq in out[:, P:].cpu():                                          # (k n, T_max), prompt-major
             ends = torch.isin(seq, torch.tensor(policy.eos_ids)).nonzero()
             completions.append(seq[: int(ends[0]) + 1] if len(ends) else seq)   # keep the EOS itself
     return [completions[i * n:(i + 1) * n] for i in range(len(prompts))]
 
-
 def decode(policy: Policy, completion: torch.Tensor) -> str:
-    """Text of a completion without its final EOS (special tokens inside the text are kept and fail the format)."""
+    """Text of a completion without its final EOS (special tokens inside are kept, and fail the format)."""
     ids = completion[:-1] if len(completion) and int(completion[-1]) in policy.eos_ids else completion
     return policy.processor.tokenizer.decode(ids, skip_special_tokens=False)
 
-
 def completion_logprobs(policy: Policy, model, rows: list, temperature: float) -> tuple:
     """log pi(y_t | y_<t, x) of every completion token, from one forward pass over prompt + completion.
-
-    rows: [(prompt inputs, completion ids (T_i,))]. Returns logp (B, T) float32 and mask (B, T) where
-    T = max T_i. Rows are right-padded, so real tokens keep their positions; prompts of different lengths
-    may share a micro-batch.
-    """
+    rows: [(prompt inputs, completion ids (T_i,))] -> logp (B, T) float32 and mask (B, T), T = max T_i."""
     device = policy.device
-    prompts = [inp["input_ids"][0] for inp, _ in rows]
     comps = [c.to(device) for _, c in rows]
-    P = torch.tensor([len(p) for p in prompts], device=device)                   # (B,)
-    Tc = torch.tensor([len(c) for c in comps], device=device)                    # (B,)
+    P = torch.tensor([inp["input_ids"].shape[1] for inp, _ in rows], device=device)   # (B,) prompt lengths
+    Tc = torch.tensor([len(c) for c in comps], device=device)                         # (B,) their completions
     L, T = int((P + Tc).max()), int(Tc.max())
+    # 1. Rows are prompt + completion, right-padded: real tokens keep the positions they were sampled at,
+    #    so prompts of different lengths can share a micro-batch. mm_token_type_ids marks the image tokens:
+    #    from it get_rope_index gives them M-RoPE's (time, height, width) positions; without it every token
+    #    would get 1-D text positions, and the scores would be those of another model than the sampling one.
     ids = torch.full((len(rows), L), policy.pad_id, dtype=torch.long, device=device)
-    attn = torch.zeros_like(ids)
-    mm_types = torch.zeros_like(ids)
+    attn, mm_types = torch.zeros_like(ids), torch.zeros_like(ids)
     for i, ((inp, _), c) in enumerate(zip(rows, comps)):
-        p = len(prompts[i])
-        ids[i, :p], ids[i, p:p + len(c)] = prompts[i], c
-        attn[i, : p + len(c)] = 1
+        p = int(P[i])
+        ids[i, :p], ids[i, p:p + len(c)], attn[i, :p + len(c)] = inp["input_ids"][0], c, 1
         mm_types[i, :p] = inp["mm_token_type_ids"][0]
-    # Vision: rows of a group share their prompt's two tiles, so the vision tower runs once per distinct
-    # prompt in the micro-batch (not once per row), and its features are scattered into every row's image
-    # placeholders. With input embeddings given, the model cannot derive M-RoPE's (time, height, width)
-    # positions itself, so they are computed here from the same ids, grids and attention mask.
-    prompts_by_id = {id(inp): inp for inp, _ in rows}
     with _autocast(device):
+        # 2. Vision once per prompt: the G rows of a group share their prompt's two tiles, so the vision tower
+        #    runs once per distinct prompt, and its features are scattered into every row's image slots.
+        distinct = {id(inp): inp for inp, _ in rows}
         features = {k: torch.cat(model.model.get_image_features(inp["pixel_values"], inp["image_grid_thw"],
                                                                 return_dict=True).pooler_output)
-                    for k, inp in prompts_by_id.items()}                          # (image tokens, D) per prompt
+                    for k, inp in distinct.items()}                               # (image tokens, D) each
         embeds = model.get_input_embeddings()(ids)                                # (B, L, D)
-        image_slots = (ids == model.config.image_token_id)[..., None]
-        embeds = embeds.masked_scatter(image_slots, torch.cat([features[id(inp)] for inp, _ in rows]).to(embeds.dtype))
+        scattered = torch.cat([features[id(inp)] for inp, _ in rows]).to(embeds.dtype)
+        embeds = embeds.masked_scatter((ids == model.config.image_token_id)[..., None], scattered)
+        # 3. Given embeddings, the model cannot find the image tokens itself: M-RoPE positions come from here.
         grids = torch.cat([inp["image_grid_thw"] for inp, _ in rows])            # (2B, 3)
         positions, _ = model.model.get_rope_index(ids, mm_types, image_grid_thw=grids, attention_mask=attn)
-        # Logits are only needed from the earliest completion start on: skip the lm_head over long prompts.
+        # 4. Logits only from the earliest completion start on: no lm_head over the long prompts.
         keep = L - int(P.min()) + 1                                               # T + P_max - P_min
         logits = model(inputs_embeds=embeds, attention_mask=attn, position_ids=positions, use_cache=False,
                        logits_to_keep=keep).logits                                # (B, keep, V)
-    # The logit at position j predicts token j+1: completion token t of row i is predicted at P_i - 1 + t.
+    # 5. The logit at position j predicts token j + 1: completion token t of row i is predicted at P_i-1+t.
+    #    Past a short row's end that index can leave the sequence: the clamp keeps it in, the mask zeroes it.
     t = torch.arange(T, device=device)
     pos = (P[:, None] - 1 + t[None, :]).clamp(max=L - 1) - (L - keep)            # (B, T) into kept logits
+    # 6. The sampled distribution: in float32 (a bf16 log-softmax is unstable), divided by the temperature,
+    #    vision tokens removed as at sampling time.
     logits = logits.gather(1, pos[..., None].expand(-1, -1, logits.shape[-1])).float() / temperature
-    logits[..., policy.vision_ids] = float("-inf")                               # as at sampling time
+    logits[..., policy.vision_ids] = float("-inf")
     targets = torch.stack([torch.nn.functional.pad(c, (0, T - len(c)), value=policy.pad_id) for c in comps])
     logp = logits.log_softmax(-1).gather(-1, targets[..., None]).squeeze(-1)     # (B, T) float32
     mask = (t[None, :] < Tc[:, None]).float()                                    # (B, T)
     return logp * mask, mask
 
+# ==== §4.2, eq. (6) — GRPO ==================================================================================
+# For each prompt x, G completions y^(g) with rewards R^(g). Per completion token t:
+#     r_t = pi_theta(y_t | y_<t, x) / pi_old(y_t | y_<t, x)                        (token importance ratio)
+#     l_t = -min(r_t A, clip(r_t, 1 - eps, 1 + eps) A) + beta * k3_t
+#     k3_t = exp(q_t) - q_t - 1,  q_t = log pi_ref(y_t) - log pi_theta(y_t)         (always >= 0)
+# with A = R - mean_g R the group-relative advantage. As a *value* over tokens sampled from pi_theta, k3 is an
+# unbiased estimate of KL(pi_theta || pi_ref): that is what the log shows. As a *loss* its expected gradient
+# is E[(1 - pi_ref/pi_theta) grad log pi_theta] = grad KL(pi_ref || pi_theta), the reverse KL: it pulls
+# pi_theta to keep covering what pi_ref would write.
+# Normalisation: eq. 6 sums l_t over a completion's tokens, which makes long answers weigh more; like the
+# authors' release we take the token *mean* per completion, then the mean over completions.
+# Old policy: each stage is updated once per step, right after sampling, so the completions are scored by
+# the weights that sampled them: pi_old = pi_theta (detached), r_t = 1 and the clip never acts (the logged
+# clipped fraction is 0); the gradient of r_t A is A grad log pi_theta, REINFORCE with a group baseline. The
+# clip bites only when old log-probs are reused by further updates (Algorithm 1 read literally: an update
+# per sample, pi_old refreshed per step); grpo_loss takes old_logp so that case is a call away (and tested).
 
-# --- a tiny random Qwen2.5-VL, built in code (--tiny, the tests) --------------------------------------------
-# The real classes with toy sizes: 112 x 112-pixel model frames (16 image tokens per tile), a 4-layer,
-# 128-wide language model and a 2-block vision tower, about 1 M parameters and a few MB on disk. It loads,
-# samples, scores and saves exactly like the 3B checkpoint, so every code path above runs offline.
-# The tokenizer is byte-level BPE with no merges (every UTF-8 byte is a token) plus Qwen's special tokens,
-# and, like a real BPE vocabulary's frequent pieces, single tokens for the answer's syntax and for the
-# numbers 0-255: an answer is then ~20 tokens instead of ~60, which a model this small can learn to write.
+def group_advantages(rewards: torch.Tensor, group_size: int) -> torch.Tensor:
+    """A = R - mean of its group (Alg. 1 lines 12-13). rewards (B*G,), groups contiguous -> (B*G,). The
+    authors' release also divides by the group's std + 1e-6, blowing tiny reward differences up to unit
+    size; the paper does not, nor do we. An all-equal group gets exactly zero: no gradient."""
+    r = rewards.float().view(-1, group_size)                             # (B, G)
+    adv = r - r.mean(dim=1, keepdim=True)
+    adv[r.amax(dim=1) == r.amin(dim=1)] = 0.0         # a float mean of equal numbers can be off by an ulp
+    return adv.view(-1)
 
+def grpo_loss(logp: torch.Tensor, old_logp: torch.Tensor, ref_logp: torch.Tensor,
+              advantages: torch.Tensor, mask: torch.Tensor, clip_eps: float, kl_beta: float):
+    """Eq. 6 as (loss, stats). logp/old_logp/ref_logp/mask (B, T) float32, advantages (B,); mask is 1 on
+    completion tokens up to and including the first EOS."""
+    mask, adv = mask.float(), advantages.float()[:, None]                # (B, T), (B, 1)
+    ratio = torch.exp(logp - old_logp)                                   # (B, T)
+    surrogate = torch.minimum(ratio * adv, ratio.clamp(1 - clip_eps, 1 + clip_eps) * adv)
+    # q > 20: the policy is e^20 (5e8) times less likely than pi_ref to write its own sample. There the clamp
+    # holds k3 constant, so such a token's KL term passes no gradient: a cap on one token's pull, set far
+    # below float32's overflow of exp (near q = 88). q < 0 needs none: k3 then grows only linearly. (The
+    # authors' release clamps q to +-10.)
+    q = (ref_logp - logp).clamp(max=20)
+    kl = torch.exp(q) - q - 1                                            # (B, T) >= 0
+    n_tokens = mask.sum(dim=1).clamp(min=1)                              # (B,)
+    loss = (((-surrogate + kl_beta * kl) * mask).sum(dim=1) / n_tokens).mean()   # token mean, then row mean
+    with torch.no_grad():
+        clipped = ((ratio > 1 + clip_eps) & (adv > 0)) | ((ratio < 1 - clip_eps) & (adv < 0))
+        stats = {"kl": ((kl * mask).sum(dim=1) / n_tokens).mean().item(),
+                 "clipped": ((clipped.float() * mask).sum() / mask.sum().clamp(min=1)).item()}
+    return loss, stats
+
+# ==== Algorithm 1 — the two-stage rollout ===================================================================
+# One prompt and its G completions form a Group, which keeps each completion's parsed answer. Stage 1 (lines
+# 5-11): G answers with boxes, rewards R_1. Lines 15-18: the answer g* carried forward, its boxes given to SAM
+# for the coarse mask M_c, both drawn onto the tiles. Stage 2 (lines 19-24): G answers with boxes and points,
+# SAM's final mask per answer, rewards R_2. (Line 9 runs SAM on all G stage-1 answers, but only M_c of g* is
+# ever used, so only that one is computed.) The same functions serve inference with G = 1.
+
+@dataclass
+class Group:
+    stage: int
+    inputs: dict                      # processor output for one prompt: input_ids (1, P), pixel_values of
+                                      # 2 tiles, image_grid_thw (2, 3), mm_token_type_ids (1, P)
+    model_hw: tuple                   # (H', W') of the tiles as the model sees them
+    completions: list                 # G x LongTensor (T_g,), through the first EOS
+    texts: list                       # G decoded completions
+    answers: list                     # G x parse_answer(...) (None = malformed)
+    rewards: list = None              # G reward dicts, once computed
+
+def stage1_prompt(policy: Policy, sample: Sample, key: str = "stage1") -> tuple:
+    """Eq. 1: x_1 of a sample -> (inputs, model_hw); key "single": the "w/o reflection" ablation's prompt."""
+    return policy_inputs(policy, [sample.map, sample.sat], policy.prompts[key], sample.text)
+
+def stage2_inputs(policy: Policy, sample: Sample, boxes_model: np.ndarray, model_hw: tuple,
+                  coarse: np.ndarray) -> dict:
+    """Eqs. 3-4, x_2: a first attempt's boxes (K, 4) listed in the model frame, and drawn with its coarse
+    mask onto both tiles in the mask frame (the tiles keep their size, so the model frame is stage 1's)."""
+    boxes_mask = to_frame(boxes_model, model_hw, sample.mask.shape)
+    rendered = [render(sample.map, boxes_mask, coarse), render(sample.sat, boxes_mask, coarse)]
+    listed = [[round(float(v), 1) if v % 1 else int(v) for v in b] for b in boxes_model]
+    return policy_inputs(policy, rendered, policy.prompts["stage2"], sample.text, boxes=json.dumps(listed),
+                         boxes_json=json.dumps([{"bbox_2d": b} for b in listed]))[0]
+
+def stage2_prompt(policy: Policy, sample: Sample, stage1: Group, carried: int, coarse: np.ndarray) -> tuple:
+    """Alg. 1 lines 16-18: x_2 of stage 1's carried answer and its M_c -> (inputs, model_hw). The boxes are
+    those the segmenter saw: clipped, empty ones dropped (a box at 1e300 would be spelled out in full)."""
+    answer = stage1.answers[carried] or []                                    # a malformed answer: no boxes
+    boxes_model = clip_prompts([o["bbox_2d"] for o in answer], None, stage1.model_hw)[0]
+    return stage2_inputs(policy, sample, boxes_model, stage1.model_hw, coarse), stage1.model_hw
+
+def rollout(policy: Policy, stage: int, prompts: list, n: int, sampling: dict) -> list:
+    """n answers to each (inputs, model_hw) prompt, all prompts sampled together -> one Group per prompt."""
+    completions = sample_completions(policy, [inputs for inputs, _ in prompts], n, **sampling)
+    texts = [[decode(policy, c) for c in comps] for comps in completions]
+    return [Group(stage, inputs, hw, comps, ts, [parse_answer(t, stage) for t in ts])
+            for (inputs, hw), comps, ts in zip(prompts, completions, texts)]
+
+def select_carried(rewards: list, how: str, rng: np.random.Generator) -> int:
+    """Alg. 1 line 15: g* = argmax_g R_1, or g* drawn with probability proportional to exp(R_1)."""
+    r = np.asarray(rewards, dtype=np.float64)
+    if how == "argmax":
+        return int(np.argmax(r))
+    p = np.exp(r - r.max())
+    return int(rng.choice(len(r), p=p / p.sum()))
+
+# ==== Algorithm 1 — the training step: one GRPO update per stage, on one GPU ================================
+# Algorithm 1 as printed updates inside the loop over a batch's samples (lines 14, 27) and refreshes pi_old
+# once per step (line 29); §4.2's schedule and the authors' release update once per stage per step, on the
+# whole batch, as here: stage 1 for all samples, one update, stage 2 sampled from the updated policy, one
+# update. Memory on one GPU: the weights stay float32 (AdamW at lr 1e-6 moves a weight of ~1e-2 by ~1e-6, far
+# below bf16's resolution there: the update would round away), forward passes run under bf16 autocast, and
+# the frozen reference is a bf16 copy (7.5 GB saved; its log-probs differ from the policy's by rounding, so
+# the logged KL starts at a small floor on a GPU). A stage's rows (rollout_batch x G) are cut into
+# micro-batches whose gradients are accumulated, each weighted by its share of the rows: the accumulated
+# gradient is the full-batch gradient however the batch is cut (a test checks this).
+
+def accumulate_grpo_gradients(policy: Policy, reference, rows: list, advantages: torch.Tensor,
+                              cfg: Config) -> dict:
+    """Backward of eq. 6 over rows [(prompt inputs, completion ids)] with advantages (N,), into .grad."""
+    n, stats = len(rows), {"kl": 0.0, "clipped": 0.0, "loss": 0.0}
+    for start in range(0, n, cfg.micro_batch):
+        part = slice(start, start + cfg.micro_batch)
+        with torch.no_grad():                                               # the reference needs no graph
+            ref_logp, _ = completion_logprobs(policy, reference, rows[part], cfg.temperature)
+        logp, mask = completion_logprobs(policy, policy.model, rows[part], cfg.temperature)    # (b, T)
+        # pi_old = the weights that sampled these completions = the current weights (see eq. 6)
+        loss, st = grpo_loss(logp, logp.detach(), ref_logp, advantages[part], mask, cfg.clip_eps, cfg.kl_beta)
+        share = len(rows[part]) / n
+        (loss * share).backward()
+        for k, v in (("loss", loss.item()), *st.items()):
+            stats[k] += v * share
+    return stats
+
+def optimizer_step(policy: Policy, optimizer, what: str, loss: float) -> bool:
+    """Apply the accumulated gradient unless it or the loss is not finite: one NaN step would destroy the
+    weights (and a NaN loss can come with finite, meaningless gradients: clamp passes no gradient to NaN)."""
+    finite = math.isfinite(loss) and all(torch.isfinite(p.grad).all()
+                                         for p in policy.model.parameters() if p.grad is not None)
+    if finite:
+        optimizer.step()
+    else:
+        print(f"  {what}: non-finite loss or gradient, update skipped", flush=True)
+    optimizer.zero_grad(set_to_none=True)
+    return finite
+
+def grpo_update(policy: Policy, reference, optimizer, groups: list, cfg: Config) -> dict:
+    """Alg. 1 lines 12-14 (or 25-27) for all groups of one stage: advantages, eq. 6, one optimizer step."""
+    rows = [(g.inputs, c) for g in groups for c in g.completions]                   # B*G rows
+    rewards = torch.tensor([r["total"] for g in groups for r in g.rewards])          # (B*G,)
+    advantages = group_advantages(rewards, len(groups[0].completions))               # (B*G,)
+    policy.model.train()        # Qwen2.5-VL has no dropout; train mode is what gradient checkpointing needs
+    optimizer.zero_grad(set_to_none=True)
+    stats = accumulate_grpo_gradients(policy, reference, rows, advantages, cfg)
+    stats["skipped"] = not optimizer_step(policy, optimizer, f"stage {groups[0].stage}", stats["loss"])
+    policy.model.eval()         # back to sampling, with the KV cache
+    return stats
+
+def train_step(step: int, batch_refs: list, policy: Policy, reference, optimizer, segmenter: Segmenter,
+               cfg: Config) -> dict:
+    """Algorithm 1, lines 4-27, for one batch of samples -> the step's mean rewards and update statistics."""
+    rng = np.random.default_rng([cfg.seed, step])              # for g* ~ exp(R_1): any step can be replayed
+    sampling = dict(temperature=cfg.temperature, top_p=1.0, top_k=0, max_new_tokens=cfg.max_new_tokens,
+                    batch=cfg.generation_batch)
+    samples = [read_sample(r) for r in batch_refs]
+    encodings = encode_tiles(segmenter, [np.asarray(s.sat) for s in samples])   # I_s encoded once per step
+    if cfg.single_stage:   # "w/o reflection": one answer with boxes and points, rewarded as in stage 2
+        groups = rollout(policy, 2, [stage1_prompt(policy, s, "single") for s in samples], cfg.group_size,
+                         sampling)
+        reward_stage2(groups, samples, encodings, segmenter, cfg)
+        return step_stats({2: (groups, grpo_update(policy, reference, optimizer, groups, cfg))})
+    # Stage 1, localisation. Lines 5-8: G completions per sample, parsed
+    groups1 = rollout(policy, 1, [stage1_prompt(policy, s) for s in samples], cfg.group_size, sampling)
+    for s, g in zip(samples, groups1):                                           # line 10: R_1
+        gt_boxes = to_frame(mask_to_boxes(s.mask), s.mask.shape, g.model_hw)     # B* in the model frame
+        g.rewards = [stage1_reward(a, gt_boxes) for a in g.answers]
+    update1 = grpo_update(policy, reference, optimizer, groups1, cfg)            # lines 12-14
+    prompts2 = []
+    for s, enc, g in zip(samples, encodings, groups1):
+        carried = select_carried([r["total"] for r in g.rewards], cfg.select, rng)                # line 15
+        coarse = segment_answer(segmenter, enc, g.answers[carried], g.model_hw, s.mask.shape)    # line 9: M_c
+        prompts2.append(stage2_prompt(policy, s, g, carried, coarse))                            # lines 16-18
+    # Stage 2, refinement, sampled from the updated policy. Lines 19-21: G completions per sample, parsed
+    groups2 = rollout(policy, 2, prompts2, cfg.group_size, sampling)
+    reward_stage2(groups2, samples, encodings, segmenter, cfg)                   # lines 22-23: M_f, R_2
+    update2 = grpo_update(policy, reference, optimizer, groups2, cfg)            # lines 25-27
+    return step_stats({1: (groups1, update1), 2: (groups2, update2)})           # line 29: pi_old is pi_theta
+
+def reward_stage2(groups: list, samples: list, encodings: list, segmenter: Segmenter, cfg: Config):
+    """Alg. 1 lines 22-23 for every group: S's final mask M_f of each answer, and R_2 of eq. 12."""
+    for s, enc, g in zip(samples, encodings, groups):
+        masks = [segment_answer(segmenter, enc, a, g.model_hw, s.mask.shape) for a in g.answers]
+        g.rewards = [stage2_reward(a, m, s.mask, mu=cfg.points_mu) for a, m in zip(g.answers, masks)]
+
+def step_stats(stages: dict) -> dict:
+    """What the log keeps of a step, from {stage: (groups, update statistics)}."""
+    mean = lambda groups, key: float(np.mean([r[key] for g in groups for r in g.rewards]))
+    stats = {}
+    for k, (groups, update) in stages.items():
+        stats.update({f"reward{k}": mean(groups, "total"), f"format{k}": mean(groups, "format"),
+                      f"loss{k}": update["loss"], **({f"kl{k}": update["kl"]} if len(stages) > 1 else {})})
+    # IoU of the well-formed answers only (NaN if none): malformed ones score 0 in every term, and counting
+    # those zeros would mix "cannot write" with "cannot find".
+    stats["iou2"] = float(np.mean([r["accuracy"] for g in stages[2][0] for r in g.rewards if r["format"]]
+                                  or [float("nan")]))
+    updates = [update for _, update in stages.values()]
+    return {**stats, "kl": sum(u["kl"] for u in updates) / len(updates),
+            "clipped": sum(u["clipped"] for u in updates) / len(updates),
+            "skipped": sum(int(u["skipped"]) for u in updates),
+            "tokens": sum(len(c) for groups, _ in stages.values() for g in groups for c in g.completions)}
+
+def batch_indices(step: int, n: int, batch: int, seed: int) -> list[int]:
+    """Alg. 1 line 3: a step's samples, from a seeded permutation per epoch (recomputable on resume)."""
+    perms, out = {}, []
+    for pos in range(step * batch, (step + 1) * batch):
+        epoch, i = divmod(pos, n)
+        if epoch not in perms:
+            perms[epoch] = np.random.default_rng([seed, epoch]).permutation(n)
+        out.append(int(perms[epoch][i]))
+    return out
+
+# ==== §4.1 — inference: both stages once ====================================================================
+# Sampling as in the authors' release (temperature 1.0, top_p 0.8, top_k 100). If the stage-2 answer is
+# malformed the coarse stage-1 mask is kept: a usable mask beats an empty one.
+
+@dataclass
+class Prediction:
+    stages: list                      # [(Group, its mask (H, W) bool)]: stage 1 -> M_c, stage 2 -> M_f
+    final: np.ndarray                 # the delivered mask, (H, W) bool
+    fallback: bool = False            # the stage-2 answer was malformed and M_c was delivered
+
+def predict(policy: Policy, segmenter: Segmenter, sample: Sample, cfg: Config, encoding=None) -> Prediction:
+    return predict_batch(policy, segmenter, [sample], cfg, None if encoding is None else [encoding])[0]
+
+def predict_batch(policy: Policy, segmenter: Segmenter, samples: list, cfg: Config,
+                  encodings: Optional[list] = None) -> list:
+    """Both stages once per sample (or an ablation: one single-stage answer; stage 1 alone), each stage
+    sampled for all samples together; with one sample, exactly the one-at-a-time path. encodings: of each
+    satellite tile (default: encoded here)."""
+    sampling = dict(temperature=cfg.infer_temperature, top_p=cfg.infer_top_p, top_k=cfg.infer_top_k,
+                    max_new_tokens=cfg.max_new_tokens, batch=cfg.generation_batch)
+    encodings = encodings or encode_tiles(segmenter, [np.asarray(s.sat) for s in samples])
+    mask_of = lambda s, enc, g: segment_answer(segmenter, enc, g.answers[0], g.model_hw, s.mask.shape)
+    key, stage = ("single", 2) if cfg.single_stage else ("stage1", 1)
+    groups1 = rollout(policy, stage, [stage1_prompt(policy, s, key) for s in samples], 1, sampling)
+    coarse = [mask_of(s, enc, g) for s, enc, g in zip(samples, encodings, groups1)]          # M_c, eq. 2
+    if cfg.single_stage or cfg.stage1_only:
+        return [Prediction([(g, m)], m) for g, m in zip(groups1, coarse)]
+    prompts2 = [stage2_prompt(policy, s, g, 0, m) for s, g, m in zip(samples, groups1, coarse)]
+    groups2, preds = rollout(policy, 2, prompts2, 1, sampling), []
+    for s, enc, g1, m1, g2 in zip(samples, encodings, groups1, coarse, groups2):
+        final = m1 if g2.answers[0] is None else mask_of(s, enc, g2)                        # M_f, eq. 5
+        preds.append(Prediction([(g1, m1), (g2, final)], final, fallback=g2.answers[0] is None))
+    return preds
+
+# ==== §5.1 — metrics: cIoU, gIoU, F1 ========================================================================
+# cIoU: summed intersection over summed union across the split (large regions weigh more). gIoU: mean of
+# per-image IoU, an image with empty prediction and empty ground truth counting 1. F1 (instance level): the
+# 8-connected components of the ground-truth mask and of the final predicted mask (the mask is what is
+# delivered, whatever boxes made it), matched one-to-one by a Hungarian assignment at mask IoU > 0.5, with
+# TP, FP and FN summed over the split: F1 = 2 TP / (2 TP + FP + FN). All in percent, as the paper prints them.
+
+def instance_matches(pred: np.ndarray, gt: np.ndarray) -> tuple:
+    """(TP, number of predicted instances, number of ground-truth instances) for one image."""
+    lp, n_p = ndimage.label(pred, structure=EIGHT)
+    lg, n_g = ndimage.label(gt, structure=EIGHT)
+    if n_p == 0 or n_g == 0:
+        return 0, n_p, n_g
+    inter = np.bincount(lp.ravel() * (n_g + 1) + lg.ravel(), minlength=(n_p + 1) * (n_g + 1))
+    inter = inter.reshape(n_p + 1, n_g + 1)[1:, 1:]                               # (n_p, n_g) pixels
+    area_p, area_g = np.bincount(lp.ravel())[1:], np.bincount(lg.ravel())[1:]
+    match = (inter / (area_p[:, None] + area_g[None, :] - inter) > 0.5).astype(float)
+    rows, cols = linear_sum_assignment(-match)
+    return int(match[rows, cols].sum()), n_p, n_g
+
+def segmentation_metrics(preds: list, gts: list) -> dict:
+    inter = union = tp = n_pred = n_gt = 0
+    ious = []
+    for p, g in zip(preds, gts):
+        p, g = np.asarray(p, bool), np.asarray(g, bool)
+        i, u = np.count_nonzero(p & g), np.count_nonzero(p | g)
+        inter, union = inter + i, union + u
+        ious.append(1.0 if u == 0 else i / u)
+        t, n_p, n_g = instance_matches(p, g)
+        tp, n_pred, n_gt = tp + t, n_pred + n_p, n_gt + n_g
+    f1 = 1.0 if n_pred + n_gt == 0 else 2 * tp / (n_pred + n_gt)                # 2TP / (2TP + FP + FN)
+    return {"cIoU": 100 * (inter / union if union else 1.0), "gIoU": 100 * float(np.mean(ious)),
+            "F1": 100 * f1, "n": len(ious)}
+
+def evaluate(policy: Policy, segmenter: Segmenter, refs: list, cfg: Config, images: str = "real",
+             out: Optional[Path] = None, pictures: bool = False) -> dict:
+    """Predict every sample, cfg.generation_batch at a time (0 = all): metrics of the final masks, stage 1's
+    gIoU, seconds per sample, and "stage2_fallbacks" (malformed stage-2 answers, stage-1 mask kept). out:
+    writes <out>/masks/<id>.png (and <out>/pictures/<id>.png), so anyone can recompute the metrics. images
+    "blank" shows the policy grey tiles, "shuffled" the next sample's; the segmenter still gets the real
+    satellite tile, so a drop measures what the *policy* reads."""
+    for folder in [] if out is None else ["masks"] + ["pictures"] * pictures:
+        (out / folder).mkdir(parents=True, exist_ok=True)
+    finals, firsts, gts, seconds, fallbacks = [], [], [], 0.0, 0
+    per_batch = cfg.generation_batch or max(1, len(refs))
+    for start in range(0, len(refs), per_batch):
+        chunk = refs[start:start + per_batch]
+        real, seen = [read_sample(r) for r in chunk], []
+        for k, s in enumerate(real, start):                  # what the policy is shown
+            if images == "blank":
+                grey = Image.new("RGB", s.sat.size, (128, 128, 128))
+                s = dataclasses.replace(s, sat=grey, map=grey)
+            elif images == "shuffled":
+                other = read_sample(refs[(k + 1) % len(refs)])
+                s = dataclasses.replace(s, sat=other.sat.resize(s.sat.size), map=other.map.resize(s.sat.size))
+            seen.append(s)
+        t0 = time.time()
+        encodings = encode_tiles(segmenter, [np.asarray(s.sat) for s in real])
+        preds = predict_batch(policy, segmenter, seen, cfg, encodings)
+        seconds += time.time() - t0
+        for ref, s, pred in zip(chunk, seen, preds):
+            finals.append(pred.final), firsts.append(pred.stages[0][1]), gts.append(s.mask)
+            fallbacks += pred.fallback
+            if out is not None:
+                save_mask(pred.final, out / "masks" / f"{ref.id}.png")
+                if pictures:
+                    prediction_picture(s, pred).save(out / "pictures" / f"{ref.id}.png")
+        if out is not None:   # the eval command shows progress; the report after training stays quiet
+            done = start + len(chunk)
+            print(f"\reval {done}/{len(refs)}  {seconds / done:.2f} s/sample  "
+                  f"ETA {seconds / done * (len(refs) - done):.0f}s ", end="" if done < len(refs) else "\n",
+                  flush=True)
+    return {**segmentation_metrics(finals, gts), "stage1_gIoU": segmentation_metrics(firsts, gts)["gIoU"],
+            "seconds_per_sample": seconds / max(1, len(refs)), "stage2_fallbacks": fallbacks}
+
+# ==== Appendix A — the offline demo: a tiny random Qwen2.5-VL and a weights-free stand-in for SAM ===========
+
+class GrowSegmenter:
+    """A weights-free S that still answers to its prompts. A box alone gives its rectangle; a box with points
+    gives the pixels inside it connected to a point through colours close to that point's (on a smoothed
+    tile). A point on the target grows into its shape, one on the background into background: as with SAM,
+    stage-2 points can make the mask better or worse than stage 1's boxes, which stage 2 must learn."""
+
+    def __init__(self, tolerance: float = 40.0):
+        self.tolerance = tolerance           # colour distance (0-255 RGB) still counted as "the same stuff"
+
+    def encode(self, image: np.ndarray) -> dict:
+        smooth = ndimage.uniform_filter(np.asarray(image, dtype=np.float32), size=(5, 5, 1))
+        return {"image": smooth, "hw": smooth.shape[:2]}
+
+    def segment(self, encoding: dict, boxes: np.ndarray, points: Optional[list] = None) -> np.ndarray:
+        img, (h, w) = encoding["image"], encoding["hw"]
+        mask = np.zeros((h, w), bool)
+        for k, (x1, y1, x2, y2) in enumerate(np.asarray(boxes).reshape(-1, 4)):
+            c1, r1, c2, r2 = int(x1), int(y1), int(math.ceil(x2)), int(math.ceil(y2))
+            pts = np.zeros((0, 2)) if points is None else np.asarray(points[k]).reshape(-1, 2)
+            inside = [(int(y) - r1, int(x) - c1) for x, y in pts if c1 <= x < c2 and r1 <= y < r2]
+            if not inside:                   # no usable point: the box itself
+                mask[r1:r2, c1:c2] = True
+                continue
+            crop = img[r1:r2, c1:c2]                                         # (h_k, w_k, 3)
+            seeds = np.stack([crop[r, c] for r, c in inside])                # (n, 3)
+            near = np.linalg.norm(crop[:, :, None] - seeds[None, None], axis=-1) < self.tolerance  # (h, w, n)
+            for i, (r, c) in enumerate(inside):                              # what is connected to each point
+                labels, _ = ndimage.label(near[..., i], structure=EIGHT)
+                mask[r1:r2, c1:c2] |= labels == labels[r, c]
+        return mask
+
+# The tiny policy: the real classes with toy sizes, 112 x 112-pixel model frames (16 image tokens per tile),
+# a 4-layer, 128-wide language model and a 2-block vision tower, ~1 M parameters. It loads, samples, scores
+# and saves like the 3B checkpoint, so every path of the method runs offline. The tokenizer is byte-level BPE
+# with no merges plus Qwen's special tokens and, like a real vocabulary's frequent pieces, single tokens for
+# the answer's syntax and the numbers 0-255: an answer is ~20 tokens, not ~60, which it can learn to write.
 TINY_CHAT_TEMPLATE = (
     "{%- for m in messages -%}<|im_start|>{{ m['role'] }}\n"
     "{%- if m['content'] is string -%}{{ m['content'] }}{%- else -%}{%- for c in m['content'] -%}"
@@ -1129,15 +1216,16 @@ TINY_CHAT_TEMPLATE = (
 )
 TINY_PIECES = ["<think>", "</think>", "<answer>", "</answer>", '[{"bbox_2d": [', '{"bbox_2d": [', ", ", "]}",
                '], "points": [[', "], [", "]]}"] + [str(i) for i in range(256)]
-# ...and the fixed stretches of our two prompts, as a trained BPE would compress a text it has seen often:
-# a prompt is then ~40 tokens plus the images, not ~600 bytes.
+# ...and the fixed stretches of our prompts, as a trained BPE would compress a text it has seen often: a
+# prompt is then ~40 tokens plus the images, not ~600 bytes.
 TINY_PIECES += [part for template in (STAGE1_PROMPT, STAGE2_PROMPT, SINGLE_PROMPT)
-                for part in re.split(r"\{[a-z]+\}", template.replace("{{", "{").replace("}}", "}")) if len(part) > 3]
-
+                for part in re.split(r"\{[a-z]+\}", template.replace("{{", "{").replace("}}", "}"))
+                if len(part) > 3]
 
 def build_tiny_policy(seed: int, device: torch.device = torch.device("cpu")) -> Policy:
     from transformers import (GenerationConfig, Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration,
-                              Qwen2_5_VLProcessor, Qwen2Tokenizer, Qwen2VLImageProcessor, Qwen2VLVideoProcessor)
+                              Qwen2_5_VLProcessor, Qwen2Tokenizer, Qwen2VLImageProcessor,
+                              Qwen2VLVideoProcessor)
     from transformers.convert_slow_tokenizer import bytes_to_unicode
     specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"] + VISION_TOKENS
     vocab = {ch: i for i, ch in enumerate(bytes_to_unicode()[b] for b in range(256))}
@@ -1154,8 +1242,10 @@ def build_tiny_policy(seed: int, device: torch.device = torch.device("cpu")) -> 
         text_config=dict(vocab_size=len(tok), hidden_size=128, intermediate_size=256, num_hidden_layers=4,
                          num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=4096,
                          # M-RoPE splits head_dim / 2 = 16 frequency pairs over (time, height, width)
-                         rope_parameters={"rope_type": "default", "rope_theta": 1e4, "mrope_section": [4, 6, 6]},
-                         bos_token_id=None, eos_token_id=tid("<|im_end|>"), pad_token_id=tid("<|endoftext|>")),
+                         rope_parameters={"rope_type": "default", "rope_theta": 1e4,
+                                          "mrope_section": [4, 6, 6]},
+                         bos_token_id=None, eos_token_id=tid("<|im_end|>"),
+                         pad_token_id=tid("<|endoftext|>")),
         vision_config=dict(depth=2, hidden_size=64, intermediate_size=128, num_heads=2, out_hidden_size=128,
                            patch_size=14, spatial_merge_size=2, temporal_patch_size=2, window_size=112,
                            fullatt_block_indexes=[1]),
@@ -1177,354 +1267,35 @@ def build_tiny_policy(seed: int, device: torch.device = torch.device("cpu")) -> 
                                                pad_token_id=tid("<|endoftext|>"))
     return make_policy(model, processor, device)
 
-
-# ============================================================================================================
-# §4.2, eq. (6) — GRPO
-# ============================================================================================================
-# For each prompt x, G completions y^(g) with rewards R^(g). Per completion token t:
-#     r_t = pi_theta(y_t | y_<t, x) / pi_old(y_t | y_<t, x)                        (token importance ratio)
-#     l_t = -min(r_t A, clip(r_t, 1 - eps, 1 + eps) A) + beta * KL_t
-# with A = R - mean_g R the group-relative advantage, and KL_t the k3 estimator of KL(pi_theta || pi_ref):
-#     KL_t = exp(q_t) - q_t - 1,  q_t = log pi_ref(y_t) - log pi_theta(y_t)
-# (unbiased, always >= 0, zero exactly when the two agree on the sampled token).
-#
-# Normalisation. Eq. 6 sums l_t over a completion's tokens and averages over the G completions, which makes
-# long answers weigh more. Like the authors' release we take the token *mean* per completion, then the mean
-# over completions. Under gradient accumulation each micro-batch's mean is weighted by its share of the
-# rows, so the accumulated gradient equals the full-batch gradient however the batch is cut.
-#
-# Old policy. We update once per stage per step on the whole batch (see Algorithm 1 below), right after
-# sampling, so the completions are scored by the very weights that sampled them: pi_old = pi_theta
-# (detached), r_t = 1 and the clip never acts (the logged clipped fraction is 0). The gradient of r_t A is
-# still A * grad log pi_theta, i.e. REINFORCE with a group baseline. The clip only bites when old log-probs
-# are stored and reused by further updates, as in Algorithm 1 read literally (an update per sample, pi_old
-# refreshed per step); grpo_loss takes old_logp explicitly so that case is a call away (and is tested).
-
-def group_advantages(rewards: torch.Tensor, group_size: int) -> torch.Tensor:
-    """A = R - mean of its group (Alg. 1 lines 12-13). rewards (B*G,), groups contiguous -> (B*G,).
-
-    The authors' release also divides by the group's std + 1e-6; the paper does not, and neither do we:
-    dividing blows tiny reward differences up to unit size. A group whose rewards are all equal gets
-    exactly zero advantage, and so no policy gradient.
-    """
-    r = rewards.float().view(-1, group_size)                             # (B, G)
-    adv = r - r.mean(dim=1, keepdim=True)
-    # A float mean of equal numbers can be off by an ulp; an all-equal group must get exactly zero.
-    adv[r.amax(dim=1) == r.amin(dim=1)] = 0.0
-    return adv.view(-1)
-
-
-def grpo_loss(logp: torch.Tensor, old_logp: torch.Tensor, ref_logp: torch.Tensor,
-              advantages: torch.Tensor, mask: torch.Tensor, clip_eps: float, kl_beta: float):
-    """Eq. 6 as (loss, stats). logp/old_logp/ref_logp/mask (B, T) float32, advantages (B,).
-
-    mask is 1 on completion tokens up to and including the first EOS, 0 on padding.
-    """
-    mask = mask.float()
-    adv = advantages.float()[:, None]                                    # (B, 1)
-    ratio = torch.exp(logp - old_logp)                                   # (B, T)
-    surrogate = torch.minimum(ratio * adv, ratio.clamp(1 - clip_eps, 1 + clip_eps) * adv)
-    # k3. exp(q) can only overflow for q >> 0 (the policy far less likely than pi_ref on its own sample,
-    # which sampling makes rare), so only that side is clamped; for q << 0 the term keeps pulling logp back
-    # down towards ref_logp. (The authors' release clamps q to +-10.)
-    q = (ref_logp - logp).clamp(max=20)
-    kl = torch.exp(q) - q - 1                                            # (B, T) >= 0
-    per_token = -surrogate + kl_beta * kl
-    n_tokens = mask.sum(dim=1).clamp(min=1)                              # (B,)
-    per_seq = (per_token * mask).sum(dim=1) / n_tokens                   # token mean per completion
-    loss = per_seq.mean()                                                # mean over completions
-    with torch.no_grad():
-        clipped = ((ratio > 1 + clip_eps) & (adv > 0)) | ((ratio < 1 - clip_eps) & (adv < 0))
-        stats = {"kl": ((kl * mask).sum(dim=1) / n_tokens).mean().item(),
-                 "clipped": ((clipped.float() * mask).sum() / mask.sum().clamp(min=1)).item()}
-    return loss, stats
-
-
-# ============================================================================================================
-# Algorithm 1 — the two-stage rollout
-# ============================================================================================================
-# One prompt and its G completions form a Group. Stage 1 (lines 5-11): G answers with boxes, rewards R_1.
-# Lines 15-17: the answer g* carried forward, its boxes given to SAM for the coarse mask M_c, both drawn
-# onto the tiles. Stage 2 (lines 18-24): G answers with boxes and points, SAM's final mask per answer,
-# rewards R_2. Algorithm 1 runs SAM on all G stage-1 answers (line 9), but only M_c of g* is ever used, so
-# only that one is computed. The same functions serve inference with G = 1.
-#
-# Algorithm 1 as printed puts the two updates inside the loop over the samples of a batch (lines 14, 27),
-# with pi_old refreshed once per step (line 29); §4.2's training schedule and the authors' release update
-# once per stage per step, on the whole batch. We do the latter: stage 1 for all samples, one update, then
-# stage 2 for all samples, sampled from the updated policy, one update.
-
-@dataclass
-class Group:
-    stage: int
-    inputs: dict                      # processor output for one prompt: input_ids (1, P), pixel_values of 2 tiles,
-                                      # image_grid_thw (2, 3), mm_token_type_ids (1, P)
-    model_hw: tuple                   # (H', W') of the tiles as the model sees them
-    completions: list                 # G x LongTensor (T_g,), through the first EOS
-    texts: list                       # G decoded completions
-    answers: list                     # G x parse_answer(...) (None = malformed)
-    rewards: list = None              # G reward dicts, once computed
-
-
-def stage1_prompt(policy, sample: Sample, key: str = "stage1") -> tuple:
-    """Eq. 1: the stage-1 prompt of a sample -> (inputs, model_hw). key="single" gives the "w/o reflection"
-    ablation's prompt (boxes and points in one answer, from the raw tiles)."""
-    return policy_inputs(policy, [sample.map, sample.sat], policy.prompts[key], sample.text)
-
-
-def stage2_inputs(policy, sample: Sample, boxes_model: np.ndarray, model_hw: tuple, coarse: np.ndarray) -> dict:
-    """Eq. 3 and the stage-2 prompt x_2: the carried boxes and coarse mask drawn onto both tiles.
-
-    boxes_model (K, 4) are the carried stage-1 boxes in the model frame, where the prompt lists them; the
-    drawing needs them in the mask frame. The rendered tiles keep their size, so the model frame is unchanged.
-    """
-    boxes_mask = to_frame(boxes_model, model_hw, sample.mask.shape)
-    rendered = [render(sample.map, boxes_mask, coarse), render(sample.sat, boxes_mask, coarse)]
-    listed = [[round(float(v), 1) if v % 1 else int(v) for v in b] for b in boxes_model]
-    return policy_inputs(policy, rendered, policy.prompts["stage2"], sample.text, boxes=json.dumps(listed),
-                         boxes_json=json.dumps([{"bbox_2d": b} for b in listed]))[0]
-
-
-def stage2_prompt(policy, sample: Sample, stage1: Group, g: int, coarse: np.ndarray) -> tuple:
-    """Alg. 1 lines 16-18: the carried stage-1 answer g and its coarse mask M_c drawn onto both tiles (eq. 3),
-    as the stage-2 prompt (eq. 4) -> (inputs, model_hw). A malformed carried answer carries no boxes."""
-    # Listed and drawn are the boxes as the segmenter saw them: clipped to the frame, empty ones dropped
-    # (a box at 1e300 would otherwise be spelled out digit by digit in the next prompt).
-    boxes_model = clip_prompts([o["bbox_2d"] for o in stage1.answers[g] or []], None, stage1.model_hw)[0]
-    return stage2_inputs(policy, sample, boxes_model, stage1.model_hw, coarse), stage1.model_hw
-
-
-def rollout(policy, stage: int, prompts: list, n: int, sampling: dict) -> list:
-    """n answers to each (inputs, model_hw) prompt, all prompts sampled together -> one Group per prompt."""
-    completions = sample_completions(policy, [inputs for inputs, _ in prompts], n, **sampling)
-    groups = []
-    for (inputs, model_hw), comps in zip(prompts, completions):
-        texts = [decode(policy, c) for c in comps]
-        groups.append(Group(stage, inputs, model_hw, comps, texts, [parse_answer(t, stage) for t in texts]))
-    return groups
-
-
-def answer_prompts(answer: Optional[list], model_hw: tuple, mask_hw: tuple):
-    """A parsed answer as SAM prompts in the mask frame: boxes (K, 4) and, in stage 2, K point arrays."""
-    if not answer:
-        return np.zeros((0, 4)), None
-    boxes = to_frame([o["bbox_2d"] for o in answer], model_hw, mask_hw)
-    if "points" not in answer[0]:
-        return boxes, None
-    return boxes, [to_frame(np.asarray(o["points"], dtype=np.float64).reshape(-1, 2), model_hw, mask_hw)
-                   for o in answer]
-
-
-def segment_answer(segmenter, encoding, answer, model_hw, mask_hw) -> np.ndarray:
-    """S(I_s, prompt = answer): eq. 2 for a stage-1 answer, eq. 5 for a stage-2 answer. (H, W) bool."""
-    boxes, points = clip_prompts(*answer_prompts(answer, model_hw, mask_hw), mask_hw)
-    if len(boxes) == 0:                  # nothing left to segment: no segmenter call at all
-        return np.zeros(mask_hw, bool)
-    return segmenter.segment(encoding, boxes, points)
-
-
-def select_carried(rewards: list, how: str, rng: np.random.Generator) -> int:
-    """Alg. 1 line 15: g* = argmax_g R_1, or g* drawn with probability proportional to exp(R_1)."""
-    r = np.asarray(rewards, dtype=np.float64)
-    if how == "argmax":
-        return int(np.argmax(r))
-    p = np.exp(r - r.max())
-    return int(rng.choice(len(r), p=p / p.sum()))
-
-
-# ============================================================================================================
-# Algorithm 1 — training: one GRPO update per stage per step, on one GPU
-# ============================================================================================================
-# Memory on one GPU. The policy's weights stay float32 (AdamW at lr 1e-6 changes a weight of size ~1e-2 by
-# ~1e-6, far below bf16's resolution of ~1e-4 there: the update would round away). Forward passes run under
-# bf16 autocast on a GPU; the log-softmax over the (bf16) logits is taken in float32. The frozen reference is a bf16 copy to save
-# 7.5 GB; its log-probs then differ from the policy's by bf16 rounding, so on a GPU the logged KL starts at a
-# small floor instead of exactly 0. The rows of a stage (rollout_batch x G) are cut into micro-batches whose
-# gradients are accumulated; see grpo_loss for why the sum equals the full-batch gradient.
-
-@contextlib.contextmanager
-def timed(times: dict, key: str):
-    """Add the wall time of a block to times[key] (waiting for the GPU, whose work is asynchronous)."""
-    sync = torch.cuda.synchronize if torch.cuda.is_available() else (lambda: None)
-    sync()
-    t0 = time.perf_counter()
-    yield
-    sync()
-    times[key] = times.get(key, 0.0) + time.perf_counter() - t0
-
-
-def accumulate_grpo_gradients(policy, reference, rows: list, advantages: torch.Tensor, cfg: Config,
-                              times: Optional[dict] = None) -> dict:
-    """Backward of eq. 6 over all rows, micro-batch by micro-batch, into the parameters' .grad.
-
-    rows: [(prompt inputs, completion ids)], advantages (N,). Each micro-batch's loss is weighted by its
-    share of the N rows, so the accumulated gradient is the full-batch gradient (a test checks this).
-    """
-    n, stats, times = len(rows), {"kl": 0.0, "clipped": 0.0, "loss": 0.0}, {} if times is None else times
-    for start in range(0, n, cfg.micro_batch):
-        part = slice(start, start + cfg.micro_batch)
-        with timed(times, "reference forward"), torch.no_grad():   # the reference never needs a graph
-            ref_logp, _ = completion_logprobs(policy, reference, rows[part], cfg.temperature)
-        with timed(times, "policy forward/backward"):
-            logp, mask = completion_logprobs(policy, policy.model, rows[part], cfg.temperature)  # (b, T)
-            # pi_old = the weights that sampled these completions = the current weights (see §4.2 above).
-            loss, st = grpo_loss(logp, logp.detach(), ref_logp, advantages[part], mask, cfg.clip_eps, cfg.kl_beta)
-            share = len(rows[part]) / n
-            (loss * share).backward()
-        for k, v in (("loss", loss.item()), *st.items()):
-            stats[k] += v * share
-    return stats
-
-
-def optimizer_step(policy, optimizer, what: str, loss: float) -> bool:
-    """Apply the accumulated gradient, unless it or the loss is not finite: one NaN step would destroy the
-    weights (and a NaN loss can come with finite, meaningless gradients: clamp passes no gradient to NaN)."""
-    finite = math.isfinite(loss) and all(torch.isfinite(p.grad).all()
-                                         for p in policy.model.parameters() if p.grad is not None)
-    if finite:
-        optimizer.step()
-    else:
-        print(f"  {what}: non-finite loss or gradient, update skipped", flush=True)
-    optimizer.zero_grad(set_to_none=True)
-    return finite
-
-
-def grpo_update(policy, reference, optimizer, groups: list, cfg: Config, times: dict) -> dict:
-    """Alg. 1 lines 12-14 (or 25-27) for all groups of one stage: advantages, eq. 6, one optimizer step."""
-    rows = [(g.inputs, c) for g in groups for c in g.completions]                   # B*G rows
-    rewards = torch.tensor([r["total"] for g in groups for r in g.rewards])          # (B*G,)
-    advantages = group_advantages(rewards, len(groups[0].completions))               # (B*G,)
-    policy.model.train()        # Qwen2.5-VL has no dropout; train mode is what gradient checkpointing needs
-    optimizer.zero_grad(set_to_none=True)
-    stats = accumulate_grpo_gradients(policy, reference, rows, advantages, cfg, times)
-    with timed(times, "optimizer"):
-        stats["skipped"] = not optimizer_step(policy, optimizer, f"stage {groups[0].stage}", stats["loss"])
-    policy.model.eval()         # back to sampling, with the KV cache
-    return stats
-
-
-def train_step(step: int, batch_refs: list, policy, reference, optimizer, segmenter, cfg: Config) -> dict:
-    """One RL step of Algorithm 1 on a batch of samples: stage 1, update, stage 2, update.
-
-    Returns mean rewards and update statistics, and the step's seconds per kind of work ("time ...").
-    """
-    rng = np.random.default_rng([cfg.seed, step])
-    sampling = dict(temperature=cfg.temperature, top_p=1.0, top_k=0, max_new_tokens=cfg.max_new_tokens,
-                    batch=cfg.generation_batch)
-    times = {}
-    samples = [read_sample(r) for r in batch_refs]
-    with timed(times, "segmentation"):   # each tile encoded once, reused by M_c and all G final masks
-        encodings = encode_tiles(segmenter, [np.asarray(s.sat) for s in samples])
-
-    def stage2_rewards(groups):
-        for s, enc, g in zip(samples, encodings, groups):
-            with timed(times, "segmentation"):
-                masks = [segment_answer(segmenter, enc, a, g.model_hw, s.mask.shape) for a in g.answers]
-            with timed(times, "rewards"):
-                g.rewards = [stage2_reward(t, m, s.mask, mu=cfg.points_mu) for t, m in zip(g.texts, masks)]
-
-    mean = lambda groups, key: float(np.mean([r[key] for g in groups for r in g.rewards]))
-    # IoU of the well-formed answers only (NaN if there are none): a malformed answer scores 0 in every
-    # reward term, and counting those zeros as IoU would mix "cannot write" with "cannot find".
-    iou = lambda groups: float(np.mean([r["accuracy"] for g in groups for r in g.rewards if r["format"]]
-                                       or [float("nan")]))
-    if cfg.single_stage:   # "w/o reflection": one answer with boxes and points, rewarded like stage 2
-        with timed(times, "generation"):
-            groups = rollout(policy, 2, [stage1_prompt(policy, s, "single") for s in samples],
-                             cfg.group_size, sampling)
-        stage2_rewards(groups)
-        st = grpo_update(policy, reference, optimizer, groups, cfg, times)
-        stats = {"reward2": mean(groups, "total"), "format2": mean(groups, "format"),
-                 "iou2": iou(groups), "loss2": st["loss"], "kl": st["kl"],
-                 "clipped": st["clipped"], "skipped": int(st["skipped"])}
-        all_groups = groups
-    else:
-        # ---- Stage 1: localisation (lines 5-14) ----
-        with timed(times, "generation"):
-            groups1 = rollout(policy, 1, [stage1_prompt(policy, s) for s in samples], cfg.group_size,
-                              sampling)
-        with timed(times, "rewards"):
-            for s, g in zip(samples, groups1):
-                gt_model = to_frame(mask_to_boxes(s.mask), s.mask.shape, g.model_hw)   # B* in the model frame
-                g.rewards = [stage1_reward(t, gt_model) for t in g.texts]
-        stats1 = grpo_update(policy, reference, optimizer, groups1, cfg, times)
-
-        # ---- Carry g*, render, stage 2: refinement (lines 15-27), sampled from the updated policy ----
-        carried = []                                                          # (g*, M_c) per sample
-        for s, enc, g in zip(samples, encodings, groups1):
-            best = select_carried([r["total"] for r in g.rewards], cfg.select, rng)
-            with timed(times, "segmentation"):
-                coarse = segment_answer(segmenter, enc, g.answers[best], g.model_hw, s.mask.shape)   # M_c
-            carried.append((best, coarse))
-        with timed(times, "generation"):
-            groups2 = rollout(policy, 2, [stage2_prompt(policy, s, g, best, coarse) for s, g, (best, coarse)
-                                          in zip(samples, groups1, carried)], cfg.group_size, sampling)
-        stage2_rewards(groups2)
-        stats2 = grpo_update(policy, reference, optimizer, groups2, cfg, times)
-        stats = {"reward1": mean(groups1, "total"), "reward2": mean(groups2, "total"),
-                 "format1": mean(groups1, "format"), "format2": mean(groups2, "format"),
-                 "iou2": iou(groups2), "loss1": stats1["loss"], "loss2": stats2["loss"],
-                 "kl": (stats1["kl"] + stats2["kl"]) / 2, "kl1": stats1["kl"], "kl2": stats2["kl"],
-                 "clipped": (stats1["clipped"] + stats2["clipped"]) / 2,
-                 "skipped": int(stats1["skipped"]) + int(stats2["skipped"])}
-        all_groups = groups1 + groups2
-    stats["tokens"] = sum(len(c) for g in all_groups for c in g.completions)
-    return {**stats, **{f"time {k}": v for k, v in times.items()}}
-
-
-def batch_indices(step: int, n: int, batch: int, seed: int) -> list[int]:
-    """Samples of a step: a fresh seeded permutation per epoch, so any step's batch can be recomputed."""
-    perms, out = {}, []
-    for pos in range(step * batch, (step + 1) * batch):
-        epoch, i = divmod(pos, n)
-        if epoch not in perms:
-            perms[epoch] = np.random.default_rng([seed, epoch]).permutation(n)
-        out.append(int(perms[epoch][i]))
-    return out
-
-
-# ============================================================================================================
-# A.2.3 — supervised fine-tuning: the paper's SFT baseline, and the warm-up before GRPO
-# ============================================================================================================
-# The paper's SFT baseline (Table 4) trains on answers made from the ground truth: the box of each region
-# plus three points sampled inside its mask. We build such a target for each stage, in that stage's answer
-# schema and with an empty <think></think> (the SFT baseline has no reasoning to imitate). A stage-2 prompt
-# needs a first attempt to look at: we draw the ground-truth boxes jittered by up to 10% of their size, and
-# the segmenter's coarse mask for those, so the model learns to refine rather than to copy.
-# The loss is the mean negative log-likelihood per target token (token mean per answer, mean over answers),
-# computed by the same completion_logprobs that GRPO uses.
-#
-# `python socioreasoner.py sft` runs only this phase. `train --sft-steps N` runs it before GRPO: a random
-# policy never writes a well-formed answer, every reward is 0 and every advantage is 0, so without a warm-up
-# nothing would move. After the warm-up the KL reference of GRPO is the warmed-up policy.
+# ==== Appendix B — A.2.3 supervised fine-tuning: the paper's SFT baseline, and the warm-up before GRPO ======
+# The SFT baseline (Table 4) trains on answers made from the ground truth: each region's box plus three
+# points inside its mask, in each stage's schema, with an empty <think></think> (there is no reasoning to
+# imitate). A stage-2 prompt needs a first attempt to look at: the ground-truth boxes jittered by up to 10% of
+# their size, with the segmenter's coarse mask for those, so the model learns to refine rather than copy. The
+# loss is the token-mean negative log-likelihood, by the same completion_logprobs GRPO uses. `sft` runs only
+# this phase; `train --sft-steps N` runs it first, because a random policy never writes a well-formed answer:
+# every reward and every advantage would be 0. The warmed-up policy is then GRPO's KL reference.
 
 def format_answer(items: list) -> str:
-    """The answer text for a list of {"bbox_2d": [...], ("points": [[x, y], ...])} in the model's frame.
-
-    Numbers are rounded to whole model pixels; a region narrower than one model pixel keeps a box one pixel
-    wide (rounding both edges to the same number would make a target that fails its own format gate).
-    """
+    """The answer text of [{"bbox_2d": [...], ("points": [...])}] in whole model pixels; a region narrower
+    than one pixel keeps a box one pixel wide (else the target would fail its own format gate)."""
     out = []
     for item in items:
         x1, y1, x2, y2 = np.round(item["bbox_2d"]).astype(int).tolist()
-        rounded = {"bbox_2d": [x1, y1, max(x2, x1 + 1), max(y2, y1 + 1)]}
+        out.append({"bbox_2d": [x1, y1, max(x2, x1 + 1), max(y2, y1 + 1)]})
         if "points" in item:
-            rounded["points"] = np.round(item["points"]).astype(int).tolist()
-        out.append(rounded)
+            out[-1]["points"] = np.round(item["points"]).astype(int).tolist()
     return f"<think></think><answer>{json.dumps(out)}</answer>"
 
-
-def sft_examples(policy, segmenter, sample: Sample, n_points: int, rng: np.random.Generator,
-                 single_stage: bool = False) -> list:
-    """The supervised rows (prompt inputs, target token ids) of one sample: stage 1 and stage 2 (or the one
-    single-stage row)."""
-    mask_hw = sample.mask.shape
-    model_hw = model_frame(policy, sample.sat.size)
+def sft_examples(policy: Policy, segmenter: Segmenter, sample: Sample, n_points: int,
+                 rng: np.random.Generator, single_stage: bool = False) -> list:
+    """One sample's supervised rows (prompt inputs, target ids): stage 1 and 2, or the single-stage one."""
+    mask_hw, model_hw = sample.mask.shape, model_frame(policy, sample.sat.size)
     labels, _ = ndimage.label(sample.mask, structure=EIGHT)
     boxes = mask_to_boxes(sample.mask)                                           # (J, 4) mask frame
     # The model writes whole model pixels, so the candidate points are the model frame's pixel grid, kept
-    # where they land on the region once mapped back to the mask frame (the pixel the segmenter looks at).
-    # A point drawn in the mask frame and rounded afterwards can fall off a thin or small region.
+    # where they land on the region once mapped back to the mask frame (a point drawn in the mask frame and
+    # rounded afterwards could fall off a thin region).
     grid = np.stack(np.meshgrid(np.arange(model_hw[1]), np.arange(model_hw[0])), -1).reshape(-1, 2)  # (N, 2)
     back = to_frame(grid, model_hw, mask_hw).astype(int)                         # (N, 2) mask-frame x, y
     on_label = labels[back[:, 1].clip(0, mask_hw[0] - 1), back[:, 0].clip(0, mask_hw[1] - 1)]   # (N,)
@@ -1537,25 +1308,21 @@ def sft_examples(policy, segmenter, sample: Sample, n_points: int, rng: np.rando
         pick = rng.choice(len(candidates), size=n_points, replace=len(candidates) < n_points)
         points.append(candidates[pick].astype(float))
     boxes_model = to_frame(boxes, mask_hw, model_hw)
-    target1 = format_answer([{"bbox_2d": b} for b in boxes_model])
-    target2 = format_answer([{"bbox_2d": b, "points": p} for b, p in zip(boxes_model, points)])
     end = policy.processor.tokenizer.eos_token_id                                # <|im_end|>: the turn ends
-    tokens = lambda text: torch.tensor(policy.processor.tokenizer(text)["input_ids"] + [end])
+    tokens = lambda items: torch.tensor(policy.processor.tokenizer(format_answer(items))["input_ids"] + [end])
+    target2 = tokens([{"bbox_2d": b, "points": p} for b, p in zip(boxes_model, points)])
     if single_stage:       # the paper's SFT baseline proper: one prompt, boxes and points
-        inputs, _ = policy_inputs(policy, [sample.map, sample.sat], policy.prompts["single"], sample.text)
-        return [(inputs, tokens(target2))]
-    size = boxes_model[:, 2:] - boxes_model[:, :2]
-    jitter = rng.uniform(-0.1, 0.1, boxes_model.shape) * np.tile(size, 2)
+        return [(stage1_prompt(policy, sample, "single")[0], target2)]
+    jitter = rng.uniform(-0.1, 0.1, boxes_model.shape) * np.tile(boxes_model[:, 2:] - boxes_model[:, :2], 2)
     attempt = [{"bbox_2d": b} for b in clip_prompts(np.round(boxes_model + jitter), None, model_hw)[0]]
     coarse = segment_answer(segmenter, segmenter.encode(np.asarray(sample.sat)), attempt, model_hw, mask_hw)
-    attempt_boxes = np.asarray([a["bbox_2d"] for a in attempt]).reshape(-1, 4)
-    inputs1, _ = policy_inputs(policy, [sample.map, sample.sat], policy.prompts["stage1"], sample.text)
-    inputs2 = stage2_inputs(policy, sample, attempt_boxes, model_hw, coarse)
-    return [(inputs1, tokens(target1)), (inputs2, tokens(target2))]
+    inputs2 = stage2_inputs(policy, sample, np.reshape([a["bbox_2d"] for a in attempt], (-1, 4)), model_hw,
+                            coarse)
+    target1 = tokens([{"bbox_2d": b} for b in boxes_model])
+    return [(stage1_prompt(policy, sample)[0], target1), (inputs2, target2)]
 
-
-def sft_step(policy, optimizer, rows: list, micro_batch: int) -> float:
-    """One supervised update on all rows, with the same micro-batch accumulation as GRPO."""
+def sft_step(policy: Policy, optimizer, rows: list, micro_batch: int) -> float:
+    """One supervised update on all rows, accumulated over micro-batches as in GRPO."""
     policy.model.train()
     optimizer.zero_grad(set_to_none=True)
     total = 0.0
@@ -1569,48 +1336,33 @@ def sft_step(policy, optimizer, rows: list, micro_batch: int) -> float:
     policy.model.eval()
     return total
 
+# ==== Appendix C — the training run: phases, log, atomic checkpoints, resume ================================
+# A run is an optional SFT warm-up (sft_steps), then GRPO (steps). <out>/checkpoint/ holds the policy and
+# processor (save_pretrained) and trainer_state.pt: phase, step, optimizer and RNG states, the source of the
+# KL reference and the run's config (plain data: torch.load(weights_only=True) reads it). It is written to
+# checkpoint.tmp/ and renamed into place, the previous one kept as checkpoint.old/ until then: a kill at any
+# moment leaves a complete one. Data order and g* are seeded by (seed, step) and sampling's RNG state is
+# saved, so on a CPU a resumed run repeats what the uninterrupted run would have done.
 
-# ============================================================================================================
-# The training run: phases, logging, atomic checkpoints, resume
-# ============================================================================================================
-# A run is an optional SFT warm-up (sft_steps) followed by GRPO (steps). <out>/checkpoint/ holds the policy
-# and processor (save_pretrained: safetensors + json) and trainer_state.pt: phase, step, optimizer state, RNG
-# states, where the KL reference comes from, and the run's config (tensors and plain Python only, so
-# torch.load(weights_only=True) reads it). A checkpoint is written to checkpoint.tmp/ and renamed into place;
-# the previous one stays as checkpoint.old/ until then, so a kill at any moment leaves one complete
-# checkpoint. Sampling draws from torch's RNG, whose state is checkpointed; data order and the choice of g*
-# are seeded by (seed, step). So on a CPU a resumed run repeats exactly what the uninterrupted run would
-# have done. A resumed run keeps its saved config, except for the flags given again on the command line
-# (and never for RUN_FIELDS, which define the run).
-
-RUN_FIELDS = ("model", "sam", "sam_config", "seed", "freeze_vision", "sft_points")   # fixed for a run's life
-
-
-def save_checkpoint(out: Path, policy, optimizer, state: dict, cfg: Config):
+def save_checkpoint(out: Path, policy: Policy, optimizer, state: dict, cfg: Config):
     tmp, final, old = out / "checkpoint.tmp", out / "checkpoint", out / "checkpoint.old"
     shutil.rmtree(tmp, ignore_errors=True)
     policy.model.save_pretrained(tmp)
     policy.processor.save_pretrained(tmp)
     if policy.prompts != DEFAULT_PROMPTS:            # the wording it was trained in goes with it
         (tmp / "prompts.json").write_text(json.dumps(policy.prompts, indent=1) + "\n", encoding="utf-8")
-    rng = {"torch_rng": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        rng["cuda_rng"] = torch.cuda.get_rng_state_all()
-    torch.save({**state, **rng, "optimizer": optimizer.state_dict() if optimizer else None,
-                "config": dataclasses.asdict(cfg)}, tmp / "trainer_state.pt")
+    cuda = {"cuda_rng": torch.cuda.get_rng_state_all()} if torch.cuda.is_available() else {}
+    torch.save({**state, "torch_rng": torch.get_rng_state(), **cuda, "config": dataclasses.asdict(cfg),
+                "optimizer": optimizer.state_dict() if optimizer else None}, tmp / "trainer_state.pt")
     if final.exists():
         shutil.rmtree(old, ignore_errors=True)
         os.replace(final, old)
     os.replace(tmp, final)
     shutil.rmtree(old, ignore_errors=True)
 
-
 def latest_checkpoint(out: Path) -> Optional[Path]:
-    for d in (out / "checkpoint", out / "checkpoint.old"):
-        if (d / "trainer_state.pt").exists():
-            return d
-    return None
-
+    complete = [d for d in (out / "checkpoint", out / "checkpoint.old") if (d / "trainer_state.pt").exists()]
+    return complete[0] if complete else None
 
 def log_lines(path: Path) -> list:
     """The records of a log.jsonl; a line cut off by a kill mid-write is dropped."""
@@ -1622,55 +1374,65 @@ def log_lines(path: Path) -> list:
             pass
     return records
 
-
 def append_log(path: Path, record: dict):
     with open(path, "a") as f:
         f.write(json.dumps(record) + "\n")
 
-
-def prepare_policy(policy, cfg: Config):
+def prepare_policy(policy: Policy, cfg: Config):
     if cfg.freeze_vision:       # the ViT and its merger stay as loaded; no gradients or AdamW states for them
         policy.model.model.visual.requires_grad_(False)
     if cfg.grad_checkpointing:  # recompute each layer's activations in backward instead of storing them
         policy.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
 
-
-def new_optimizer(policy, lr: float) -> torch.optim.Optimizer:
+def new_optimizer(policy: Policy, lr: float) -> torch.optim.Optimizer:
     # No weight decay: the paper gives none, and decay would pull every weight towards 0 on every step.
-    return torch.optim.AdamW([p for p in policy.model.parameters() if p.requires_grad], lr=lr, weight_decay=0.0)
+    return torch.optim.AdamW([p for p in policy.model.parameters() if p.requires_grad], lr=lr, weight_decay=0)
 
+def load_reference(cfg: Config, source: str, device: torch.device):
+    """pi_ref, frozen: the run's starting weights ("warmup": this run's <out>/warmup/); bf16 on a GPU."""
+    path = str(Path(cfg.out) / "warmup") if source == "warmup" else source
+    reference = load_or_build_policy(dataclasses.replace(cfg, model=path), device).model.requires_grad_(False)
+    return reference.eval().to(torch.bfloat16) if device.type == "cuda" else reference.eval()
 
-def load_reference(cfg: Config, source: str, out: Path, device: torch.device):
-    """pi_ref, frozen: the run's starting weights ("warmup" = this run's own <out>/warmup/). bf16 on a GPU."""
-    path = str(out / "warmup") if source == "warmup" else source
-    reference = load_or_build_policy(dataclasses.replace(cfg, model=path), device).model
-    reference.requires_grad_(False).eval()
-    return reference.to(torch.bfloat16) if device.type == "cuda" else reference
+@dataclass
+class Run:
+    """What a training run's phases share."""
+    cfg: Config
+    state: dict                       # phase ("sft" | "grpo"), steps done in it, where pi_ref comes from
+    refs: list                        # the training split
+    eval_refs: list                   # held-out samples of the report after training ([] = none)
+    policy: Policy
+    segmenter: Segmenter
+    optimizer: Any
+    saved: Optional[dict] = None      # the trainer state resumed from, until its RNG state is restored
 
+    def checkpoint(self, step: int):
+        state = {**self.state, "step": step}
+        save_checkpoint(Path(self.cfg.out), self.policy, self.optimizer, state, self.cfg)
 
-def train(cfg: Config, given: Optional[set] = None):
-    """Optional SFT warm-up, then T steps of two-stage GRPO (Algorithm 1), logged and checkpointed.
+    def restore_rng(self):
+        """Go on with the resumed run's random draws; once, after the models are built (a tiny one reseeds)"""
+        if self.saved is not None:
+            torch.set_rng_state(self.saved["torch_rng"])
+            if "cuda_rng" in self.saved and torch.cuda.is_available():
+                torch.cuda.set_rng_state_all(self.saved["cuda_rng"])
+            self.saved = None
 
-    given: the config fields set on the command line. On --resume the run's saved config is used, except
-    for these (and never for RUN_FIELDS, which define the run); None means every field of cfg counts.
-    """
+def open_run(cfg: Config, given: Optional[set]) -> Run:
+    """A new run in cfg.out, or (--resume) the one there: its config, data, models, optimizer and log."""
     check_config(cfg)
-    out = Path(cfg.out)
-    ckpt = latest_checkpoint(out)
+    ckpt = latest_checkpoint(Path(cfg.out))
     if ckpt is not None and not cfg.resume:
-        raise SocioError(f"{out} already holds a checkpoint: continue it with --resume, or choose another --out")
+        raise SocioError(f"{cfg.out} already holds a checkpoint: continue it with --resume, or choose "
+                         "another --out")
     if cfg.resume and ckpt is None:
-        raise SocioError(f"--resume: no checkpoint in {out}")
+        raise SocioError(f"--resume: no checkpoint in {cfg.out}")
+    saved = ckpt and torch.load(ckpt / "trainer_state.pt", weights_only=True)
     state = {"phase": "sft" if cfg.sft_steps else "grpo", "step": 0, "reference": cfg.model}
-    if ckpt is not None:
-        saved = torch.load(ckpt / "trainer_state.pt", weights_only=True)
-        keep = {k: getattr(cfg, k) for k in (given if given is not None else Config.__dataclass_fields__)}
-        cfg = dataclasses.replace(Config(**saved["config"]), **{**keep, "resume": True})
-        cfg = dataclasses.replace(cfg, **{k: saved["config"][k] for k in RUN_FIELDS})
-        state = {k: saved[k] for k in ("phase", "step", "reference")}
+    if saved:
+        cfg, state = resumed_config(saved["config"], cfg, given), {k: saved[k] for k in state}
         print(f"resuming from {ckpt}: {state['phase']} step {state['step']}")
-    # every sample of both splits checked before any model is loaded
-    refs = list_split(cfg.data, cfg.split, need_foreground=True, skip_bad=cfg.skip_bad)
+    refs = list_split(cfg.data, cfg.split, need_foreground=True, skip_bad=cfg.skip_bad)   # all checked now
     try:
         eval_refs = list_split(cfg.data, cfg.eval_split, skip_bad=cfg.skip_bad)[: cfg.eval_limit or None] \
             if cfg.eval_split else []
@@ -1682,251 +1444,204 @@ def train(cfg: Config, given: Optional[set] = None):
     policy = load_or_build_policy(dataclasses.replace(cfg, model=str(ckpt)) if ckpt else cfg, device)
     prepare_policy(policy, cfg)
     segmenter = load_segmenter(cfg, device)
-    out.mkdir(parents=True, exist_ok=True)           # only once the models have loaded
-    optimizer = new_optimizer(policy, cfg.sft_lr if state["phase"] == "sft" else cfg.lr)
-    if ckpt is not None and saved["optimizer"] is not None:
+    Path(cfg.out).mkdir(parents=True, exist_ok=True)     # only once the models have loaded
+    lr = cfg.sft_lr if state["phase"] == "sft" else cfg.lr
+    optimizer = new_optimizer(policy, lr)
+    if saved and saved["optimizer"] is not None:
         optimizer.load_state_dict(saved["optimizer"])
         for group in optimizer.param_groups:         # a learning rate given now wins over the saved one
-            group["lr"] = cfg.sft_lr if state["phase"] == "sft" else cfg.lr
-    log_path = out / "log.jsonl"
-    order = ("sft", "grpo")                           # keep log lines up to the checkpoint we continue from
-    kept = [] if ckpt is None else [
-        r for r in log_lines(log_path)
-        if (order.index(r.get("phase", "grpo")), r["step"]) <= (order.index(state["phase"]), state["step"])]
-    log_path.with_suffix(".tmp").write_text("".join(json.dumps(r) + "\n" for r in kept))
-    os.replace(log_path.with_suffix(".tmp"), log_path)
+            group["lr"] = lr
+    # the log keeps its records up to the checkpoint continued from; a new run starts an empty one
+    log, order = Path(cfg.out) / "log.jsonl", ("sft", "grpo")
+    done = (order.index(state["phase"]), state["step"])
+    kept = [r for r in log_lines(log) if (order.index(r.get("phase", "grpo")), r["step"]) <= done] \
+        if saved else []
+    log.with_suffix(".tmp").write_text("".join(json.dumps(r) + "\n" for r in kept))
+    os.replace(log.with_suffix(".tmp"), log)
+    return Run(cfg, state, refs, eval_refs, policy, segmenter, optimizer, saved)
 
-    def restore_rng():   # after every model is built: building a tiny model reseeds torch
-        if ckpt is not None:
-            torch.set_rng_state(saved["torch_rng"])
-            if "cuda_rng" in saved and torch.cuda.is_available():
-                torch.cuda.set_rng_state_all(saved["cuda_rng"])
-
-    # ---- Phase 1: supervised warm-up (A.2.3) ----
-    if state["phase"] == "sft":
-        restore_rng()
-        print(f"SFT on {len(refs)} samples: {cfg.sft_steps} steps x {cfg.sft_batch} samples x "
-              f"{1 if cfg.single_stage else 2} stage(s)")
-        for step in range(state["step"], cfg.sft_steps):
-            t0 = time.time()
-            rng = np.random.default_rng([cfg.seed, 10**6 + step])
-            rows = [row for i in batch_indices(step, len(refs), cfg.sft_batch, cfg.seed + 1)
-                    for row in sft_examples(policy, segmenter, read_sample(refs[i]), cfg.sft_points, rng,
-                                            cfg.single_stage)]
-            loss = sft_step(policy, optimizer, rows, cfg.micro_batch)
-            append_log(log_path, {"phase": "sft", "step": step + 1, "loss": round(loss, 5),
-                                  "seconds": round(time.time() - t0, 3)})
-            if (step + 1) % 25 == 0 or step + 1 == cfg.sft_steps:
-                print(f"sft  {step + 1:4d}/{cfg.sft_steps}  loss {loss:.4f}  {time.time() - t0:.2f}s", flush=True)
-            if (step + 1) % cfg.save_every == 0 and step + 1 < cfg.sft_steps:
-                save_checkpoint(out, policy, optimizer, {**state, "step": step + 1}, cfg)
-        # The warmed-up weights are the KL reference of everything that follows.
-        policy.model.save_pretrained(out / "warmup")
-        policy.processor.save_pretrained(out / "warmup")
-        state = {"phase": "grpo", "step": 0, "reference": "warmup"}
-        optimizer = new_optimizer(policy, cfg.lr)
-        save_checkpoint(out, policy, None, state, cfg)
-        ckpt = None                                   # the RNG now runs on from here, not from the checkpoint
-
-    # ---- Phase 2: two-stage GRPO (Algorithm 1) ----
-    reference = load_reference(cfg, state["reference"], out, device) if cfg.steps else None
-    restore_rng()
-    if state["step"] < cfg.steps:
-        print(f"GRPO on {len(refs)} samples of {cfg.data}/{cfg.split}: {cfg.steps} steps x {cfg.rollout_batch} "
-              f"prompts x G={cfg.group_size}, device {device}")
-    for step in range(state["step"], cfg.steps):
+def warm_up(run: Run, log: Path):
+    """The supervised phase of a run (appendix B); its weights become GRPO's KL reference."""
+    cfg, out = run.cfg, Path(run.cfg.out)
+    run.restore_rng()
+    print(f"SFT on {len(run.refs)} samples: {cfg.sft_steps} steps x {cfg.sft_batch} samples x "
+          f"{1 if cfg.single_stage else 2} stage(s)")
+    for step in range(run.state["step"], cfg.sft_steps):
         t0 = time.time()
-        batch = [refs[i] for i in batch_indices(step, len(refs), cfg.rollout_batch, cfg.seed)]
-        stats = train_step(step, batch, policy, reference, optimizer, segmenter, cfg)
+        # Random streams of its own, never those GRPO draws from: the data order of seed + 1 (GRPO's: seed),
+        # the points and jitter of (seed, 10**6 + step) (GRPO's g*: (seed, step), step < 10**6).
+        rng = np.random.default_rng([cfg.seed, 10**6 + step])
+        rows = [row for i in batch_indices(step, len(run.refs), cfg.sft_batch, cfg.seed + 1) for row in
+                sft_examples(run.policy, run.segmenter, read_sample(run.refs[i]), cfg.sft_points, rng,
+                             cfg.single_stage)]
+        loss = sft_step(run.policy, run.optimizer, rows, cfg.micro_batch)
+        append_log(log, {"phase": "sft", "step": step + 1, "loss": round(loss, 5),
+                         "seconds": round(time.time() - t0, 3)})
+        if (step + 1) % 25 == 0 or step + 1 == cfg.sft_steps:
+            print(f"sft  {step + 1:4d}/{cfg.sft_steps}  loss {loss:.4f}  {time.time() - t0:.2f}s", flush=True)
+        if (step + 1) % cfg.save_every == 0 and step + 1 < cfg.sft_steps:
+            run.checkpoint(step + 1)
+    run.policy.model.save_pretrained(out / "warmup")
+    run.policy.processor.save_pretrained(out / "warmup")
+    run.state = {"phase": "grpo", "step": 0, "reference": "warmup"}
+    run.optimizer = new_optimizer(run.policy, cfg.lr)
+    save_checkpoint(out, run.policy, None, run.state, cfg)
+
+def train(cfg: Config, given: Optional[set] = None):
+    """Optional SFT warm-up, then T steps of two-stage GRPO (Algorithm 1), logged and checkpointed. given:
+    the config fields set on the command line, which a resumed run takes over its saved config (None: all)."""
+    run = open_run(cfg, given)
+    cfg, log, device = run.cfg, Path(run.cfg.out) / "log.jsonl", run.policy.device
+    if run.state["phase"] == "sft":
+        warm_up(run, log)
+    reference = load_reference(cfg, run.state["reference"], device) if cfg.steps else None
+    run.restore_rng()
+    if run.state["step"] < cfg.steps:
+        print(f"GRPO on {len(run.refs)} samples of {cfg.data}/{cfg.split}: {cfg.steps} steps x "
+              f"{cfg.rollout_batch} prompts x G={cfg.group_size}, device {device}")
+    for step in range(run.state["step"], cfg.steps):                                   # Alg. 1 line 2
+        t0 = time.time()
+        batch = [run.refs[i] for i in batch_indices(step, len(run.refs), cfg.rollout_batch, cfg.seed)]
+        stats = train_step(step, batch, run.policy, reference, run.optimizer, run.segmenter, cfg)
         record = {"phase": "grpo", "step": step + 1, **{k: round(v, 5) for k, v in stats.items()},
                   "seconds": round(time.time() - t0, 3)}
-        append_log(log_path, record)
+        append_log(log, record)
         r1 = f"R1 {stats['reward1']:.3f}  " if "reward1" in stats else ""
         f1 = f"{stats['format1']:.2f}/" if "format1" in stats else ""
-        print(f"step {step + 1:4d}/{cfg.steps}  {r1}R2 {stats['reward2']:.3f}  (format {f1}{stats['format2']:.2f}, "
-              f"IoU when well-formed {stats['iou2']:.3f})  KL {stats['kl']:.4f}  clipped {stats['clipped']:.3f}  "
-              f"{record['seconds']:.1f}s", flush=True)
+        print(f"step {step + 1:4d}/{cfg.steps}  {r1}R2 {stats['reward2']:.3f}  (format {f1}"
+              f"{stats['format2']:.2f}, IoU when well-formed {stats['iou2']:.3f})  KL {stats['kl']:.4f}  "
+              f"clipped {stats['clipped']:.3f}  {record['seconds']:.1f}s", flush=True)
         if (step + 1) % cfg.save_every == 0 or step + 1 == cfg.steps:
-            save_checkpoint(out, policy, optimizer, {**state, "step": step + 1}, cfg)
-    print(f"checkpoint in {out / 'checkpoint'}, log in {log_path}")
-    if eval_refs:
-        del optimizer                                 # AdamW's moments are not needed to evaluate
-        start = make_policy(reference, policy.processor, device) if cfg.steps else None
-        learning_report(cfg, refs, eval_refs, policy, start, segmenter, out)
+            run.checkpoint(step + 1)
+    print(f"checkpoint in {Path(cfg.out) / 'checkpoint'}, log in {log}")
+    if run.eval_refs:
+        run.optimizer = None                                  # AdamW's moments are not needed to evaluate
+        start = make_policy(reference, run.policy.processor, device) if cfg.steps else None
+        held_out_report(cfg, run.refs, run.eval_refs, run.policy, start, run.segmenter)
 
+# ==== Appendix D — the held-out report, eval and infer ======================================================
 
-# ============================================================================================================
-# Benchmark: where a training step's time and memory go
-# ============================================================================================================
-# `python socioreasoner.py bench` runs a few real training steps and reports their time per kind of work
-# (train_step times each), SAM encodings per sample, generation speed and peak memory, then the same
-# micro-batch accumulated 1 and 8 times: peak memory must not grow with the effective batch.
-
-class CountedSegmenter:
-    """Passes calls through to a segmenter, counting image encodings."""
-
-    def __init__(self, segmenter):
-        self.segmenter, self.encodings = segmenter, 0
-
-    def encode(self, image):
-        self.encodings += 1
-        return self.segmenter.encode(image)
-
-    def encode_batch(self, images):
-        self.encodings += len(images)
-        return encode_tiles(self.segmenter, images, chunk=max(1, len(images)))
-
-    def segment(self, encoding, boxes, points=None):
-        return self.segmenter.segment(encoding, boxes, points)
-
-
-def reset_peak_memory(device):
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats()
-    else:
-        try:                                  # Linux: resets VmHWM (peak resident memory) to the current RSS
-            Path("/proc/self/clear_refs").write_text("5")
-        except OSError:
-            pass
-
-
-def peak_memory_mb(device) -> float:
-    """Peak GPU memory allocated by torch, or the process's peak resident memory on a CPU."""
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated() / 2**20
-    status = Path("/proc/self/status")
-    if status.exists():
-        return int(re.search(r"VmHWM:\s+(\d+)", status.read_text()).group(1)) / 1024
-    import resource
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-
-
-def bench(cfg: Config, steps: int):
-    check_config(cfg)
-    device = pick_device()
+def held_out_report(cfg: Config, train_refs: list, refs: list, policy: Policy, start, segmenter: Segmenter):
+    """After training, on held-out tiles: the starting policy (if GRPO ran), the trained one given real, blank
+    and shuffled tiles, and a blind baseline that always answers the training split's mean (relative) box."""
     torch.manual_seed(cfg.seed)
-    refs = list_split(cfg.data, cfg.split)
-    policy = load_or_build_policy(cfg, device)
-    prepare_policy(policy, cfg)
-    reference = load_reference(cfg, cfg.model, Path(cfg.out), device)
-    segmenter = CountedSegmenter(load_segmenter(cfg, device))
-    optimizer = new_optimizer(policy, cfg.lr)
-    print(f"bench: {steps} steps x {cfg.rollout_batch} prompts x G={cfg.group_size}, micro-batch {cfg.micro_batch}, "
-          f"max {cfg.max_new_tokens} new tokens, device {device}")
-    reset_peak_memory(device)
-    records = []
-    for step in range(steps):
+    trained = "after GRPO" if start is not None else "after SFT"
+    rows = {"start of GRPO": evaluate(start, segmenter, refs, cfg)} if start is not None else {}
+    rows.update({trained: evaluate(policy, segmenter, refs, cfg),
+                 f"{trained}, blank tiles": evaluate(policy, segmenter, refs, cfg, images="blank"),
+                 f"{trained}, shuffled tiles": evaluate(policy, segmenter, refs, cfg, images="shuffled")})
+    relative = [mask_to_boxes(read_sample(r).mask) / np.tile(r.size, 2) for r in train_refs]
+    mean_box = np.concatenate(relative).mean(axis=0)                            # (4,) in [0, 1]
+    blind = [segmenter.segment(segmenter.encode(np.asarray(s.sat)), (mean_box * np.tile(s.sat.size, 2))[None])
+             for s in map(read_sample, refs)]
+    rows["blind: mean training box"] = segmentation_metrics(blind, [read_sample(r).mask for r in refs])
+    print(f"\nheld-out {cfg.data}/{cfg.eval_split} ({len(refs)} samples), final masks, percent:")
+    print(f"{'':30s} {'cIoU':>6s} {'gIoU':>6s} {'F1':>6s}  stage-1 gIoU")
+    for name, m in rows.items():
+        s1 = f"{m['stage1_gIoU']:8.1f}" if "stage1_gIoU" in m else ""
+        print(f"{name:30s} {m['cIoU']:6.1f} {m['gIoU']:6.1f} {m['F1']:6.1f}  {s1}")
+    (Path(cfg.out) / "eval.json").write_text(json.dumps(rows, indent=1) + "\n")
+
+def random_model_note(command: str) -> str:
+    return (f"note: --model tiny is an untrained, random policy: its answers are noise. To try the demo's "
+            f"trained policy, run `python socioreasoner.py train --tiny` (writes {DEMO_OUT}/) and then "
+            f"`python socioreasoner.py {command} --tiny --model {DEMO_OUT}/checkpoint`")
+
+def run_eval(cfg: Config, split: str, limit: int, pictures: bool):
+    """The eval command: a Table-1 row for one model on one split, with every predicted mask on disk."""
+    refs = list_split(cfg.data, split, skip_bad=cfg.skip_bad)[: limit or None]
+    device = pick_device()
+    policy, segmenter = load_or_build_policy(cfg, device), load_segmenter(cfg, device)
+    torch.manual_seed(cfg.seed)
+    m = evaluate(policy, segmenter, refs, cfg, out=Path(cfg.out), pictures=pictures)
+    method = "w/o reflection" if cfg.single_stage else "w/o refinement" if cfg.stage1_only else "two-stage"
+    print(f"{'Method':24s} {'cIoU':>6s} {'gIoU':>6s} {'F1':>6s}   ({cfg.data}/{split}, {m['n']} samples)")
+    print(f"{method:24s} {m['cIoU']:6.1f} {m['gIoU']:6.1f} {m['F1']:6.1f}")
+    print(f"{m['seconds_per_sample']:.2f} s per sample (Table 8); masks in {Path(cfg.out) / 'masks'}")
+    if method == "two-stage":
+        print(f"stage-2 answer malformed, stage-1 mask kept: {m['stage2_fallbacks']} of {m['n']} samples")
+    record = {**m, "model": cfg.model, "sam": cfg.sam, "data": cfg.data, "split": split, "method": method}
+    (Path(cfg.out) / "metrics.json").write_text(json.dumps(record, indent=1) + "\n")
+    if cfg.model == "tiny":
+        print(random_model_note("eval"), file=sys.stderr)
+
+MAX_TARGET_CHARS = 200      # SocioSeg's targets are a few words; a page of text is a mistake, not a target
+
+def read_tiles(ref: SampleRef) -> Sample:
+    """A SampleRef's two tiles (no ground truth needed); unreadable or misaligned tiles are one line."""
+    sat, map_img = open_image(ref.sat, "satellite", mode="RGB"), open_image(ref.map, "map", mode="RGB")
+    if sat.size != map_img.size:
+        raise SocioError(f"{ref.sat} is {sat.size[0]}x{sat.size[1]} but {ref.map} is {map_img.size[0]}x"
+                         f"{map_img.size[1]}: the tiles must be pixel-aligned")
+    return Sample(ref.id, ref.text, sat, map_img, np.zeros(sat.size[::-1], bool))
+
+def infer(cfg: Config, sat_path: str, map_path: Optional[str], text: Optional[str]):
+    """The infer command. SAT MAP TEXT: both stages' reasoning and answers, <out>/mask.png and overlay.png.
+    DIR [TEXT]: <out>/<id>/mask.png and overlay.png of each tile, cfg.generation_batch tiles at a time."""
+    folder = Path(sat_path).is_dir() and text is None
+    if folder:                          # DIR [TEXT]: every tile is checked now, and read batch by batch
+        problems = []
+        refs = _list_raw(Path(sat_path), problems, text=map_path)
+        problems += [f"sample {r.id}: no {what}.png" for r in refs for what in ("sat", "map")
+                     if not Path(getattr(r, what)).is_file()]
+        if problems or not refs:
+            raise SocioError(f"infer {sat_path}: " + ("\n  ".join(problems) or "no <id>/ tiles inside"))
+        n = cfg.generation_batch or len(refs)
+        batches = ([read_tiles(r) for r in refs[i:i + n]] for i in range(0, len(refs), n))
+    elif map_path is None or text is None or Path(sat_path).is_dir():
+        raise SocioError("infer takes SAT MAP TEXT (two tiles and the target), or a folder DIR [TEXT]")
+    elif not text.strip():
+        raise SocioError('the target is empty: name what to find, e.g. "school" or "a certain university"')
+    elif len(text.strip()) > MAX_TARGET_CHARS:
+        raise SocioError(f"the target is {len(text.strip()):,} characters long; at most {MAX_TARGET_CHARS} "
+                         "are accepted (targets are a few words, e.g. \"school\")")
+    else:
+        batches = [[read_tiles(SampleRef("input", text.strip(), sat_path, map_path, None))]]
+    device = pick_device()
+    policy, segmenter = load_or_build_policy(cfg, device), load_segmenter(cfg, device)
+    torch.manual_seed(cfg.seed)
+    out, seconds = Path(cfg.out), 0.0
+    for samples in batches:
         t0 = time.time()
-        batch = [refs[i] for i in batch_indices(step, len(refs), cfg.rollout_batch, cfg.seed)]
-        records.append({**train_step(step, batch, policy, reference, optimizer, segmenter, cfg),
-                         "seconds": time.time() - t0})
-        print(f"  step {step + 1}: {records[-1]['seconds']:.2f}s", flush=True)
-    peak = peak_memory_mb(device)
-    per_step = lambda key: float(np.mean([r.get(key, 0.0) for r in records]))
-    total = per_step("seconds")
-    print(f"\n{'seconds per step':28s} {'mean':>8s} {'share':>7s}")
-    for key in ("generation", "segmentation", "rewards", "policy forward/backward", "reference forward",
-                "optimizer"):
-        print(f"  {key:26s} {per_step('time ' + key):8.3f} {100 * per_step('time ' + key) / total:6.1f}%")
-    print(f"  {'total':26s} {total:8.3f}")
-    gen_seconds = sum(r.get("time generation", 0.0) for r in records)
-    print(f"SAM image encodings per sample per step: {segmenter.encodings / (steps * cfg.rollout_batch):.2f}")
-    print(f"tokens generated per second: {sum(r['tokens'] for r in records) / gen_seconds:.1f}")
-    print(f"peak memory over the steps: {peak:.0f} MB ({'GPU allocated' if device.type == 'cuda' else 'process RSS'})")
-    compare_generation(policy, segmenter, [read_sample(r) for r in batch], cfg)
+        preds = predict_batch(policy, segmenter, samples, cfg)
+        seconds += time.time() - t0
+        for s, pred in zip(samples, preds):
+            where, picture = out / s.id if folder else out, prediction_picture(s, pred)
+            where.mkdir(parents=True, exist_ok=True)
+            save_mask(pred.final, where / "mask.png")
+            picture.save(where / "overlay.png")
+            if folder:
+                kept = "  (stage 2 malformed: stage-1 mask kept)" if pred.fallback else ""
+                print(f"{s.id}: \"{s.text}\"  mask {int(pred.final.sum())} pixels{kept}", flush=True)
+                continue
+            for g, mask in pred.stages:
+                print(f"--- {'single stage' if cfg.single_stage else f'stage {g.stage}'} ---")
+                print("reasoning:", thinking(g.texts[0]) or "(none)")
+                if g.answers[0] is None:
+                    print("answer: malformed (format gate failed); raw completion:", repr(g.texts[0][:500]))
+                boxes, points = answer_prompts(g.answers[0], g.model_hw, s.mask.shape)
+                for i, b in enumerate(boxes):
+                    pts = "" if points is None else f"  points {np.round(points[i]).astype(int).tolist()}"
+                    print(f"  box {np.round(b).astype(int).tolist()}{pts}   (satellite-image pixels)")
+                print(f"mask: {int(mask.sum())} pixels")
+            if pred.fallback:
+                print("stage-2 answer malformed: keeping the stage-1 mask")
+            print(f"wrote {out / 'mask.png'} ({s.sat.size[0]}x{s.sat.size[1]}) and {out / 'overlay.png'} "
+                  f"({picture.size[0]}x{picture.size[1]}) in {seconds:.1f}s")
+    if folder:
+        print(f"wrote {out}/<id>/mask.png and overlay.png for {len(refs)} tiles, "
+              f"{seconds / len(refs):.2f} s per tile")
+    if cfg.model == "tiny":
+        given = shlex.join(a for a in (sat_path, map_path, text) if a is not None)
+        print(random_model_note(f"infer {given}"), file=sys.stderr)
 
-    # The same micro-batch, accumulated once and eight times.
-    sample = read_sample(refs[0])
-    inputs, _ = policy_inputs(policy, [sample.map, sample.sat], STAGE1_PROMPT, sample.text)
-    completions, = sample_completions(policy, [inputs], cfg.micro_batch, temperature=cfg.temperature,
-                                      top_p=1.0, top_k=0, max_new_tokens=cfg.max_new_tokens)
-    peaks = {}
-    policy.model.train()
-    for k in (1, 8):
-        rows = [(inputs, c) for c in completions] * k
-        advantages = torch.randn(len(rows), generator=torch.Generator().manual_seed(0))
-        optimizer.zero_grad(set_to_none=True)
-        reset_peak_memory(device)
-        accumulate_grpo_gradients(policy, reference, rows, advantages, cfg)
-        peaks[k] = peak_memory_mb(device)
-    optimizer.zero_grad(set_to_none=True)
-    print(f"gradient accumulation, micro-batch {cfg.micro_batch}: peak {peaks[1]:.0f} MB with 1 micro-batch, "
-          f"{peaks[8]:.0f} MB with 8; ratio {peaks[8] / peaks[1]:.3f}")
-
-
-def compare_generation(policy, segmenter, samples: list, cfg: Config, repeats: int = 3):
-    """Generation alone, both stages' prompts of one step, same weights: one prompt per generate call (G
-    sequences, how rollouts were sampled before batching) against --generation-batch, alternated."""
-    sampling = dict(temperature=cfg.temperature, top_p=1.0, top_k=0, max_new_tokens=cfg.max_new_tokens)
-    prompts1 = [stage1_prompt(policy, s) for s in samples]
-    groups1 = rollout(policy, 1, prompts1, 1, {**sampling, "batch": 0})   # stage 2 needs a first answer
-    encodings = encode_tiles(segmenter, [np.asarray(s.sat) for s in samples])
-    coarse = [segment_answer(segmenter, e, g.answers[0], g.model_hw, s.mask.shape)
-              for s, g, e in zip(samples, groups1, encodings)]
-    prompts2 = [stage2_prompt(policy, s, g, 0, m) for s, g, m in zip(samples, groups1, coarse)]
-    runs = {cfg.group_size: [], cfg.generation_batch: []}
-    for _ in range(repeats):                  # alternated, so a change of machine load hits both alike
-        for b in runs:
-            times = {}
-            with timed(times, "generation"):
-                tokens = sum(len(c) for prompts in (prompts1, prompts2) for cs in sample_completions(
-                    policy, [p for p, _ in prompts], cfg.group_size, **sampling, batch=b) for c in cs)
-            runs[b].append((times["generation"], tokens))
-    print(f"generation alone, both stages of a step ({len(samples)} prompts x G={cfg.group_size} each), "
-          f"median of {repeats}:")
-    seconds = {b: sorted(r)[len(r) // 2] for b, r in runs.items()}
-    for b, (s, tokens) in seconds.items():
-        what = "all prompts in one call" if b == 0 else f"{max(1, b // cfg.group_size)} prompt(s) per call"
-        speedup = f"  {seconds[cfg.group_size][0] / s:.2f}x" if b != cfg.group_size else ""
-        print(f"  --generation-batch {b:<4d} ({what}): {s:.3f} s per step, {tokens / s:,.0f} tokens/s"
-              + speedup)
-
-
-# ============================================================================================================
-# §4.1 — inference: both stages once; §5.1 — metrics
-# ============================================================================================================
-# Sampling as in the authors' release (temperature 1.0, top_p 0.8, top_k 100). If the stage-2 answer is
-# malformed the coarse stage-1 mask is kept: a usable mask beats an empty one.
-
-@dataclass
-class Prediction:
-    stages: list                      # [(Group, its mask (H, W) bool)]: stage 1 -> M_c, stage 2 -> M_f
-    final: np.ndarray                 # the delivered mask, (H, W) bool
-    fallback: bool = False            # the stage-2 answer was malformed and M_c was delivered
-
-
-def predict(policy, segmenter, sample: Sample, cfg: Config, encoding=None) -> Prediction:
-    """Both stages once for one sample (see predict_batch)."""
-    return predict_batch(policy, segmenter, [sample], cfg, None if encoding is None else [encoding])[0]
-
-
-def predict_batch(policy, segmenter, samples: list, cfg: Config, encodings: Optional[list] = None) -> list:
-    """Both stages once per sample (or the ablations: one single-stage answer; stage 1 alone), each stage
-    sampled for all samples together. encodings: the segmenter's, of each sample's satellite tile (default:
-    encoded here from sample.sat). With one sample this is exactly the one-sample-at-a-time path."""
-    sampling = dict(temperature=cfg.infer_temperature, top_p=cfg.infer_top_p, top_k=cfg.infer_top_k,
-                    max_new_tokens=cfg.max_new_tokens, batch=cfg.generation_batch)
-    if encodings is None:
-        encodings = encode_tiles(segmenter, [np.asarray(s.sat) for s in samples])
-    mask_of = lambda s, enc, g: segment_answer(segmenter, enc, g.answers[0], g.model_hw, s.mask.shape)
-    key, stage = ("single", 2) if cfg.single_stage else ("stage1", 1)
-    groups1 = rollout(policy, stage, [stage1_prompt(policy, s, key) for s in samples], 1, sampling)
-    coarse = [mask_of(s, enc, g) for s, enc, g in zip(samples, encodings, groups1)]          # M_c, eq. 2
-    if cfg.single_stage or cfg.stage1_only:
-        return [Prediction([(g, m)], m) for g, m in zip(groups1, coarse)]
-    prompts2 = [stage2_prompt(policy, s, g, 0, m) for s, g, m in zip(samples, groups1, coarse)]
-    groups2 = rollout(policy, 2, prompts2, 1, sampling)
-    preds = []
-    for s, enc, g1, m1, g2 in zip(samples, encodings, groups1, coarse, groups2):
-        final = m1 if g2.answers[0] is None else mask_of(s, enc, g2)                        # M_f, eq. 5
-        preds.append(Prediction([(g1, m1), (g2, final)], final, fallback=g2.answers[0] is None))
-    return preds
-
+def save_mask(mask: np.ndarray, path: Path):
+    Image.fromarray(mask.astype(np.uint8) * 255).save(path)            # 0 / 255, readable by read_sample
 
 def prediction_picture(sample: Sample, pred: Prediction, max_side: int = 1024) -> Image.Image:
-    """In the spirit of the paper's Fig. 3: the target and a legend on top, then a row per stage, named, with
-    its boxes, points and mask drawn on the map (left) and the satellite tile (right). Tiles larger than
-    max_side pixels are drawn scaled down (the mask itself keeps the tile's size)."""
+    """In the spirit of the paper's Fig. 3: the target and a legend, then a row per stage, named, with its
+    boxes, points and mask drawn on the map (left) and the satellite tile (right). Tiles over max_side pixels
+    are drawn scaled down (the mask itself keeps the tile's size)."""
     scale = min(1.0, max_side / max(sample.sat.size))
     w, h = (max(1, round(v * scale)) for v in sample.sat.size)
     tiles = [t.resize((w, h), Image.BILINEAR) if scale < 1 else t for t in (sample.map, sample.sat)]
@@ -1953,8 +1668,7 @@ def prediction_picture(sample: Sample, pred: Prediction, max_side: int = 1024) -
         if len(pred.stages) == 1:
             name = ("single stage (w/o reflection): boxes + points" if group.stage == 2 else
                     "stage 1 only (w/o refinement): boxes") + " -> final mask"
-        if group.answers[0] is None:
-            name += " (malformed" + ("; stage-1 mask kept)" if row else ")")
+        name += " (malformed" + ("; stage-1 mask kept)" if row else ")") if group.answers[0] is None else ""
         top = 2 * line + row * (line + h)
         text((4, top + 2), name)
         boxes, points = answer_prompts(group.answers[0], group.model_hw, sample.mask.shape)
@@ -1965,359 +1679,169 @@ def prediction_picture(sample: Sample, pred: Prediction, max_side: int = 1024) -
             panel.paste(render(tile, boxes, mask, points), (col * w, top + line))
     return panel
 
+# ==== Appendix E — benchmark: where a training step's time and memory go ====================================
+# `bench` runs a few training steps and reports their time per kind of work, SAM encodings per sample,
+# generation speed and peak memory; then generation alone, one prompt per call against --generation-batch;
+# then one micro-batch accumulated 1 and 8 times (peak memory must not grow with the effective batch). The
+# time per kind of work is taken from outside the method: while the steps run, the module's functions named
+# in BENCH_KINDS are replaced by wrappers that time each call.
 
-MAX_TARGET_CHARS = 200      # SocioSeg's targets are a few words; a page of text is a mistake, not a target
+BENCH_KINDS = {"sample_completions": "generation", "encode_tiles": "segmentation",
+               "segment_answer": "segmentation", "stage1_reward": "rewards", "stage2_reward": "rewards",
+               "accumulate_grpo_gradients": "policy forward/backward", "optimizer_step": "optimizer",
+               "completion_logprobs": "reference forward"}   # under no_grad: the reference's, taken out below
 
+def sync():
+    if torch.cuda.is_available():     # the GPU's work is asynchronous: wait for it before reading a clock
+        torch.cuda.synchronize()
 
-def read_tile(path: str, what: str) -> Image.Image:
-    """An RGB image from a file; a missing, unreadable or truncated file is one line naming it."""
-    image = _open_image(path, what, None)
+@contextlib.contextmanager
+def timed_functions(times: dict):
+    """While the block runs, each function of BENCH_KINDS adds its wall time to times[its kind]."""
+    module, running, originals = globals(), set(), {name: globals()[name] for name in BENCH_KINDS}
+
+    def timed(fn, kind):
+        @functools.wraps(fn)
+        def wrapper(*args, **kwargs):
+            if kind in running or (kind == "reference forward" and torch.is_grad_enabled()):
+                return fn(*args, **kwargs)    # counted by the call around it; the policy's own forward
+            sync()
+            t0 = time.perf_counter()
+            running.add(kind)
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                sync()
+                running.discard(kind)
+                times[kind] = times.get(kind, 0.0) + time.perf_counter() - t0
+        return wrapper
+    module.update({name: timed(fn, BENCH_KINDS[name]) for name, fn in originals.items()})
     try:
-        return image.convert("RGB")          # decoding happens here: truncated data shows up now
-    except Exception as e:
-        raise SocioError(f"cannot read {what} image {path}: {one_line(e)}") from None
+        yield
+    finally:
+        module.update(originals)
 
+class CountingSegmenter:
+    """A segmenter passed through, counting the tiles it encodes."""
+    def __init__(self, segmenter: Segmenter):
+        self.segmenter, self.encodings = segmenter, 0
 
-def random_model_note(command: str) -> str:
-    """What to say when --tiny runs without a trained --model: the answers are noise."""
-    return (f"note: --model tiny is an untrained, random policy: its answers are noise. To try the demo's "
-            f"trained policy, run `python socioreasoner.py train --tiny` (writes {DEMO_OUT}/) and then "
-            f"`python socioreasoner.py {command} --tiny --model {DEMO_OUT}/checkpoint`")
+    def encode(self, image):
+        return self.encode_batch([image])[0]
 
+    def encode_batch(self, images):
+        self.encodings += len(images)
+        return encode_tiles(self.segmenter, images, chunk=max(1, len(images)))
 
-def infer(cfg: Config, sat_path: str, map_path: Optional[str], text: Optional[str]):
-    if Path(sat_path).is_dir() and text is None:               # infer DIR [TEXT]
-        return infer_folder(cfg, Path(sat_path), map_path)
-    if map_path is None or text is None or Path(sat_path).is_dir():
-        raise SocioError("infer takes SAT MAP TEXT (two tiles and the target), or a folder DIR [TEXT]")
-    text = text.strip()
-    if not text:
-        raise SocioError('the target is empty: name what to find, e.g. "school" or "a certain university"')
-    if len(text) > MAX_TARGET_CHARS:
-        raise SocioError(f"the target is {len(text):,} characters long; at most {MAX_TARGET_CHARS} are "
-                         f"accepted (targets are a few words, e.g. \"school\")")
-    sat, map_img = read_tile(sat_path, "satellite"), read_tile(map_path, "map")
-    if sat.size != map_img.size:
-        raise SocioError(f"{sat_path} is {sat.size[0]}x{sat.size[1]} but {map_path} is "
-                         f"{map_img.size[0]}x{map_img.size[1]}: the tiles must be pixel-aligned")
-    sample = Sample("input", text, sat, map_img, np.zeros(sat.size[::-1], bool))   # no ground truth
+    def segment(self, encoding, boxes, points=None):
+        return self.segmenter.segment(encoding, boxes, points)
+
+def reset_peak_memory(device):
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    with contextlib.suppress(OSError):        # Linux: the process's peak resident memory back to its RSS
+        Path("/proc/self/clear_refs").write_text("5")
+
+def peak_memory_mb(device) -> float:
+    """Peak GPU memory allocated by torch, or the process's peak resident memory on a CPU."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated() / 2**20
+    if Path("/proc/self/status").exists():
+        return int(re.search(r"VmHWM:\s+(\d+)", Path("/proc/self/status").read_text()).group(1)) / 1024
+    import resource
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+def bench(cfg: Config, steps: int):
+    check_config(cfg)
     device = pick_device()
+    torch.manual_seed(cfg.seed)
+    refs = list_split(cfg.data, cfg.split)
     policy = load_or_build_policy(cfg, device)
-    segmenter = load_segmenter(cfg, device)
-    torch.manual_seed(cfg.seed)
-    t0 = time.time()
-    pred = predict(policy, segmenter, sample, cfg)
-    seconds = time.time() - t0
-    for g, mask in pred.stages:
-        print(f"--- {'single stage' if cfg.single_stage else f'stage {g.stage}'} ---")
-        print("reasoning:", thinking(g.texts[0]) or "(none)")
-        if g.answers[0] is None:
-            print("answer: malformed (format gate failed); raw completion:", repr(g.texts[0][:500]))
-        else:
-            boxes, points = answer_prompts(g.answers[0], g.model_hw, sample.mask.shape)
-            for i, b in enumerate(boxes):
-                pts = "" if points is None else f"  points {np.round(points[i]).astype(int).tolist()}"
-                print(f"  box {np.round(b).astype(int).tolist()}{pts}   (satellite-image pixels)")
-        print(f"mask: {int(mask.sum())} pixels")
-    if len(pred.stages) == 2 and pred.stages[1][0].answers[0] is None:
-        print("stage-2 answer malformed: keeping the stage-1 mask")
-    out = Path(cfg.out)
-    out.mkdir(parents=True, exist_ok=True)
-    save_mask(pred.final, out / "mask.png")
-    picture = prediction_picture(sample, pred)
-    picture.save(out / "overlay.png")
-    print(f"wrote {out / 'mask.png'} ({sat.size[0]}x{sat.size[1]}) and {out / 'overlay.png'} "
-          f"({picture.size[0]}x{picture.size[1]}) in {seconds:.1f}s")
-    if cfg.model == "tiny":
-        print(random_model_note(f"infer {shlex.join([sat_path, map_path, text])}"), file=sys.stderr)
+    prepare_policy(policy, cfg)
+    reference = load_reference(cfg, cfg.model, device)
+    segmenter, optimizer = CountingSegmenter(load_segmenter(cfg, device)), new_optimizer(policy, cfg.lr)
+    print(f"bench: {steps} steps x {cfg.rollout_batch} prompts x G={cfg.group_size}, micro-batch "
+          f"{cfg.micro_batch}, max {cfg.max_new_tokens} new tokens, device {device}")
+    reset_peak_memory(device)
+    records = []
+    for step in range(steps):
+        t0, times = time.time(), {}
+        batch = [refs[i] for i in batch_indices(step, len(refs), cfg.rollout_batch, cfg.seed)]
+        with timed_functions(times):
+            stats = train_step(step, batch, policy, reference, optimizer, segmenter, cfg)
+        times["policy forward/backward"] -= times.get("reference forward", 0.0)
+        records.append({**stats, **times, "seconds": time.time() - t0})
+        print(f"  step {step + 1}: {records[-1]['seconds']:.2f}s", flush=True)
+    peak, mean = peak_memory_mb(device), lambda key: float(np.mean([r.get(key, 0.0) for r in records]))
+    print(f"\n{'seconds per step':28s} {'mean':>8s} {'share':>7s}")
+    for key in ("generation", "segmentation", "rewards", "policy forward/backward", "reference forward",
+                "optimizer"):
+        print(f"  {key:26s} {mean(key):8.3f} {100 * mean(key) / mean('seconds'):6.1f}%")
+    print(f"  {'total':26s} {mean('seconds'):8.3f}")
+    print(f"SAM image encodings per sample per step: {segmenter.encodings / (steps * cfg.rollout_batch):.2f}")
+    print(f"tokens generated per second: {mean('tokens') / mean('generation'):.1f}")
+    what = "GPU allocated" if device.type == "cuda" else "process RSS"
+    print(f"peak memory over the steps: {peak:.0f} MB ({what})")
+    # Generation alone, both stages' prompts of one step, same weights: one prompt per generate call (G
+    # sequences, how rollouts were sampled before batching) against --generation-batch, alternated so that a
+    # change of machine load hits both alike; the median of 3.
+    samples = [read_sample(r) for r in batch]
+    sampling = dict(temperature=cfg.temperature, top_p=1.0, top_k=0, max_new_tokens=cfg.max_new_tokens)
+    prompts1 = [stage1_prompt(policy, s) for s in samples]
+    groups1 = rollout(policy, 1, prompts1, 1, {**sampling, "batch": 0})   # stage 2 needs a first answer
+    encodings = encode_tiles(segmenter, [np.asarray(s.sat) for s in samples])
+    coarse = [segment_answer(segmenter, e, g.answers[0], g.model_hw, s.mask.shape)
+              for s, g, e in zip(samples, groups1, encodings)]
+    prompts2 = [stage2_prompt(policy, s, g, 0, m) for s, g, m in zip(samples, groups1, coarse)]
+    runs = {cfg.group_size: [], cfg.generation_batch: []}
+    for _ in range(3):
+        for b in runs:
+            sync()
+            t0 = time.perf_counter()
+            tokens = sum(len(c) for prompts in (prompts1, prompts2) for cs in sample_completions(
+                policy, [p for p, _ in prompts], cfg.group_size, **sampling, batch=b) for c in cs)
+            sync()
+            runs[b].append((time.perf_counter() - t0, tokens))
+    print(f"generation alone, both stages of a step ({len(samples)} prompts x G={cfg.group_size} each), "
+          f"median of 3:")
+    seconds = {b: sorted(r)[1] for b, r in runs.items()}
+    for b, (s, tokens) in seconds.items():
+        what = "all prompts in one call" if b == 0 else f"{max(1, b // cfg.group_size)} prompt(s) per call"
+        speedup = f"  {seconds[cfg.group_size][0] / s:.2f}x" if b != cfg.group_size else ""
+        print(f"  --generation-batch {b:<4d} ({what}): {s:.3f} s per step, {tokens / s:,.0f} tokens/s"
+              + speedup)
+    # One micro-batch's rows, accumulated once and eight times.
+    inputs, _ = prompts1[0]
+    completions, = sample_completions(policy, [inputs], cfg.micro_batch, **sampling)
+    policy.model.train()
+    peaks = {}
+    for k in (1, 8):
+        rows = [(inputs, c) for c in completions] * k
+        optimizer.zero_grad(set_to_none=True)
+        reset_peak_memory(device)
+        advantages = torch.randn(len(rows), generator=torch.Generator().manual_seed(0))
+        accumulate_grpo_gradients(policy, reference, rows, advantages, cfg)
+        peaks[k] = peak_memory_mb(device)
+    optimizer.zero_grad(set_to_none=True)
+    print(f"gradient accumulation, micro-batch {cfg.micro_batch}: peak {peaks[1]:.0f} MB with 1 micro-batch, "
+          f"{peaks[8]:.0f} MB with 8; ratio {peaks[8] / peaks[1]:.3f}")
 
+# ==== Appendix F — synthetic SocioSeg-style tiles ===========================================================
+# data_sample/ holds tiles made by a seeded generator that lives beside them, data_sample/synthetic.py (read
+# there what the tiles show, and why): SocioSeg itself cannot be downloaded on every machine, and the tests
+# must never download anything.
 
-def infer_folder(cfg: Config, folder: Path, text: Optional[str]):
-    """Every tile DIR/<id>/{sat.png, map.png} (SocioSeg's raw layout; no mask needed), with the target TEXT
-    or each tile's question.json: <out>/<id>/mask.png and overlay.png, cfg.generation_batch tiles at once."""
-    tiles, problems = [], []                            # (id, folder, target); images are read per batch
-    for d in sorted(p for p in folder.iterdir() if p.is_dir()):
-        try:
-            missing = [f for f in ("sat.png", "map.png") if not (d / f).is_file()]
-            if missing:
-                raise ValueError(f"no {' or '.join(missing)}")
-            target = text or json.loads((d / "question.json").read_text(encoding="utf-8"))["problem"]
-            if not isinstance(target, str) or not target.strip():
-                raise ValueError("'problem' in question.json is not a non-empty string")
-            tiles.append((d.name, d, target.strip()))
-        except (OSError, ValueError, KeyError, TypeError) as e:
-            problems.append(f"{d}: {one_line(e)}")
-    if problems or not tiles:
-        raise SocioError(f"infer {folder}: " + ("\n  ".join(problems) if problems
-                                                 else "no <id>/sat.png + map.png tiles inside"))
-    device = pick_device()
-    policy = load_or_build_policy(cfg, device)
-    segmenter = load_segmenter(cfg, device)
-    torch.manual_seed(cfg.seed)
-    out, per_batch, seconds = Path(cfg.out), cfg.generation_batch or len(tiles), 0.0
-    for start in range(0, len(tiles), per_batch):
-        samples = []
-        for name, d, target in tiles[start:start + per_batch]:
-            sat, map_img = (_open_image(d / f, f, name).convert("RGB") for f in ("sat.png", "map.png"))
-            if sat.size != map_img.size:
-                raise SocioError(f"{d}: sat.png and map.png differ in size: the tiles must be pixel-aligned")
-            samples.append(Sample(name, target, sat, map_img, np.zeros(sat.size[::-1], bool)))
-        t0 = time.time()
-        preds = predict_batch(policy, segmenter, samples, cfg)
-        seconds += time.time() - t0
-        for s, pred in zip(samples, preds):
-            (out / s.id).mkdir(parents=True, exist_ok=True)
-            save_mask(pred.final, out / s.id / "mask.png")
-            prediction_picture(s, pred).save(out / s.id / "overlay.png")
-            kept = "  (stage 2 malformed: stage-1 mask kept)" if pred.fallback else ""
-            print(f"{s.id}: \"{s.text}\"  mask {int(pred.final.sum())} pixels{kept}", flush=True)
-    print(f"wrote {out}/<id>/mask.png and overlay.png for {len(tiles)} tiles, "
-          f"{seconds / len(tiles):.2f} s per tile")
+@functools.lru_cache(maxsize=None)
+def synthetic():
+    """The generator module data_sample/synthetic.py (make_synthetic_data, make_synthetic_sample, ...)."""
+    import importlib.util
+    path = Path(__file__).resolve().parent / "data_sample" / "synthetic.py"
+    spec = importlib.util.spec_from_file_location("synthetic", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
-
-def save_mask(mask: np.ndarray, path: Path):
-    Image.fromarray(mask.astype(np.uint8) * 255).save(path)            # 0 / 255, readable by read_sample
-
-
-# --- metrics (§5.1): cIoU, gIoU, F1 ---------------------------------------------------------------------------
-# cIoU: summed intersection over summed union across the split (large regions weigh more).
-# gIoU: mean of per-image IoU, an image with empty prediction and empty ground truth counting 1.
-# F1 (instance level): the ground-truth instances are the 8-connected components of the ground-truth mask;
-#   the predicted instances are the 8-connected components of the final predicted mask (the model's boxes
-#   may merge or split regions, the mask is what is delivered). Instances are matched one-to-one by a
-#   Hungarian assignment on mask IoU > 0.5; over the split, TP, FP and FN are summed and
-#   F1 = 2 TP / (2 TP + FP + FN) (micro-averaged, so an image with many instances counts more).
-# All three in percent, as the paper's tables print them.
-
-def instance_matches(pred: np.ndarray, gt: np.ndarray) -> tuple:
-    """(TP, number of predicted instances, number of ground-truth instances) for one image."""
-    lp, n_p = ndimage.label(pred, structure=EIGHT)
-    lg, n_g = ndimage.label(gt, structure=EIGHT)
-    if n_p == 0 or n_g == 0:
-        return 0, n_p, n_g
-    inter = np.bincount(lp.ravel() * (n_g + 1) + lg.ravel(), minlength=(n_p + 1) * (n_g + 1))
-    inter = inter.reshape(n_p + 1, n_g + 1)[1:, 1:]                               # (n_p, n_g) pixels
-    area_p, area_g = np.bincount(lp.ravel())[1:], np.bincount(lg.ravel())[1:]
-    iou = inter / (area_p[:, None] + area_g[None, :] - inter)
-    match = (iou > 0.5).astype(float)
-    rows, cols = linear_sum_assignment(-match)
-    return int(match[rows, cols].sum()), n_p, n_g
-
-
-def segmentation_metrics(preds: list, gts: list) -> dict:
-    inter = union = tp = n_pred = n_gt = 0
-    ious = []
-    for p, g in zip(preds, gts):
-        p, g = np.asarray(p, bool), np.asarray(g, bool)
-        i, u = np.count_nonzero(p & g), np.count_nonzero(p | g)
-        inter, union = inter + i, union + u
-        ious.append(1.0 if u == 0 else i / u)
-        t, n_p, n_g = instance_matches(p, g)
-        tp, n_pred, n_gt = tp + t, n_pred + n_p, n_gt + n_g
-    f1 = 1.0 if n_pred + n_gt == 0 else 2 * tp / (n_pred + n_gt)                # 2TP / (2TP + FP + FN)
-    return {"cIoU": 100 * (inter / union if union else 1.0), "gIoU": 100 * float(np.mean(ious)),
-            "F1": 100 * f1, "n": len(ious)}
-
-
-def evaluate(policy, segmenter, refs: list, cfg: Config, images: str = "real", out: Optional[Path] = None,
-             pictures: bool = False) -> dict:
-    """Predict every sample; metrics of the final masks (and of stage 1's), seconds per sample, and how many
-    stage-2 answers were malformed so that the stage-1 mask was delivered ("stage2_fallbacks").
-
-    Samples go cfg.generation_batch at a time (0 = all), both stages batched across them. out: write
-    <out>/masks/<id>.png (and, with pictures, <out>/pictures/<id>.png) so that anyone can recompute the
-    metrics from files. images="blank" shows the policy grey tiles, "shuffled" the next sample's tiles; the
-    segmenter still gets the sample's real satellite tile, so a drop measures what the *policy* reads.
-    """
-    if out is not None:
-        (out / "masks").mkdir(parents=True, exist_ok=True)
-        if pictures:
-            (out / "pictures").mkdir(exist_ok=True)
-    finals, firsts, gts, seconds, fallbacks = [], [], [], 0.0, 0
-    per_batch = cfg.generation_batch or max(1, len(refs))
-    for start in range(0, len(refs), per_batch):
-        chunk = refs[start:start + per_batch]
-        real, seen = [read_sample(r) for r in chunk], []
-        for k, s in enumerate(real, start):                  # what the policy is shown
-            if images == "blank":
-                grey = Image.new("RGB", s.sat.size, (128, 128, 128))
-                s = dataclasses.replace(s, sat=grey, map=grey)
-            elif images == "shuffled":
-                other = read_sample(refs[(k + 1) % len(refs)])
-                s = dataclasses.replace(s, sat=other.sat.resize(s.sat.size), map=other.map.resize(s.sat.size))
-            seen.append(s)
-        t0 = time.time()
-        encodings = encode_tiles(segmenter, [np.asarray(s.sat) for s in real])
-        preds = predict_batch(policy, segmenter, seen, cfg, encodings)
-        seconds += time.time() - t0
-        for ref, s, pred in zip(chunk, seen, preds):
-            finals.append(pred.final), firsts.append(pred.stages[0][1]), gts.append(s.mask)
-            fallbacks += pred.fallback
-            if out is not None:
-                save_mask(pred.final, out / "masks" / f"{ref.id}.png")
-                if pictures:
-                    prediction_picture(s, pred).save(out / "pictures" / f"{ref.id}.png")
-        if out is not None:   # the eval command shows progress; internal evaluations stay quiet
-            done = start + len(chunk)
-            eta = seconds / done * (len(refs) - done)
-            print(f"\reval {done}/{len(refs)}  {seconds / done:.2f} s/sample  ETA {eta:.0f}s ", end="",
-                  flush=True)
-    if out is not None:
-        print()
-    return {**segmentation_metrics(finals, gts), "stage1_gIoU": segmentation_metrics(firsts, gts)["gIoU"],
-            "seconds_per_sample": seconds / max(1, len(refs)), "stage2_fallbacks": fallbacks}
-
-
-def blind_baseline(segmenter, train_refs: list, refs: list) -> dict:
-    """Metrics of a policy that ignores the images: always the mean ground-truth box of the training split
-    (in tile-relative coordinates), segmented from a box alone."""
-    rel = [mask_to_boxes(read_sample(r).mask) / np.tile(r.size, 2) for r in train_refs]
-    mean_box = np.concatenate(rel).mean(axis=0)                                   # (4,) in [0, 1]
-    preds, gts = [], []
-    for ref in refs:
-        s = read_sample(ref)
-        box = mean_box * np.tile(s.sat.size, 2)
-        preds.append(segmenter.segment(segmenter.encode(np.asarray(s.sat)), box[None], None))
-        gts.append(s.mask)
-    return segmentation_metrics(preds, gts)
-
-
-def run_eval(cfg: Config, split: str, limit: int, pictures: bool):
-    """The eval command: a Table-1 row for one model on one split, with every predicted mask on disk."""
-    refs = list_split(cfg.data, split, skip_bad=cfg.skip_bad)[: limit or None]
-    device = pick_device()
-    policy = load_or_build_policy(cfg, device)
-    segmenter = load_segmenter(cfg, device)
-    torch.manual_seed(cfg.seed)
-    out = Path(cfg.out)
-    m = evaluate(policy, segmenter, refs, cfg, out=out, pictures=pictures)
-    method = "w/o reflection" if cfg.single_stage else "w/o refinement" if cfg.stage1_only else "two-stage"
-    print(f"{'Method':24s} {'cIoU':>6s} {'gIoU':>6s} {'F1':>6s}   ({cfg.data}/{split}, {m['n']} samples)")
-    print(f"{method:24s} {m['cIoU']:6.1f} {m['gIoU']:6.1f} {m['F1']:6.1f}")
-    print(f"{m['seconds_per_sample']:.2f} s per sample (Table 8); masks in {out / 'masks'}")
-    if not (cfg.single_stage or cfg.stage1_only):
-        print(f"stage-2 answer malformed, stage-1 mask kept: {m['stage2_fallbacks']} of {m['n']} samples")
-    record = {**m, "model": cfg.model, "sam": cfg.sam, "data": cfg.data, "split": split, "method": method}
-    (out / "metrics.json").write_text(json.dumps(record, indent=1) + "\n")
-    if cfg.model == "tiny":
-        print(random_model_note("eval"), file=sys.stderr)
-
-
-def learning_report(cfg: Config, train_refs: list, refs: list, policy, start, segmenter, out: Path):
-    """After training: held-out metrics of the starting policy (if GRPO ran), the trained one, and baselines."""
-    torch.manual_seed(cfg.seed)
-    trained = "after GRPO" if start is not None else "after SFT"
-    rows = {"start of GRPO": evaluate(start, segmenter, refs, cfg)} if start is not None else {}
-    rows.update({trained: evaluate(policy, segmenter, refs, cfg),
-                 f"{trained}, blank tiles": evaluate(policy, segmenter, refs, cfg, images="blank"),
-                 f"{trained}, shuffled tiles": evaluate(policy, segmenter, refs, cfg, images="shuffled"),
-                 "blind: mean training box": blind_baseline(segmenter, train_refs, refs)})
-    print(f"\nheld-out {cfg.data}/{cfg.eval_split} ({len(refs)} samples), final masks, percent:")
-    print(f"{'':30s} {'cIoU':>6s} {'gIoU':>6s} {'F1':>6s}  stage-1 gIoU")
-    for name, m in rows.items():
-        s1 = f"{m['stage1_gIoU']:8.1f}" if "stage1_gIoU" in m else ""
-        print(f"{name:30s} {m['cIoU']:6.1f} {m['gIoU']:6.1f} {m['F1']:6.1f}  {s1}")
-    (out / "eval.json").write_text(json.dumps(rows, indent=1) + "\n")
-
-
-# ============================================================================================================
-# Appendix — synthetic SocioSeg-style tiles (data_sample/)
-# ============================================================================================================
-# SocioSeg itself cannot be downloaded on every machine, and tests must never download anything, so the
-# project ships a few tiles made by this seeded generator, in the raw-file layout. The digital map shows each
-# place as a flat block in its kind's colour; the satellite image shows the ground, grey speckle with the
-# place's ground tinted (what the stand-in segmenter grows into). The target text names the place as a class
-# ("school") or a function ("educational"); the mask is that place.
-#
-# Why the map's background is a colour gradient (red grows left to right, green top to bottom). Qwen2.5-VL
-# has no absolute position embedding: where an image token lies enters only through rotary positions inside
-# attention. A pretrained model has learnt to turn that into "this is the top-left corner"; a random tiny one
-# has not, so what it reads from a token says *what* is there, never *where*, and it cannot answer a box.
-# Measured (supervised steps only): without a position cue in the images the tiny model stayed at the blind
-# baseline for 1,000+ steps, even with one square per tile; with the gradient it localises within a few
-# hundred. The gradient is the demo's stand-in for the position sense pretraining gives: each map pixel carries
-# its coordinates as colour, and the vision tower mixes neighbouring patches, so a place's tokens can tell
-# where they are. Real SocioSeg maps need no such thing; the report's blank tiles remove it with the rest.
-# What else was tried and learnt more slowly or not at all within the demo's budget: irregular polygons,
-# textured satellite ground (the tiny model attends to the satellite's place, which carries no position),
-# a fixed 2-D position code added to the vision tower's output, and two kinds of place per tile.
-# kinds: the world holds the first `kinds` kinds of PLACE_KINDS, one place of each per tile, and the text names
-# one of them. kinds=1 (the demo's world): one school per tile, named "school" or "educational"; the model has
-# to find it. kinds=2: a school and a park in every tile; the text decides which one is the target.
-# Regenerate data_sample/ with:  python socioreasoner.py make-data --out data_sample
-
-PLACE_KINDS = {
-    # class     function        map colour        satellite tint
-    "school":  ("educational", (250, 150, 40),  (40, -25, -35)),
-    "park":    ("green space", (40, 170, 60),   (-35, 20, -35)),
-}
-
-
-def _random_block(rng: np.random.Generator, size: int) -> np.ndarray:
-    """A place as a city block: a rectangle 18%-45% of the tile's side across. (size, size) bool."""
-    w, h = (rng.uniform(0.18, 0.45, 2) * size).astype(int)
-    x, y = rng.integers(0, size - w), rng.integers(0, size - h)
-    block = np.zeros((size, size), bool)
-    block[y:y + h, x:x + w] = True
-    return block
-
-
-def make_synthetic_sample(rng: np.random.Generator, size: int = 224, kinds: int = 1):
-    """One (sat, map, mask, text) tile pair. Places never overlap, so the mask is exactly the target's."""
-    yy, xx = np.mgrid[:size, :size]
-    gradient = np.stack([80 + 150 * xx / size, 80 + 150 * yy / size, np.full(xx.shape, 200.0)], -1)
-    map_img = Image.fromarray(gradient.astype(np.uint8))
-    # the ground: grey urban speckle in 2 x 2-pixel grains of 8 levels (coarse, to keep data_sample/ small)
-    grains = 115.0 + 5 * rng.integers(-4, 4, ((size + 1) // 2, (size + 1) // 2, 1))
-    sat = np.repeat(np.repeat(grains, 2, axis=0), 2, axis=1)[:size, :size].repeat(3, axis=2)
-    taken = np.zeros((size, size), bool)
-    places = []                                                         # (kind, (H, W) bool)
-    for kind in list(PLACE_KINDS)[:kinds]:
-        for _attempt in range(50):
-            region = _random_block(rng, size)
-            grown = ndimage.binary_dilation(region, iterations=4)
-            if not (grown & taken).any():
-                taken |= grown
-                places.append((kind, region))
-                break
-    if len(places) < kinds:                                             # rare: no room left; try again
-        return make_synthetic_sample(rng, size, kinds)
-    for kind, region in places:
-        _, fill, tint = PLACE_KINDS[kind]
-        sat[region] += tint            # a place's ground differs in colour: what the segmenter grows into
-        map_img.paste(fill, mask=Image.fromarray(region.astype(np.uint8) * 255))
-    kind, mask = places[rng.integers(len(places))]
-    text = kind if rng.random() < 0.5 else PLACE_KINDS[kind][0]
-    return Image.fromarray(sat.clip(0, 255).astype(np.uint8)), map_img, mask, text
-
-
-def make_synthetic_data(out: str | Path, n_train: int = DATA_SAMPLE_SIZES[0], n_val: int = DATA_SAMPLE_SIZES[1],
-                        size: int = 224, seed: int = 0, kinds: int = 1):
-    """Write train/ and val/ splits of synthetic tiles in the SocioSeg raw-file layout."""
-    rng = np.random.default_rng(seed)
-    for split, n in (("train", n_train), ("val", n_val)):
-        for i in range(n):
-            sat, map_img, mask, text = make_synthetic_sample(rng, size, kinds)
-            d = Path(out) / split / f"{split}_{i:04d}"
-            d.mkdir(parents=True, exist_ok=True)
-            sat.save(d / "sat.png"); map_img.save(d / "map.png")
-            Image.fromarray((mask * 255).astype(np.uint8)).save(d / "mask.png")
-            (d / "question.json").write_text(json.dumps({"problem": text}) + "\n", encoding="utf-8")
-
-
-# ============================================================================================================
-# Command line
-# ============================================================================================================
-
-def flags_given(args) -> dict:
-    return {k: v for k, v in vars(args).items() if v is not None and k in Config.__dataclass_fields__}
-
-
-def config_from_args(args, defaults: dict) -> Config:
-    """Flags given win; then --tiny's defaults (and its output folder); then the command's; then Config's."""
-    tiny = {**TINY_DEFAULTS, "out": demo_out(args.command)} if args.tiny else {}
-    return Config(**{**defaults, **tiny, **flags_given(args)})
-
+# ==== Appendix G — the command line =========================================================================
 
 def main(argv=None):
     """Run a command: argv is a list of arguments (sys.argv[1:] when None) or an already parsed namespace."""
@@ -2335,25 +1859,26 @@ def main(argv=None):
     cfg = None
     try:
         if args.command == "make-data":
-            make_synthetic_data(args.out, args.train, args.val, args.size, args.seed, args.kinds)
-            print(f"wrote {args.train} train and {args.val} val samples to {args.out}")
-            return
-        cfg = config_from_args(args, {"sft": SFT_DEFAULTS, "infer": INFER_DEFAULTS,
-                                      "eval": EVAL_DEFAULTS}.get(args.command, {}))
+            names = dict(train="n_train", val="n_val", size="size", seed="seed", kinds="kinds")
+            synthetic().make_synthetic_data(args.out, **{names[k]: v for k, v in vars(args).items()
+                                                         if k in names and v is not None})
+            counts = [len(list((Path(args.out) / s).glob("*/question.json"))) for s in ("train", "val")]
+            return print(f"wrote {counts[0]} train and {counts[1]} val samples to {args.out}")
+        given = {k: v for k, v in vars(args).items() if v is not None and k in Config.__dataclass_fields__}
+        if args.command == "sft":             # SFT alone is a training run whose GRPO phase has no steps
+            given["steps"] = 0
+        cfg = command_config(args.command, args.tiny, given)
         load_prompts(cfg.prompts)                 # a bad prompts file stops here, before any model is loaded
-        if args.command == "train":
-            train(cfg, set(flags_given(args)))
-        elif args.command == "sft":              # SFT alone is a run whose GRPO phase has no steps
-            cfg = dataclasses.replace(cfg, steps=0)
-            if cfg.sft_steps < 1:
-                raise SocioError("sft: --sft-steps must be at least 1")
-            train(cfg, set(flags_given(args)) | {"steps"})
+        if args.command == "sft" and cfg.sft_steps < 1:
+            raise SocioError("sft: --sft-steps must be at least 1")
+        if args.command in ("train", "sft"):
+            train(cfg, set(given))
         elif args.command == "infer":
             infer(cfg, args.sat, args.map, args.text)
-        elif args.command == "bench":
-            bench(cfg, args.bench_steps)
         elif args.command == "eval":
             run_eval(cfg, args.split, args.limit, args.pictures)
+        else:
+            bench(cfg, args.bench_steps)
     except SocioError as e:
         sys.exit(f"error: {e}")
     except KeyboardInterrupt:
@@ -2363,7 +1888,6 @@ def main(argv=None):
         sys.exit("interrupted before the first checkpoint: nothing to resume; run the command again (without "
                  "--resume)" if ckpt is None else f"interrupted: continue from {ckpt} with the same command "
                  "and --resume")
-
 
 if __name__ == "__main__":
     main(ARGS)

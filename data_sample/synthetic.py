@@ -1,0 +1,95 @@
+"""Synthetic SocioSeg-style tiles: the generator of data_sample/ (`python socioreasoner.py make-data` runs it,
+and the tests use it). It lives beside the data it made; socioreasoner.py loads it by path."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+from scipy import ndimage
+
+DATA_SAMPLE_SIZES = (256, 64)       # train, val tiles in data_sample/
+
+# SocioSeg itself cannot be downloaded on every machine, and tests must never download anything, so the
+# project ships a few tiles made by this seeded generator, in the raw-file layout. The digital map shows each
+# place as a flat block in its kind's colour; the satellite image shows the ground, grey speckle with the
+# place's ground tinted (what the stand-in segmenter grows into). The target text names the place as a class
+# ("school") or a function ("educational"); the mask is that place.
+#
+# Why the map's background is a colour gradient (red grows left to right, green top to bottom). Qwen2.5-VL
+# has no absolute position embedding: where an image token lies enters only through rotary positions inside
+# attention. A pretrained model has learnt to turn that into "this is the top-left corner"; a random tiny one
+# has not, so what it reads from a token says *what* is there, never *where*, and it cannot answer a box.
+# Measured (supervised steps only): without a position cue in the images the tiny model stayed at the blind
+# baseline for 1,000+ steps, even with one square per tile; with the gradient it localises within a few
+# hundred. The gradient is the demo's stand-in for the position sense pretraining gives: each map pixel
+# carries its coordinates as colour, and the vision tower mixes neighbouring patches, so a place's tokens can
+# tell where they are. Real SocioSeg maps need no such thing; the report's blank tiles remove it with the rest.
+# What else was tried and learnt more slowly or not at all within the demo's budget: irregular polygons,
+# textured satellite ground (the tiny model attends to the satellite's place, which carries no position),
+# a fixed 2-D position code added to the vision tower's output, and two kinds of place per tile.
+#
+# kinds: the world holds the first `kinds` kinds of PLACE_KINDS, one place of each per tile, and the text
+# names one of them. kinds=1 (the demo's world): one school per tile, named "school" or "educational"; the
+# model has to find it. kinds=2: a school and a park in every tile; the text decides which one is the target.
+# Regenerate data_sample/ with:  python socioreasoner.py make-data --out data_sample
+
+PLACE_KINDS = {
+    # class     function        map colour        satellite tint
+    "school":  ("educational", (250, 150, 40),  (40, -25, -35)),
+    "park":    ("green space", (40, 170, 60),   (-35, 20, -35)),
+}
+
+
+def _random_block(rng: np.random.Generator, size: int) -> np.ndarray:
+    """A place as a city block: a rectangle 18%-45% of the tile's side across. (size, size) bool."""
+    w, h = (rng.uniform(0.18, 0.45, 2) * size).astype(int)
+    x, y = rng.integers(0, size - w), rng.integers(0, size - h)
+    block = np.zeros((size, size), bool)
+    block[y:y + h, x:x + w] = True
+    return block
+
+
+def make_synthetic_sample(rng: np.random.Generator, size: int = 224, kinds: int = 1):
+    """One (sat, map, mask, text) tile pair. Places never overlap, so the mask is exactly the target's."""
+    yy, xx = np.mgrid[:size, :size]
+    gradient = np.stack([80 + 150 * xx / size, 80 + 150 * yy / size, np.full(xx.shape, 200.0)], -1)
+    map_img = Image.fromarray(gradient.astype(np.uint8))
+    # the ground: grey urban speckle in 2 x 2-pixel grains of 8 levels (coarse, to keep data_sample/ small)
+    grains = 115.0 + 5 * rng.integers(-4, 4, ((size + 1) // 2, (size + 1) // 2, 1))
+    sat = np.repeat(np.repeat(grains, 2, axis=0), 2, axis=1)[:size, :size].repeat(3, axis=2)
+    taken = np.zeros((size, size), bool)
+    places = []                                                         # (kind, (H, W) bool)
+    for kind in list(PLACE_KINDS)[:kinds]:
+        for _attempt in range(50):
+            region = _random_block(rng, size)
+            grown = ndimage.binary_dilation(region, iterations=4)
+            if not (grown & taken).any():
+                taken |= grown
+                places.append((kind, region))
+                break
+    if len(places) < kinds:                                             # rare: no room left; try again
+        return make_synthetic_sample(rng, size, kinds)
+    for kind, region in places:
+        _, fill, tint = PLACE_KINDS[kind]
+        sat[region] += tint            # a place's ground differs in colour: what the segmenter grows into
+        map_img.paste(fill, mask=Image.fromarray(region.astype(np.uint8) * 255))
+    kind, mask = places[rng.integers(len(places))]
+    text = kind if rng.random() < 0.5 else PLACE_KINDS[kind][0]
+    return Image.fromarray(sat.clip(0, 255).astype(np.uint8)), map_img, mask, text
+
+
+def make_synthetic_data(out: str | Path, n_train: int = DATA_SAMPLE_SIZES[0],
+                        n_val: int = DATA_SAMPLE_SIZES[1], size: int = 224, seed: int = 0, kinds: int = 1):
+    """Write train/ and val/ splits of synthetic tiles in the SocioSeg raw-file layout."""
+    rng = np.random.default_rng(seed)
+    for split, n in (("train", n_train), ("val", n_val)):
+        for i in range(n):
+            sat, map_img, mask, text = make_synthetic_sample(rng, size, kinds)
+            d = Path(out) / split / f"{split}_{i:04d}"
+            d.mkdir(parents=True, exist_ok=True)
+            sat.save(d / "sat.png"); map_img.save(d / "map.png")
+            Image.fromarray((mask * 255).astype(np.uint8)).save(d / "mask.png")
+            (d / "question.json").write_text(json.dumps({"problem": text}) + "\n", encoding="utf-8")
