@@ -155,7 +155,7 @@ def build_parser() -> argparse.ArgumentParser:
     m = sub.add_parser("make-data", help="write synthetic SocioSeg-style train/ and val/ splits")
     m.add_argument("--out", default="data_sample", help="folder for train/ and val/ (default data_sample)")
     for flag, what in [("--train", "training tiles"), ("--val", "held-out tiles"), ("--size", "tile side in "
-                       "pixels"), ("--seed", "random seed"), ("--kinds", "1: a school per tile, 2: and a park")]:
+                       "pixels"), ("--seed", "random seed"), ("--kinds", "1: a school a tile, 2: + a park")]:
         m.add_argument(flag, type=int, help=f"{what} (default: data_sample/synthetic.py's)")
     return parser
 

@@ -113,11 +113,20 @@ def test_broken_samples_can_be_skipped_with_a_warning(tmp_path, capsys):
     assert capsys.readouterr().err.count("warning: skipping") == 2
 
 
-def test_shipped_data_sample_is_valid():
-    """Every tile of both splits lists, decodes, and has a target to find."""
-    for split, n in (("train", 256), ("val", 32)):
+def test_shipped_data_sample_is_valid_and_is_what_the_generator_makes(tmp_path):
+    """Every tile of both splits lists, decodes, and has a target to find; and the shipped tiles are the
+    seeded generator's own (so a change of the demo's world cannot leave stale tiles behind)."""
+    gen = sr.synthetic()
+    for split, n in zip(("train", "val"), gen.DATA_SAMPLE_SIZES):
         refs = sr.list_split(HERE / "data_sample", split, need_foreground=True)
         assert len(refs) == n and all(sr.read_sample(r).mask.any() for r in refs)
+    gen.make_synthetic_data(tmp_path, n_train=3, n_val=0, seed=0)
+    for ref in sr.list_split(tmp_path, "train"):
+        made, shipped = sr.read_sample(ref), sr.read_sample(sr.list_split(HERE / "data_sample", "train")[
+            int(ref.id[-4:])])
+        assert made.text == shipped.text and (made.mask == shipped.mask).all()
+        assert (np.asarray(made.sat) == np.asarray(shipped.sat)).all()
+        assert (np.asarray(made.map) == np.asarray(shipped.map)).all()
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -686,9 +695,21 @@ def test_sft_targets_are_the_ground_truth_in_each_stages_schema(policy, sample):
     a2 = sr.parse_answer(text2, 2)
     assert np.allclose([o["bbox_2d"] for o in a2], np.round(gt_model))
     _, points = sr.answer_prompts(a2, (112, 112), sample.mask.shape)
-    near = ndimage.binary_dilation(sample.mask, iterations=2)  # rounding to model pixels moves a point <= 2px
-    assert all(len(p) == 3 and near[p[:, 1].astype(int), p[:, 0].astype(int)].all() for p in points)
+    assert all(len(p) == 3 and sample.mask[p[:, 1].astype(int), p[:, 0].astype(int)].all() for p in points)
     assert "Its boxes were: [[" in policy.processor.tokenizer.decode(in2["input_ids"][0])
+
+
+def test_sft_target_points_land_on_the_target_once_written_in_whole_model_pixels(policy):
+    """The model writes whole pixels of its (here 2x smaller) frame: every stage-2 target point of every
+    held-out tile, as written and mapped back to the mask frame, is a pixel of the target."""
+    rng = np.random.default_rng(0)
+    for ref in sr.list_split(HERE / "data_sample", "val"):
+        s = sr.read_sample(ref)
+        target = sr.sft_examples(policy, sr.GrowSegmenter(), s, 3, rng)[1][1]             # stage-2 target ids
+        answer = sr.parse_answer(sr.decode(policy, target), 2)
+        _, points = sr.answer_prompts(answer, sr.model_frame(policy, s.sat.size), s.mask.shape)
+        for p in points:
+            assert s.mask[p[:, 1].astype(int), p[:, 0].astype(int)].all(), ref.id
 
 
 def test_sft_targets_of_sub_pixel_regions_stay_well_formed():

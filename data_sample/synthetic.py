@@ -26,7 +26,7 @@ DATA_SAMPLE_SIZES = (256, 64)       # train, val tiles in data_sample/
 # baseline for 1,000+ steps, even with one square per tile; with the gradient it localises within a few
 # hundred. The gradient is the demo's stand-in for the position sense pretraining gives: each map pixel
 # carries its coordinates as colour, and the vision tower mixes neighbouring patches, so a place's tokens can
-# tell where they are. Real SocioSeg maps need no such thing; the report's blank tiles remove it with the rest.
+# tell where they are. Real SocioSeg maps need no such thing; the report's blank tiles remove it too.
 # What else was tried and learnt more slowly or not at all within the demo's budget: irregular polygons,
 # textured satellite ground (the tiny model attends to the satellite's place, which carries no position),
 # a fixed 2-D position code added to the vision tower's output, and two kinds of place per tile.
