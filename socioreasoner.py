@@ -82,10 +82,10 @@ class Config:
 
 # --tiny, the offline demo: a tiny random Qwen2.5-VL and a weights-free stand-in for SAM (appendix A), an SFT
 # warm-up long enough to localise, not only to format (a random model first learns the answer's syntax, and
-# only after ~600 steps where the place is), and GRPO with a learning rate a tiny model needs.
+# only after some 600 steps where the place is), and GRPO with a learning rate a tiny model needs.
 TINY_DEFAULTS = dict(model="tiny", sam="grow", rollout_batch=8, group_size=8, max_new_tokens=64,
-                     micro_batch=16, lr=3e-5, steps=80, sft_steps=1000, sft_lr=1e-3, sft_batch=8,
-                     eval_split="val", save_every=20, generation_batch=0)
+                     micro_batch=16, lr=3e-5, steps=60, sft_steps=800, sft_lr=1e-3, sft_batch=8,
+                     eval_split="val", save_every=100, generation_batch=0)
 DEMO_OUT = "runs/demo"      # --tiny's out (runs/demo-sft, ... for other commands): never a real run's folder
 RELEASED = "vvangfaye/SocioReasoner-3B"
 COMMAND_DEFAULTS = {"sft": dict(sft_steps=500, out="runs/sft"), "eval": dict(model=RELEASED, out="runs/eval"),
@@ -144,7 +144,8 @@ def build_parser() -> argparse.ArgumentParser:
         tiny += f"; --out {demo_out(name)}" * ("out" in names) + " (flags given still win)"
         p[name].add_argument("--tiny", action="store_true", help=f"offline demo: {tiny}" +
                              "; unless --model is given the policy is random" * (name in ("infer", "eval")))
-        p[name].add_argument("--threads", type=int, help="CPU threads for torch (default: one per core)")
+        p[name].add_argument("--threads", type=int, help="CPU threads for torch (default: 1 with --tiny, "
+                                 "else one per core)")
         for f in (f for f in dataclasses.fields(Config) if f.name in names):
             doc = OUT_DOCS.get(name, f.metadata["doc"]) if f.name == "out" else f.metadata["doc"]
             doc = doc.replace("%", "%%")                                     # argparse formats help with %
@@ -177,9 +178,12 @@ def check_config(cfg: Config):
 class SocioError(Exception):
     """A problem the user can fix (a bad file, a missing model): the command line prints it as one line."""
 
-# torch's CPU threads busy-wait between parallel regions by default; on cores shared with another process
-# they fight it (a demo SFT step took 9-19 s, against 0.6-1.5 s with idle threads asleep: measured on 2 shared
-# cores). OpenMP reads OMP_WAIT_POLICY once, when torch is imported, so it is set here; a user's value wins.
+# CPU threads. torch's threads busy-wait between parallel regions by default; on cores shared with another
+# process they fight it (a demo SFT step took 9-19 s, against 0.6-1.5 s with idle threads asleep: measured
+# on 2 shared cores). OpenMP reads OMP_WAIT_POLICY once, when torch is imported, so it is set here (a user's
+# value wins). The tiny models' operations are too small for a thread pool to pay off: on a quiet 2-core
+# machine 50 demo SFT steps took 34 s on one thread, 31 s on two spinning and 44 s on two sleeping threads,
+# and one thread does not mind a second busy process. So --tiny runs on one thread unless --threads says so.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 if __name__ == "__main__":
     ARGS = build_parser().parse_args()      # --help and usage errors end here, before the imports below
@@ -1846,10 +1850,12 @@ def synthetic():
 def main(argv=None):
     """Run a command: argv is a list of arguments (sys.argv[1:] when None) or an already parsed namespace."""
     args = argv if isinstance(argv, argparse.Namespace) else build_parser().parse_args(argv)
-    if getattr(args, "threads", None) is not None:
-        if args.threads < 1:
+    threads = getattr(args, "threads", None)
+    threads = 1 if threads is None and getattr(args, "tiny", False) else threads
+    if threads is not None:
+        if threads < 1:
             sys.exit("error: --threads must be at least 1")
-        torch.set_num_threads(args.threads)
+        torch.set_num_threads(threads)
     from huggingface_hub import constants as hub_constants
     from huggingface_hub.utils import enable_progress_bars
     from transformers.utils import logging as hf_logging
