@@ -1542,7 +1542,7 @@ def held_out_report(cfg: Config, train_refs: list, refs: list, policy: Policy, s
     print(f"\nheld-out {cfg.data}/{cfg.eval_split} ({len(refs)} samples), final masks, percent:")
     print(f"{'':30s} {'cIoU':>6s} {'gIoU':>6s} {'F1':>6s}  stage-1 gIoU  stage-2 fallbacks")
     for name, m in rows.items():   # fallbacks: malformed stage-2 answers, whose stage-1 mask was delivered
-        s1 = f"{m['stage1_gIoU']:8.1f}      {m['stage2_fallbacks']:3d} of {m['n']}" if "stage1_gIoU" in m else ""
+        s1 = f"{m['stage1_gIoU']:8.1f}{m['stage2_fallbacks']:9d} of {m['n']}" if "stage1_gIoU" in m else ""
         print(f"{name:30s} {m['cIoU']:6.1f} {m['gIoU']:6.1f} {m['F1']:6.1f}  {s1}")
     (Path(cfg.out) / "eval.json").write_text(json.dumps(rows, indent=1) + "\n")
 
