@@ -578,8 +578,8 @@ def load_segmenter(cfg: Config, device: torch.device) -> Segmenter:
         torch.manual_seed(cfg.seed)
         return Sam2Segmenter(SAM2ImagePredictor(build_sam2("configs/sam2.1/sam2.1_hiera_t.yaml", None,
                                                            device=str(device))))
-    cache_only = announce_load("SAM 2", cfg.sam)
-    try:
+
+    def load(cache_only: bool) -> Sam2Segmenter:
         config, path = cfg.sam_config, cfg.sam          # a checkpoint holding {"model": state_dict}
         if not Path(cfg.sam).is_file():             # as SAM2ImagePredictor.from_pretrained, but cache-only
             from huggingface_hub import hf_hub_download
@@ -588,8 +588,7 @@ def load_segmenter(cfg: Config, device: torch.device) -> Segmenter:
             config, filename = HF_MODEL_ID_TO_FILENAMES[cfg.sam]
             path = hf_hub_download(cfg.sam, filename, local_files_only=cache_only)
         return Sam2Segmenter(SAM2ImagePredictor(build_sam2(config, path, device=str(device))))
-    except Exception as e:
-        raise load_error("SAM 2", cfg.sam, "--sam", e) from None
+    return load_model("SAM 2", cfg.sam, "--sam", load)
 
 # ==== A.2.2, eqs. (7)-(12) — rewards ========================================================================
 # Both stages score R = R_form + R_acc + R_len, and R = 0 whenever R_form = 0. The rewards take the answer

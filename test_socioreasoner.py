@@ -19,7 +19,6 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from scipy import ndimage
 
 import socioreasoner as sr
 
@@ -783,6 +782,13 @@ class BoxFiller:
         for x1, y1, x2, y2 in np.round(boxes).astype(int):
             mask[max(y1, 0):y2, max(x1, 0):x2] = True
         return mask
+
+
+def test_a_missing_sam_checkpoint_is_one_clear_line_naming_the_flag(tmp_path):
+    """The real SAM 2 loading path (a local .pt that is not there) ends in one SocioError, not a traceback."""
+    cfg = sr.Config(sam=str(tmp_path / "missing.pt"))
+    with pytest.raises(sr.SocioError, match=r"cannot load SAM 2 .*missing\.pt.*--sam PATH"):
+        sr.load_segmenter(cfg, torch.device("cpu"))
 
 
 def test_sam2_segmenter_with_a_random_small_model():

@@ -28,7 +28,8 @@ DATA_SAMPLE_SIZES = (256, 64)       # train, val tiles in data_sample/
 # carries its coordinates as colour, and the vision tower mixes neighbouring patches, so a place's tokens can
 # tell where they are. Real SocioSeg maps need no such thing; the report's blank tiles remove it too.
 # What else was tried and learnt more slowly or not at all within the demo's budget: irregular polygons,
-# textured satellite ground (the tiny model attends to the satellite's place, which carries no position),
+# textured satellite ground (probably because the satellite's place draws attention and carries no
+# position),
 # a fixed 2-D position code added to the vision tower's output, and two kinds of place per tile.
 #
 # kinds: the world holds the first `kinds` kinds of PLACE_KINDS, one place of each per tile, and the text
