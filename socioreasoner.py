@@ -904,8 +904,7 @@ def grpo_loss(logp: torch.Tensor, old_logp: torch.Tensor, ref_logp: torch.Tensor
 @dataclass
 class Group:
     stage: int
-    inputs: dict                      # processor output for one prompt: input_ids (1, P), pixel_values of
-                                      # 2 tiles, image_grid_thw (2, 3), mm_token_type_ids (1, P)
+    inputs: dict                      # one prompt: input_ids, mm_token_type_ids (1, P), 2 tiles' pixel_values
     model_hw: tuple                   # (H', W') of the tiles as the model sees them
     completions: list                 # G x LongTensor (T_g,), through the first EOS
     texts: list                       # G decoded completions
@@ -962,25 +961,25 @@ def select_carried(rewards: list, how: str, rng: np.random.Generator) -> int:
 def accumulate_grpo_gradients(policy: Policy, reference, rows: list, advantages: torch.Tensor,
                               cfg: Config) -> dict:
     """Backward of eq. 6 over rows [(prompt inputs, completion ids)] with advantages (N,), into .grad."""
-    n, stats = len(rows), {"kl": 0.0, "clipped": 0.0, "loss": 0.0}
-    for start in range(0, n, cfg.micro_batch):
-        part = slice(start, start + cfg.micro_batch)
+    stats = {"kl": 0.0, "clipped": 0.0, "loss": 0.0}
+    for start in range(0, len(rows), cfg.micro_batch):
+        part, adv = rows[start:start + cfg.micro_batch], advantages[start:start + cfg.micro_batch]
         with torch.no_grad():                                               # the reference needs no graph
-            ref_logp, _ = completion_logprobs(policy, reference, rows[part], cfg.temperature)
-        logp, mask = completion_logprobs(policy, policy.model, rows[part], cfg.temperature)    # (b, T)
+            ref_logp, _ = completion_logprobs(policy, reference, part, cfg.temperature)
+        logp, mask = completion_logprobs(policy, policy.model, part, cfg.temperature)          # (b, T)
         # pi_old = the weights that sampled these completions = the current weights (see eq. 6)
-        loss, st = grpo_loss(logp, logp.detach(), ref_logp, advantages[part], mask, cfg.clip_eps, cfg.kl_beta)
-        share = len(rows[part]) / n
+        loss, st = grpo_loss(logp, logp.detach(), ref_logp, adv, mask, cfg.clip_eps, cfg.kl_beta)
+        share = len(part) / len(rows)
         (loss * share).backward()
-        for k, v in (("loss", loss.item()), *st.items()):
+        for k, v in {"loss": loss.item(), **st}.items():
             stats[k] += v * share
     return stats
 
 def optimizer_step(policy: Policy, optimizer, what: str, loss: float) -> bool:
     """Apply the accumulated gradient unless it or the loss is not finite: one NaN step would destroy the
     weights (and a NaN loss can come with finite, meaningless gradients: clamp passes no gradient to NaN)."""
-    finite = math.isfinite(loss) and all(torch.isfinite(p.grad).all()
-                                         for p in policy.model.parameters() if p.grad is not None)
+    grads = [p.grad for p in policy.model.parameters() if p.grad is not None]
+    finite = math.isfinite(loss) and all(torch.isfinite(g).all() for g in grads)
     if finite:
         optimizer.step()
     else:
@@ -1039,29 +1038,23 @@ def reward_stage2(groups: list, samples: list, encodings: list, segmenter: Segme
 def step_stats(stages: dict) -> dict:
     """What the log keeps of a step, from {stage: (groups, update statistics)}."""
     mean = lambda groups, key: float(np.mean([r[key] for g in groups for r in g.rewards]))
-    stats = {}
+    stats, updates = {}, [update for _, update in stages.values()]
     for k, (groups, update) in stages.items():
         stats.update({f"reward{k}": mean(groups, "total"), f"format{k}": mean(groups, "format"),
                       f"loss{k}": update["loss"], **({f"kl{k}": update["kl"]} if len(stages) > 1 else {})})
     # IoU of the well-formed answers only (NaN if none): malformed ones score 0 in every term, and counting
     # those zeros would mix "cannot write" with "cannot find".
-    stats["iou2"] = float(np.mean([r["accuracy"] for g in stages[2][0] for r in g.rewards if r["format"]]
-                                  or [float("nan")]))
-    updates = [update for _, update in stages.values()]
-    return {**stats, "kl": sum(u["kl"] for u in updates) / len(updates),
-            "clipped": sum(u["clipped"] for u in updates) / len(updates),
+    well_formed = [r["accuracy"] for g in stages[2][0] for r in g.rewards if r["format"]]
+    return {**stats, "iou2": float(np.mean(well_formed or [float("nan")])),
+            **{k: sum(u[k] for u in updates) / len(updates) for k in ("kl", "clipped")},
             "skipped": sum(int(u["skipped"]) for u in updates),
             "tokens": sum(len(c) for groups, _ in stages.values() for g in groups for c in g.completions)}
 
 def batch_indices(step: int, n: int, batch: int, seed: int) -> list[int]:
     """Alg. 1 line 3: a step's samples, from a seeded permutation per epoch (recomputable on resume)."""
-    perms, out = {}, []
-    for pos in range(step * batch, (step + 1) * batch):
-        epoch, i = divmod(pos, n)
-        if epoch not in perms:
-            perms[epoch] = np.random.default_rng([seed, epoch]).permutation(n)
-        out.append(int(perms[epoch][i]))
-    return out
+    positions = range(step * batch, (step + 1) * batch)
+    perms = {e: np.random.default_rng([seed, e]).permutation(n) for e in {pos // n for pos in positions}}
+    return [int(perms[pos // n][pos % n]) for pos in positions]
 
 # ==== §4.1 — inference: both stages once ====================================================================
 # Sampling as in the authors' release (temperature 1.0, top_p 0.8, top_k 100). If the stage-2 answer is
