@@ -196,11 +196,11 @@ from scipy.optimize import linear_sum_assignment
 
 # ==== §3, A.1.1 — SocioSeg data =============================================================================
 # A sample: a satellite tile I_s, a digital-map tile I_m of the same place (pixel-aligned, same size), the
-# binary mask M* of the target, and the target text t; stored as <root>/<split>/<id>/{sat,map,mask}.png +
-# question.json {"problem": t} (the released raw files), or as the Hugging Face export's parquet shards
-# (columns id, problem, sat_image, map_image, mask_label). No tile size is assumed. A split of 7,620 tiles
-# does not fit in memory decoded, so listing a split only *checks* every sample, and `read_sample` decodes
-# one when it is needed. (Parquet rows keep their PNGs in memory, ~9 GB for train: prefer the raw files.)
+# binary mask M* of the target and the target text t. Stored as <root>/<split>/<id>/{sat,map,mask}.png +
+# question.json {"problem": t} (the released raw files) or as the Hugging Face export's parquet shards
+# (columns id, problem, sat_image, map_image, mask_label); no tile size is assumed. A split of 7,620 tiles
+# does not fit in memory decoded: listing only *checks* every sample, `read_sample` decodes one when needed.
+# (Parquet rows keep their PNGs in memory, ~9 GB for train: prefer the raw files.)
 
 @dataclass
 class SampleRef:
@@ -243,13 +243,11 @@ def list_split(root: str | Path, split: str, need_foreground: bool = False, skip
     training, not at step 180; all are reported together, a line each (skip_bad: left out with a warning).
     need_foreground: a mask without a target pixel is broken too (training needs something to find)."""
     root, problems = Path(root), []
-    if (root / split).is_dir():
-        listed = _list_raw(root / split, problems)
-    elif list(root.glob(f"**/{split}-*.parquet")):
-        listed = _list_parquet(root, split, problems)
-    else:
+    raw = (root / split).is_dir()
+    if not raw and not any(root.glob(f"**/{split}-*.parquet")):
         raise SocioError(f"no split '{split}' under {root}: expected {root}/{split}/<id>/ folders "
                          f"or {split}-*.parquet shards")
+    listed = _list_raw(root / split, problems) if raw else _list_parquet(root, split, problems)
     checked = [(ref, check_sample(ref, need_foreground)) for ref in listed]
     problems += [problem for _, problem in checked if problem]
     if problems and not skip_bad:
@@ -295,23 +293,21 @@ def _list_parquet(root: Path, split: str, problems: list) -> list:
     except ImportError:
         raise SocioError("reading SocioSeg parquet shards needs pyarrow: pip install pyarrow "
                          "(or use the raw-file layout <root>/<split>/<id>/...)") from None
+    data = lambda cell: cell.get("bytes") if isinstance(cell, dict) else cell   # HF images: {bytes, path}
     refs = []
     for shard in sorted(root.glob(f"**/{split}-*.parquet")):
         for row in pq.read_table(shard).to_pylist():
-            # Hugging Face image columns are structs {"bytes": ..., "path": ...}
-            img = lambda col: row[col].get("bytes") if isinstance(row[col], dict) else row[col]
             if isinstance(row["problem"], str) and row["problem"].strip():
-                refs.append(SampleRef(str(row["id"]), row["problem"].strip(), img("sat_image"),
-                                      img("map_image"), img("mask_label")))
+                refs.append(SampleRef(str(row["id"]), row["problem"].strip(), data(row["sat_image"]),
+                                      data(row["map_image"]), data(row["mask_label"])))
             else:
                 problems.append(f"sample {row['id']} in {shard}: 'problem' is not a non-empty string")
     return refs
 
 def read_sample(ref: SampleRef) -> Sample:
     """Decode one sample. The mask is foreground wherever its grayscale value is > 0."""
-    image = lambda what, mode: open_image(getattr(ref, what), what, ref.id, mode)
-    mask = np.asarray(image("mask", "L")) > 0
-    return Sample(ref.id, ref.text, image("sat", "RGB"), image("map", "RGB"), mask)
+    img = lambda what, mode: open_image(getattr(ref, what), what, ref.id, mode)
+    return Sample(ref.id, ref.text, img("sat", "RGB"), img("map", "RGB"), np.asarray(img("mask", "L")) > 0)
 
 EIGHT = np.ones((3, 3), dtype=int)          # 8-connectivity: diagonal neighbours belong to the same region
 
@@ -348,20 +344,17 @@ SINGLE_PROMPT = (_SEEN + _FIND + "For each area give its box and points that lie
                  "inside <think></think>, then answer inside <answer></answer>:\n" + _WITH_POINTS)
 DEFAULT_PROMPTS = {"stage1": STAGE1_PROMPT, "stage2": STAGE2_PROMPT, "single": SINGLE_PROMPT}
 
-# Another wording (--prompts FILE, a JSON object with any of the keys above) lets a checkpoint be run with
-# the prompts it was trained with, e.g. the released SocioReasoner-3B with its authors' wording. Templates
-# are Python format strings (literal braces doubled) with the placeholders {w}, {h}: the model frame's size,
-# and required (per key; of a set, any one will do) {target}, in stage2 also the first attempt's boxes as
-# {boxes} = [[x1, y1, x2, y2], ...] or {boxes_json} = [{"bbox_2d": [x1, y1, x2, y2]}, ...].
+# --prompts FILE (a JSON object with any of the keys above) runs a checkpoint in the wording it was trained
+# with, e.g. the released SocioReasoner-3B in its authors'. Templates are format strings (literal braces
+# doubled); {w} {h} may give the model frame's size; each key requires one placeholder of each set below:
+# {boxes} is [[x1, y1, x2, y2], ...] and {boxes_json} [{"bbox_2d": [x1, y1, x2, y2]}, ...], stage 1's boxes.
 PROMPT_REQUIRED = {"stage1": [{"target"}], "stage2": [{"target"}, {"boxes", "boxes_json"}],
                    "single": [{"target"}]}
 
 def load_prompts(path: str = "") -> dict:
     """Our templates, with those of the JSON file at `path` (checked here) in their place."""
-    if not path:
-        return dict(DEFAULT_PROMPTS)
     try:
-        given = json.loads(Path(path).read_text(encoding="utf-8"))
+        given = json.loads(Path(path).read_text(encoding="utf-8")) if path else {}
     except (OSError, ValueError) as e:
         raise SocioError(f"--prompts {path}: cannot read it as JSON ({one_line(e)})") from None
     if not isinstance(given, dict):
@@ -408,8 +401,7 @@ MAX_OBJECTS, MAX_POINTS = 32, 16
 ANSWER_RE = re.compile(r"\s*<think>(.*?)</think>\s*<answer>(.*?)</answer>\s*", re.DOTALL)
 
 def _numbers(values, n: int) -> list:
-    """A JSON list of n finite numbers as floats, else ValueError (OverflowError for an integer of hundreds of
-    digits). A boolean is no number here (type(True) is bool), nor are JSON's NaN and Infinity finite."""
+    """A JSON list of n finite numbers (a boolean is none: type(True) is bool) as floats; else ValueError."""
     if not isinstance(values, list) or len(values) != n or any(type(v) not in (int, float) for v in values):
         raise ValueError(f"not a list of {n} numbers")
     values = [float(v) for v in values]
@@ -424,11 +416,10 @@ def parse_answer(completion: str, stage: int) -> Optional[list[dict]]:
     keys, parsed = {"bbox_2d"} if stage == 1 else {"bbox_2d", "points"}, []
     try:    # ValueError: bad JSON or numbers; RecursionError: absurd nesting; OverflowError: huge ints
         items = json.loads(m.group(2)) if m else None
-        if not isinstance(items, list) or len(items) > MAX_OBJECTS:
+        if not (isinstance(items, list) and len(items) <= MAX_OBJECTS and all(
+                isinstance(item, dict) and set(item) == keys for item in items)):
             return None
         for item in items:
-            if not isinstance(item, dict) or set(item) != keys:
-                return None
             x1, y1, x2, y2 = box = _numbers(item["bbox_2d"], 4)
             points = item.get("points", [])
             if not (x1 < x2 and y1 < y2 and isinstance(points, list) and len(points) <= MAX_POINTS):
@@ -469,11 +460,10 @@ def render(image: Image.Image, boxes: np.ndarray, mask: Optional[np.ndarray],
     return out
 
 # ==== §4.1, eqs. (2) and (5) — the segmenter S, and an answer as its prompt =================================
-# S is a frozen SAM 2 (A.2.3). It only ever sees the *satellite* tile, in the mask frame. Encoding a tile
-# (the image encoder) is the expensive part, so it is a call of its own: each tile is encoded once per
-# training step and reused for the coarse mask and all G final masks. The rollout takes any Segmenter: SAM 2
-# below, GrowSegmenter (appendix A), a box-filling fake in the tests. One that also has encode_batch(images)
-# gets a batch's tiles in one encoder pass (`encode_tiles`).
+# S is a frozen SAM 2 (A.2.3); it only ever sees the *satellite* tile, in the mask frame. Encoding a tile is
+# the expensive part, so it is a call of its own: once per tile and training step, reused for the coarse mask
+# and all G final masks (one with encode_batch gets a batch's tiles in one pass: `encode_tiles`). Any
+# Segmenter will do: SAM 2 below, GrowSegmenter (appendix A), a box-filling fake in the tests.
 
 class Segmenter(Protocol):
     def encode(self, image: np.ndarray) -> Any: ...         # (H, W, 3) uint8 -> the tile's encoding
@@ -536,11 +526,9 @@ def clip_prompts(boxes: np.ndarray, points: Optional[list], hw: tuple):
 
 def answer_prompts(answer: Optional[list], model_hw: tuple, mask_hw: tuple):
     """A parsed answer as SAM prompts in the mask frame: boxes (K, 4) and, in stage 2, K point arrays."""
-    answer = answer or []
-    boxes = to_frame(np.reshape([o["bbox_2d"] for o in answer], (-1, 4)), model_hw, mask_hw)
-    points = [to_frame(np.reshape(o["points"], (-1, 2)), model_hw, mask_hw) for o in answer] \
-        if answer and "points" in answer[0] else None
-    return boxes, points
+    frame = lambda values, k: to_frame(np.reshape(values, (-1, k)), model_hw, mask_hw)   # (n, k) numbers
+    boxes = frame([o["bbox_2d"] for o in answer or []], 4)
+    return boxes, ([frame(o["points"], 2) for o in answer] if answer and "points" in answer[0] else None)
 
 def segment_answer(segmenter: Segmenter, encoding, answer, model_hw, mask_hw) -> np.ndarray:
     """S(I_s, prompt = answer): eq. 2 for a stage-1 answer, eq. 5 for a stage-2 answer. (H, W) bool."""
@@ -562,7 +550,6 @@ def load_segmenter(cfg: Config, device: torch.device) -> Segmenter:
     if cfg.sam == "tiny":   # random weights from the package's smallest config: no sense, real plumbing
         torch.manual_seed(cfg.seed)
         return build("configs/sam2.1/sam2.1_hiera_t.yaml", None)
-
     def load(cache_only: bool) -> Sam2Segmenter:
         if Path(cfg.sam).is_file():                                     # a checkpoint holding {"model": ...}
             return build(cfg.sam_config, cfg.sam)
