@@ -236,7 +236,8 @@ def open_image(source, what: str, sample_id: Optional[str] = None, mode: Optiona
         image.verify()
         return image
     except Exception as e:  # FileNotFoundError, UnidentifiedImageError, truncated data, ...
-        raise SocioError(f"{f'sample {sample_id}: ' if sample_id else ''}{failure}: {one_line(e)}") from None
+        where = f"sample {sample_id}: " if sample_id else ""
+        raise SocioError(f"{where}{failure}: {one_line(e)}") from None
 
 def list_split(root: str | Path, split: str, need_foreground: bool = False, skip_bad: bool = False) -> list:
     """Every usable sample of a split. All files are read here, so that a broken sample stops a run before
@@ -482,9 +483,8 @@ class Sam2Segmenter:
         return self.encode_batch([image])[0]
 
     def encode_batch(self, images: list) -> list:
-        """One pass of the image encoder over several tiles (any sizes: each is resized to SAM's 1024 px).
-        The predictor keeps a batch's features in its attributes; they are cut into one single-image state
-        per tile, which `segment` puts back (set_image of that tile alone would produce the same)."""
+        """One encoder pass over several tiles (any sizes: each is resized to SAM's 1024 px), cut into one
+        single-image predictor state per tile, which `segment` puts back (as set_image of that tile would)."""
         self.predictor.set_image_batch([np.array(im) for im in images])   # writable copies for torchvision
         f = self.predictor._features          # image_embed (B, C, h, w), high_res_feats [(B, C_l, h_l, w_l)]
         return [{"_features": {"image_embed": f["image_embed"][i:i + 1],
