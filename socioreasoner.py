@@ -196,11 +196,11 @@ from scipy.optimize import linear_sum_assignment
 
 # ==== §3, A.1.1 — SocioSeg data =============================================================================
 # A sample: a satellite tile I_s, a digital-map tile I_m of the same place (pixel-aligned, same size), the
-# binary mask M* of the target, and the target text t; stored as <root>/<split>/<id>/{sat,map,mask}.png +
-# question.json {"problem": t} (the released raw files), or as the Hugging Face export's parquet shards
-# (columns id, problem, sat_image, map_image, mask_label). No tile size is assumed. A split of 7,620 tiles
-# does not fit in memory decoded, so listing a split only *checks* every sample, and `read_sample` decodes
-# one when it is needed. (Parquet rows keep their PNGs in memory, ~9 GB for train: prefer the raw files.)
+# binary mask M* of the target and the target text t. Stored as <root>/<split>/<id>/{sat,map,mask}.png +
+# question.json {"problem": t} (the released raw files) or as the Hugging Face export's parquet shards
+# (columns id, problem, sat_image, map_image, mask_label); no tile size is assumed. A split of 7,620 tiles
+# does not fit in memory decoded: listing only *checks* every sample, `read_sample` decodes one when needed.
+# (Parquet rows keep their PNGs in memory, ~9 GB for train: prefer the raw files.)
 
 @dataclass
 class SampleRef:
@@ -224,28 +224,31 @@ def one_line(e: Exception, limit: Optional[int] = 200) -> str:
     return f"{type(e).__name__}: {text}" if text else type(e).__name__
 
 def open_image(source, what: str, sample_id: Optional[str] = None, mode: Optional[str] = None) -> Image.Image:
-    """A path or encoded bytes as an image, decoded to `mode` if given; a broken file is one SocioError."""
+    """A path or encoded bytes as an image, decoded to `mode`; with no mode only verified (the whole file is
+    read: truncation, bad checksums), which leaves its size but no pixels. A broken file is one SocioError."""
+    name = f"{what} bytes" if isinstance(source, bytes) else source
+    failure = f"cannot {'decode' if mode else 'read'} {what} image {name}"
     try:
         image = Image.open(io.BytesIO(source) if isinstance(source, bytes) else source)
-        return image.convert(mode) if mode else image     # truncated pixel data only shows up when decoding
+        if mode:
+            return image.convert(mode)        # truncated pixel data only shows up when decoding
+        failure = f"{what} image {name} is corrupt"
+        image.verify()
+        return image
     except Exception as e:  # FileNotFoundError, UnidentifiedImageError, truncated data, ...
         where = f"sample {sample_id}: " if sample_id else ""
-        name = f"{what} bytes" if isinstance(source, bytes) else source
-        raise SocioError(f"{where}cannot {'decode' if mode else 'read'} {what} image {name}: {one_line(e)}") \
-            from None
+        raise SocioError(f"{where}{failure}: {one_line(e)}") from None
 
 def list_split(root: str | Path, split: str, need_foreground: bool = False, skip_bad: bool = False) -> list:
     """Every usable sample of a split. All files are read here, so that a broken sample stops a run before
     training, not at step 180; all are reported together, a line each (skip_bad: left out with a warning).
     need_foreground: a mask without a target pixel is broken too (training needs something to find)."""
     root, problems = Path(root), []
-    if (root / split).is_dir():
-        listed = _list_raw(root / split, problems)
-    elif list(root.glob(f"**/{split}-*.parquet")):
-        listed = _list_parquet(root, split, problems)
-    else:
+    raw = (root / split).is_dir()
+    if not raw and not any(root.glob(f"**/{split}-*.parquet")):
         raise SocioError(f"no split '{split}' under {root}: expected {root}/{split}/<id>/ folders "
                          f"or {split}-*.parquet shards")
+    listed = _list_raw(root / split, problems) if raw else _list_parquet(root, split, problems)
     checked = [(ref, check_sample(ref, need_foreground)) for ref in listed]
     problems += [problem for _, problem in checked if problem]
     if problems and not skip_bad:
@@ -260,16 +263,11 @@ def list_split(root: str | Path, split: str, need_foreground: bool = False, skip
 def check_sample(ref: SampleRef, need_foreground: bool) -> Optional[str]:
     """None if the sample is usable, else one line saying what is wrong with which file. Sets ref.size."""
     try:
-        images = {what: open_image(getattr(ref, what), what, ref.id) for what in ("sat", "map", "mask")}
-        for what, image in images.items():
-            try:
-                image.verify()                # reads the whole file: truncation, bad checksums
-            except Exception as e:
-                return f"sample {ref.id}: {what} image {getattr(ref, what)} is corrupt: {one_line(e)}"
-        if len({image.size for image in images.values()}) != 1:
+        sizes = {what: open_image(getattr(ref, what), what, ref.id).size for what in ("sat", "map", "mask")}
+        if len(set(sizes.values())) != 1:
             return f"sample {ref.id}: image sizes disagree (W x H): " + ", ".join(
-                f"{what} {image.size[0]}x{image.size[1]}" for what, image in images.items())
-        ref.size = images["sat"].size
+                f"{what} {w}x{h}" for what, (w, h) in sizes.items())
+        ref.size = sizes["sat"]
         if need_foreground and not np.asarray(open_image(ref.mask, "mask", ref.id, "L")).any():
             return f"sample {ref.id}: mask {ref.mask} has no foreground pixel"
     except SocioError as e:
@@ -283,8 +281,8 @@ def _list_raw(split_dir: Path, problems: list, text: Optional[str] = None) -> li
             target = text or json.loads((d / "question.json").read_text(encoding="utf-8"))["problem"]
             if not isinstance(target, str) or not target.strip():
                 raise ValueError("'problem' is not a non-empty string")
-            refs.append(SampleRef(d.name, target.strip(), *(str(d / f"{k}.png") for k in ("sat", "map",
-                                                                                          "mask"))))
+            refs.append(SampleRef(d.name, target.strip(), str(d / "sat.png"), str(d / "map.png"),
+                                  str(d / "mask.png")))
         except Exception as e:
             problems.append(f"sample {d.name}: cannot read the target from {d / 'question.json'}: "
                             f"{one_line(e)}")
@@ -296,23 +294,21 @@ def _list_parquet(root: Path, split: str, problems: list) -> list:
     except ImportError:
         raise SocioError("reading SocioSeg parquet shards needs pyarrow: pip install pyarrow "
                          "(or use the raw-file layout <root>/<split>/<id>/...)") from None
+    data = lambda cell: cell.get("bytes") if isinstance(cell, dict) else cell   # HF images: {bytes, path}
     refs = []
     for shard in sorted(root.glob(f"**/{split}-*.parquet")):
         for row in pq.read_table(shard).to_pylist():
-            # Hugging Face image columns are structs {"bytes": ..., "path": ...}
-            img = lambda col: (row[col] or {}).get("bytes") if isinstance(row[col], dict) else row[col]
             if isinstance(row["problem"], str) and row["problem"].strip():
-                refs.append(SampleRef(str(row["id"]), row["problem"].strip(), img("sat_image"),
-                                      img("map_image"), img("mask_label")))
+                refs.append(SampleRef(str(row["id"]), row["problem"].strip(), data(row["sat_image"]),
+                                      data(row["map_image"]), data(row["mask_label"])))
             else:
                 problems.append(f"sample {row['id']} in {shard}: 'problem' is not a non-empty string")
     return refs
 
 def read_sample(ref: SampleRef) -> Sample:
     """Decode one sample. The mask is foreground wherever its grayscale value is > 0."""
-    image = lambda what, mode: open_image(getattr(ref, what), what, ref.id, mode)
-    mask = np.asarray(image("mask", "L")) > 0
-    return Sample(ref.id, ref.text, image("sat", "RGB"), image("map", "RGB"), mask)
+    img = lambda what, mode: open_image(getattr(ref, what), what, ref.id, mode)
+    return Sample(ref.id, ref.text, img("sat", "RGB"), img("map", "RGB"), np.asarray(img("mask", "L")) > 0)
 
 EIGHT = np.ones((3, 3), dtype=int)          # 8-connectivity: diagonal neighbours belong to the same region
 
@@ -349,43 +345,39 @@ SINGLE_PROMPT = (_SEEN + _FIND + "For each area give its box and points that lie
                  "inside <think></think>, then answer inside <answer></answer>:\n" + _WITH_POINTS)
 DEFAULT_PROMPTS = {"stage1": STAGE1_PROMPT, "stage2": STAGE2_PROMPT, "single": SINGLE_PROMPT}
 
-# Another wording (--prompts FILE, a JSON object with any of the keys above) lets a checkpoint be run with
-# the prompts it was trained with, e.g. the released SocioReasoner-3B with its authors' wording. Templates
-# are Python format strings (literal braces doubled) with the placeholders {target} (required); {w}, {h}: the
-# model frame's size; in stage2 the first attempt's boxes (one of them required) as {boxes} = [[x1, y1, x2,
-# y2], ...] or {boxes_json} = [{"bbox_2d": [x1, y1, x2, y2]}, ...].
-PROMPT_PLACEHOLDERS = {"stage1": {"target", "w", "h"}, "stage2": {"target", "w", "h", "boxes", "boxes_json"},
-                       "single": {"target", "w", "h"}}
+# --prompts FILE (a JSON object with any of the keys above) runs a checkpoint in the wording it was trained
+# with, e.g. the released SocioReasoner-3B in its authors'. Templates are format strings (literal braces
+# doubled); {w} {h} may give the model frame's size; each key requires one placeholder of each set below:
+# {boxes} is [[x1, y1, x2, y2], ...] and {boxes_json} [{"bbox_2d": [x1, y1, x2, y2]}, ...], stage 1's boxes.
+PROMPT_REQUIRED = {"stage1": [{"target"}], "stage2": [{"target"}, {"boxes", "boxes_json"}],
+                   "single": [{"target"}]}
 
 def load_prompts(path: str = "") -> dict:
     """Our templates, with those of the JSON file at `path` (checked here) in their place."""
-    if not path:
-        return dict(DEFAULT_PROMPTS)
     try:
-        given = json.loads(Path(path).read_text(encoding="utf-8"))
+        given = json.loads(Path(path).read_text(encoding="utf-8")) if path else {}
     except (OSError, ValueError) as e:
         raise SocioError(f"--prompts {path}: cannot read it as JSON ({one_line(e)})") from None
     if not isinstance(given, dict):
         raise SocioError(f"--prompts {path}: expected a JSON object with keys {', '.join(DEFAULT_PROMPTS)}")
     problems, braces = [], "literal braces are written {{ }}"
-    listed = lambda names: " ".join(f"{{{n}}}" for n in sorted(names))
+    listed = lambda names, sep=" ": sep.join(f"{{{n}}}" for n in sorted(names))
     for key, template in given.items():
-        known = PROMPT_PLACEHOLDERS.get(key)
-        if known is None:
-            problems.append(f"unknown key '{key}' (known: {', '.join(DEFAULT_PROMPTS)})")
-            continue
         try:
+            required = PROMPT_REQUIRED[key]
             names = {f for _, f, _, _ in string.Formatter().parse(template) if f is not None}
+        except KeyError:
+            problems.append(f"unknown key '{key}' (known: {', '.join(DEFAULT_PROMPTS)})")
         except (ValueError, TypeError, AttributeError) as e:   # a lone brace; not a string
             problems.append(f"{key}: not a format string ({one_line(e)}; {braces})")
-            continue
-        if names - known:
-            problems.append(f"{key}: unknown placeholder(s) {listed(names - known)} (known: {listed(known)}; "
-                            f"{braces})")
-        missing = ["{target}"] * ("target" not in names) + \
-            ["{boxes} or {boxes_json}"] * (key == "stage2" and not names & {"boxes", "boxes_json"})
-        if missing:
-            problems.append(f"{key}: missing placeholder {' and '.join(missing)}")
+        else:
+            known = {"w", "h"}.union(*required)
+            if names - known:
+                problems.append(f"{key}: unknown placeholder(s) {listed(names - known)} (known: "
+                                f"{listed(known)}; {braces})")
+            missing = [listed(group, " or ") for group in required if not names & group]
+            if missing:
+                problems.append(f"{key}: missing placeholder {' and '.join(missing)}")
     if problems:
         raise SocioError(f"--prompts {path}: " + "; ".join(problems))
     return {**DEFAULT_PROMPTS, **given}
@@ -394,9 +386,8 @@ def to_frame(coords: np.ndarray, src_hw: tuple, dst_hw: tuple) -> np.ndarray:
     """x/y coordinates from one frame to the other (mask <-> model). coords (..., 2k), x and y alternating:
     boxes (K, 4) or points (N, 2). Box edges and points (pixel (r, c)'s centre is (c + 0.5, r + 0.5)) are
     continuous, so a plain ratio maps them exactly."""
-    coords = np.asarray(coords, dtype=np.float64)
-    (sh, sw), (dh, dw) = src_hw, dst_hw
-    return coords * np.tile([dw / sw, dh / sh], coords.shape[-1] // 2)
+    ratios = np.divide(dst_hw, src_hw)[::-1]                               # (x, y): (W'/W, H'/H)
+    return np.asarray(coords, dtype=np.float64) * np.tile(ratios, np.shape(coords)[-1] // 2)
 
 # ==== A.2.2 — parsing the answer; the binary format gate R_form =============================================
 # R_form = 1 iff the whole completion is <think>...</think><answer>JSON</answer> and the JSON is a list of
@@ -410,41 +401,34 @@ def to_frame(coords: np.ndarray, src_hw: tuple, dst_hw: tuple) -> np.ndarray:
 MAX_OBJECTS, MAX_POINTS = 32, 16
 ANSWER_RE = re.compile(r"\s*<think>(.*?)</think>\s*<answer>(.*?)</answer>\s*", re.DOTALL)
 
-def _numbers(values, n: int) -> Optional[list]:
-    """A JSON list of n finite numbers as floats, else None."""
-    if not isinstance(values, list) or len(values) != n or any(isinstance(v, bool) or not isinstance(
-            v, (int, float)) for v in values):
-        return None
-    try:
-        values = [float(v) for v in values]
-    except OverflowError:  # a JSON integer with hundreds of digits
-        return None
-    return values if all(math.isfinite(v) for v in values) else None
+def _numbers(values, n: int) -> list:
+    """A JSON list of n finite numbers (a boolean is none: type(True) is bool) as floats; else ValueError."""
+    if not isinstance(values, list) or len(values) != n or any(type(v) not in (int, float) for v in values):
+        raise ValueError(f"not a list of {n} numbers")
+    values = [float(v) for v in values]
+    if not all(map(math.isfinite, values)):
+        raise ValueError("not finite")
+    return values
 
 def parse_answer(completion: str, stage: int) -> Optional[list[dict]]:
     """A completion as [{"bbox_2d": [4 floats], ("points": [[x, y], ...])}], or None (R_form = 0). Never
     raises, whatever the text: that is what an RL policy will eventually write."""
     m = ANSWER_RE.fullmatch(completion) if isinstance(completion, str) and len(completion) < 100_001 else None
-    try:
-        items = json.loads(m.group(2)) if m else None  # NaN/Infinity parse here, and are rejected by _numbers
-    except (ValueError, RecursionError):  # malformed JSON, absurd nesting, integers of thousands of digits
-        return None
-    keys = {"bbox_2d"} if stage == 1 else {"bbox_2d", "points"}
-    if not isinstance(items, list) or len(items) > MAX_OBJECTS:
-        return None
-    parsed = []
-    for item in items:
-        box = _numbers(item["bbox_2d"], 4) if isinstance(item, dict) and set(item) == keys else None
-        if box is None or not (box[0] < box[2] and box[1] < box[3]):
+    keys, parsed = {"bbox_2d"} if stage == 1 else {"bbox_2d", "points"}, []
+    try:    # ValueError: bad JSON or numbers; RecursionError: absurd nesting; OverflowError: huge ints
+        items = json.loads(m.group(2)) if m else None
+        if not (isinstance(items, list) and len(items) <= MAX_OBJECTS and all(
+                isinstance(item, dict) and set(item) == keys for item in items)):
             return None
-        parsed.append({"bbox_2d": box})
-        if stage == 2:
-            pts = item["points"]
-            pts = [_numbers(p, 2) for p in pts] if isinstance(pts, list) and len(pts) <= MAX_POINTS \
-                else [None]
-            if None in pts:
+        for item in items:
+            x1, y1, x2, y2 = box = _numbers(item["bbox_2d"], 4)
+            points = item.get("points", [])
+            if not (x1 < x2 and y1 < y2 and isinstance(points, list) and len(points) <= MAX_POINTS):
                 return None
-            parsed[-1]["points"] = pts
+            parsed.append({"bbox_2d": box, "points": [_numbers(p, 2) for p in points]} if stage == 2 else
+                          {"bbox_2d": box})
+    except (ValueError, RecursionError, OverflowError):
+        return None
     return parsed
 
 def thinking(completion: str) -> str:
@@ -464,11 +448,10 @@ def render(image: Image.Image, boxes: np.ndarray, mask: Optional[np.ndarray],
     """D(I, B, M): `mask` shaded red, `boxes` (K, 4) outlined, `points` [(n, 2)] as dots (only in the
     inference picture); all in the image's own (mask) frame."""
     img = np.asarray(image.convert("RGB"), dtype=np.float32)            # (H, W, 3)
-    if mask is not None and mask.any():
+    if mask is not None:
         img[mask] = (1 - alpha) * img[mask] + alpha * np.asarray(MASK_RGB, dtype=np.float32)
     out = Image.fromarray(img.round().astype(np.uint8))
-    draw = ImageDraw.Draw(out)
-    width = max(1, round(min(out.size) / 150))
+    draw, width = ImageDraw.Draw(out), max(1, round(min(out.size) / 150))
     for x1, y1, x2, y2 in np.asarray(boxes, dtype=np.float64).reshape(-1, 4):
         # the outline covers the box's edge pixels; a box under one pixel wide is still drawn as one pixel
         draw.rectangle([x1, y1, max(x1, x2 - 1), max(y1, y2 - 1)], outline=BOX_RGB, width=width)
@@ -478,34 +461,31 @@ def render(image: Image.Image, boxes: np.ndarray, mask: Optional[np.ndarray],
     return out
 
 # ==== §4.1, eqs. (2) and (5) — the segmenter S, and an answer as its prompt =================================
-# S is a frozen SAM 2 (A.2.3). It only ever sees the *satellite* tile, in the mask frame. Encoding a tile
-# (the image encoder) is the expensive part, so it is a call of its own: each tile is encoded once per
-# training step and reused for the coarse mask and all G final masks. The rollout takes any Segmenter: SAM 2
-# below, GrowSegmenter (appendix A), a box-filling fake in the tests. One that also has encode_batch(images)
-# gets a batch's tiles in one encoder pass (`encode_tiles`).
+# S is a frozen SAM 2 (A.2.3); it only ever sees the *satellite* tile, in the mask frame. Encoding a tile is
+# the expensive part, so it is a call of its own: once per tile and training step, reused for the coarse mask
+# and all G final masks (one with encode_batch gets a batch's tiles in one pass: `encode_tiles`). Any
+# Segmenter will do: SAM 2 below, GrowSegmenter (appendix A), a box-filling fake in the tests.
 
 class Segmenter(Protocol):
     def encode(self, image: np.ndarray) -> Any: ...         # (H, W, 3) uint8 -> the tile's encoding
     def segment(self, encoding: Any, boxes: np.ndarray, points: Optional[list] = None) -> np.ndarray: ...
     # boxes (K, 4), points None or K arrays (n_k, 2), in the mask frame, never empty -> (H, W) bool
 
+@dataclass
 class Sam2Segmenter:
     """S as SAM 2's image predictor. Following the authors' release, each object (a box, plus its points in
     stage 2, all foreground) is one SAM prompt, SAM returns three candidate masks, the highest-scoring is
     kept, and the objects' masks are OR-ed. Objects with as many points go through SAM in one call (padding
     point lists with SAM's "no point" label would change the masks: the decoder attends to the padding)."""
-
-    def __init__(self, predictor):
-        self.predictor = predictor
+    predictor: Any                                                      # sam2's SAM2ImagePredictor
 
     def encode(self, image: np.ndarray) -> dict:
         return self.encode_batch([image])[0]
 
     def encode_batch(self, images: list) -> list:
-        """One pass of the image encoder over several tiles (any sizes: each is resized to SAM's 1024 px)."""
+        """One encoder pass over several tiles (any sizes: each is resized to SAM's 1024 px), cut into one
+        single-image predictor state per tile, which `segment` puts back (as set_image of that tile would)."""
         self.predictor.set_image_batch([np.array(im) for im in images])   # writable copies for torchvision
-        # The predictor keeps a batch's features in these attributes; they are cut into one single-image
-        # state per tile, which `segment` puts back (set_image of that tile alone would produce the same).
         f = self.predictor._features          # image_embed (B, C, h, w), high_res_feats [(B, C_l, h_l, w_l)]
         return [{"_features": {"image_embed": f["image_embed"][i:i + 1],
                                "high_res_feats": [h[i:i + 1] for h in f["high_res_feats"]]},
@@ -514,36 +494,30 @@ class Sam2Segmenter:
 
     @torch.no_grad()
     def segment(self, encoding: dict, boxes: np.ndarray, points: Optional[list] = None) -> np.ndarray:
+        vars(self.predictor).update(encoding)                           # the tile's state, back in place
         h, w = encoding["_orig_hw"][0]
         mask = np.zeros((h, w), bool)
-        for k, v in encoding.items():
-            setattr(self.predictor, k, v)
         counts = [0] * len(boxes) if points is None else [len(p) for p in points]
         for n in sorted(set(counts)):
             idx = [i for i, c in enumerate(counts) if c == n]
-            kw = {"box": boxes[idx].astype(np.float32)}
-            if n:
-                kw["point_coords"] = np.stack([points[i] for i in idx]).astype(np.float32)   # (k, n, 2)
-                kw["point_labels"] = np.ones((len(idx), n), dtype=np.int32)                  # foreground
-            masks, scores, _ = self.predictor.predict(multimask_output=True, **kw)
-            masks = masks.reshape(len(idx), -1, h, w)                                        # (k, 3, H, W)
-            best = scores.reshape(len(idx), -1).argmax(axis=1)
-            mask |= (masks[np.arange(len(idx)), best] > 0).any(axis=0)
+            coords = np.stack([points[i] for i in idx]).astype(np.float32) if n else None      # (k, n, 2)
+            masks, scores, _ = self.predictor.predict(                  # labels 1: every point is foreground
+                point_coords=coords, point_labels=np.ones((len(idx), n), np.int32) if n else None,
+                box=boxes[idx].astype(np.float32), multimask_output=True)
+            best = scores.reshape(len(idx), -1).argmax(axis=1)                               # of 3 candidates
+            mask |= (masks.reshape(len(idx), -1, h, w)[np.arange(len(idx)), best] > 0).any(axis=0)
         return mask
 
 def encode_tiles(segmenter: Segmenter, images: list, chunk: int = 8) -> list:
     """One encoding per tile, `chunk` tiles per encoder pass (bounding its memory) where it can batch."""
-    if not hasattr(segmenter, "encode_batch"):
-        return [segmenter.encode(im) for im in images]
-    return [e for i in range(0, len(images), chunk) for e in segmenter.encode_batch(images[i:i + chunk])]
+    encode = getattr(segmenter, "encode_batch", lambda tiles: [segmenter.encode(im) for im in tiles])
+    return [e for i in range(0, len(images), chunk) for e in encode(images[i:i + chunk])]
 
 def clip_prompts(boxes: np.ndarray, points: Optional[list], hw: tuple):
     """Prompts made safe for any segmenter: clipped to an H x W image, boxes with no area left dropped with
     their points. A point outside its box is kept: what it means is the segmenter's business."""
     h, w = hw
-    boxes = np.asarray(boxes, dtype=np.float64).reshape(-1, 4).copy()
-    boxes[:, [0, 2]] = boxes[:, [0, 2]].clip(0, w)
-    boxes[:, [1, 3]] = boxes[:, [1, 3]].clip(0, h)
+    boxes = np.asarray(boxes, dtype=np.float64).reshape(-1, 4).clip(0, [w, h, w, h])
     keep = (boxes[:, 2] > boxes[:, 0]) & (boxes[:, 3] > boxes[:, 1])
     if points is not None:
         points = [np.asarray(p, dtype=np.float64).reshape(-1, 2).clip(0, [w - 1, h - 1])
@@ -552,12 +526,9 @@ def clip_prompts(boxes: np.ndarray, points: Optional[list], hw: tuple):
 
 def answer_prompts(answer: Optional[list], model_hw: tuple, mask_hw: tuple):
     """A parsed answer as SAM prompts in the mask frame: boxes (K, 4) and, in stage 2, K point arrays."""
-    if not answer:
-        return np.zeros((0, 4)), None
-    boxes = to_frame([o["bbox_2d"] for o in answer], model_hw, mask_hw)
-    points = [to_frame(np.reshape(o["points"], (-1, 2)), model_hw, mask_hw) for o in answer] \
-        if "points" in answer[0] else None
-    return boxes, points
+    frame = lambda values, k: to_frame(np.reshape(values, (-1, k)), model_hw, mask_hw)   # (n, k) numbers
+    boxes = frame([o["bbox_2d"] for o in answer or []], 4)
+    return boxes, ([frame(o["points"], 2) for o in answer] if answer and "points" in answer[0] else None)
 
 def segment_answer(segmenter: Segmenter, encoding, answer, model_hw, mask_hw) -> np.ndarray:
     """S(I_s, prompt = answer): eq. 2 for a stage-1 answer, eq. 5 for a stage-2 answer. (H, W) bool."""
@@ -574,22 +545,20 @@ def load_segmenter(cfg: Config, device: torch.device) -> Segmenter:
     warnings.filterwarnings("ignore", message=".*torch.jit.script.*", category=FutureWarning)
     from sam2.build_sam import HF_MODEL_ID_TO_FILENAMES, build_sam2        # hub id -> (config, checkpoint)
     from sam2.sam2_image_predictor import SAM2ImagePredictor
+    build = lambda config, checkpoint: Sam2Segmenter(SAM2ImagePredictor(build_sam2(
+        config, checkpoint, device=str(device))))
     if cfg.sam == "tiny":   # random weights from the package's smallest config: no sense, real plumbing
         torch.manual_seed(cfg.seed)
-        return Sam2Segmenter(SAM2ImagePredictor(build_sam2("configs/sam2.1/sam2.1_hiera_t.yaml", None,
-                                                           device=str(device))))
-
+        return build("configs/sam2.1/sam2.1_hiera_t.yaml", None)
     def load(cache_only: bool) -> Sam2Segmenter:
-        config, path = cfg.sam_config, cfg.sam          # a checkpoint holding {"model": state_dict}
-        if not Path(cfg.sam).is_file():             # as SAM2ImagePredictor.from_pretrained, but cache-only
-            from huggingface_hub import hf_hub_download
-            if cfg.sam not in HF_MODEL_ID_TO_FILENAMES:
-                raise ValueError(f"not one of sam2's hub ids {', '.join(HF_MODEL_ID_TO_FILENAMES)}")
-            config, filename = HF_MODEL_ID_TO_FILENAMES[cfg.sam]
-            path = hf_hub_download(cfg.sam, filename, local_files_only=cache_only)
-        return Sam2Segmenter(SAM2ImagePredictor(build_sam2(config, path, device=str(device))))
+        if Path(cfg.sam).is_file():                                     # a checkpoint holding {"model": ...}
+            return build(cfg.sam_config, cfg.sam)
+        from huggingface_hub import hf_hub_download      # as SAM2ImagePredictor.from_pretrained, cache-only
+        if cfg.sam not in HF_MODEL_ID_TO_FILENAMES:
+            raise ValueError(f"not one of sam2's hub ids {', '.join(HF_MODEL_ID_TO_FILENAMES)}")
+        config, filename = HF_MODEL_ID_TO_FILENAMES[cfg.sam]
+        return build(config, hf_hub_download(cfg.sam, filename, local_files_only=cache_only))
     return load_model("SAM 2", cfg.sam, "--sam", load)
-
 # ==== A.2.2, eqs. (7)-(12) — rewards ========================================================================
 # Both stages score R = R_form + R_acc + R_len, and R = 0 whenever R_form = 0. The rewards take the answer
 # as `parse_answer` returned it (None: malformed), so each completion is parsed once.
