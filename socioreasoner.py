@@ -1136,163 +1136,139 @@ def evaluate(policy: Policy, segmenter: Segmenter, refs: list, cfg: Config, imag
 
 # ==== Appendix A — the offline demo: a tiny random Qwen2.5-VL and a weights-free stand-in for SAM ===========
 
+@dataclass
 class GrowSegmenter:
     """A weights-free S that still answers to its prompts. A box alone gives its rectangle; a box with points
     gives the pixels inside it connected to a point through colours close to that point's (on a smoothed
     tile). A point on the target grows into its shape, one on the background into background: as with SAM,
     stage-2 points can make the mask better or worse than stage 1's boxes, which stage 2 must learn."""
+    tolerance: float = 40.0              # colour distance (0-255 RGB) still counted as "the same stuff"
 
-    def __init__(self, tolerance: float = 40.0):
-        self.tolerance = tolerance           # colour distance (0-255 RGB) still counted as "the same stuff"
+    def encode(self, image: np.ndarray) -> np.ndarray:                     # (H, W, 3) -> smoothed, float
+        return ndimage.uniform_filter(np.asarray(image, dtype=np.float32), size=(5, 5, 1))
 
-    def encode(self, image: np.ndarray) -> dict:
-        smooth = ndimage.uniform_filter(np.asarray(image, dtype=np.float32), size=(5, 5, 1))
-        return {"image": smooth, "hw": smooth.shape[:2]}
-
-    def segment(self, encoding: dict, boxes: np.ndarray, points: Optional[list] = None) -> np.ndarray:
-        img, (h, w) = encoding["image"], encoding["hw"]
-        mask = np.zeros((h, w), bool)
+    def segment(self, encoding: np.ndarray, boxes: np.ndarray, points: Optional[list] = None) -> np.ndarray:
+        mask = np.zeros(encoding.shape[:2], bool)
         for k, (x1, y1, x2, y2) in enumerate(np.asarray(boxes).reshape(-1, 4)):
             c1, r1, c2, r2 = int(x1), int(y1), int(math.ceil(x2)), int(math.ceil(y2))
-            pts = np.zeros((0, 2)) if points is None else np.asarray(points[k]).reshape(-1, 2)
+            crop, region = encoding[r1:r2, c1:c2], mask[r1:r2, c1:c2]                # views of box k
+            pts = [] if points is None else np.asarray(points[k]).reshape(-1, 2)
             inside = [(int(y) - r1, int(x) - c1) for x, y in pts if c1 <= x < c2 and r1 <= y < r2]
             if not inside:                   # no usable point: the box itself
-                mask[r1:r2, c1:c2] = True
-                continue
-            crop = img[r1:r2, c1:c2]                                         # (h_k, w_k, 3)
-            seeds = np.stack([crop[r, c] for r, c in inside])                # (n, 3)
-            near = np.linalg.norm(crop[:, :, None] - seeds[None, None], axis=-1) < self.tolerance  # (h, w, n)
-            for i, (r, c) in enumerate(inside):                              # what is connected to each point
-                labels, _ = ndimage.label(near[..., i], structure=EIGHT)
-                mask[r1:r2, c1:c2] |= labels == labels[r, c]
+                region[:] = True
+            for r, c in inside:              # what is connected to the point through colours close to its own
+                near = np.linalg.norm(crop - crop[r, c], axis=-1) < self.tolerance              # (h_k, w_k)
+                labels, _ = ndimage.label(near, structure=EIGHT)
+                region |= labels == labels[r, c]
         return mask
 
 # The tiny policy: the real classes with toy sizes, 112 x 112-pixel model frames (16 image tokens per tile),
 # a 4-layer, 128-wide language model and a 2-block vision tower, ~1 M parameters. It loads, samples, scores
 # and saves like the 3B checkpoint, so every path of the method runs offline. The tokenizer is byte-level BPE
-# with no merges plus Qwen's special tokens and, like a real vocabulary's frequent pieces, single tokens for
-# the answer's syntax and the numbers 0-255: an answer is ~20 tokens, not ~60, which it can learn to write.
+# with no merges plus Qwen's special tokens and, as a trained vocabulary has for frequent text, single tokens
+# for the answer's syntax, the numbers 0-255 and the fixed stretches of our prompts: an answer is ~20 tokens,
+# not ~60, which it can learn to write, and a prompt ~40 plus the images, not ~600 bytes.
 TINY_CHAT_TEMPLATE = (
     "{%- for m in messages -%}<|im_start|>{{ m['role'] }}\n"
     "{%- if m['content'] is string -%}{{ m['content'] }}{%- else -%}{%- for c in m['content'] -%}"
     "{%- if c['type'] == 'image' -%}<|vision_start|><|image_pad|><|vision_end|>"
     "{%- elif c['type'] == 'text' -%}{{ c['text'] }}{%- endif -%}{%- endfor -%}{%- endif -%}<|im_end|>\n"
-    "{%- endfor -%}{%- if add_generation_prompt -%}<|im_start|>assistant\n{%- endif -%}"
-)
-TINY_PIECES = ["<think>", "</think>", "<answer>", "</answer>", '[{"bbox_2d": [', '{"bbox_2d": [', ", ", "]}",
-               '], "points": [[', "], [", "]]}"] + [str(i) for i in range(256)]
-# ...and the fixed stretches of our prompts, as a trained BPE would compress a text it has seen often: a
-# prompt is then ~40 tokens plus the images, not ~600 bytes.
-TINY_PIECES += [part for template in (STAGE1_PROMPT, STAGE2_PROMPT, SINGLE_PROMPT)
-                for part in re.split(r"\{[a-z]+\}", template.replace("{{", "{").replace("}}", "}"))
-                if len(part) > 3]
+    "{%- endfor -%}{%- if add_generation_prompt -%}<|im_start|>assistant\n{%- endif -%}")
+TINY_PIECES = (["<think>", "</think>", "<answer>", "</answer>", '[{"bbox_2d": [', '{"bbox_2d": [', ", ", "]}",
+                '], "points": [[', "], [", "]]}"] + [str(i) for i in range(256)]
+               + [part for prompt in (STAGE1_PROMPT, STAGE2_PROMPT, SINGLE_PROMPT)
+                  for part in re.split(r"\{[a-z]+\}", prompt.replace("{{", "{").replace("}}", "}"))
+                  if len(part) > 3])
 
 def build_tiny_policy(seed: int, device: torch.device = torch.device("cpu")) -> Policy:
-    from transformers import (GenerationConfig, Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration,
-                              Qwen2_5_VLProcessor, Qwen2Tokenizer, Qwen2VLImageProcessor,
-                              Qwen2VLVideoProcessor)
+    import transformers as hf
     from transformers.convert_slow_tokenizer import bytes_to_unicode
     specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"] + VISION_TOKENS
-    vocab = {ch: i for i, ch in enumerate(bytes_to_unicode()[b] for b in range(256))}
-    vocab.update({t: 256 + i for i, t in enumerate(specials)})
-    tok = Qwen2Tokenizer(vocab=vocab, merges=[], unk_token=None, eos_token="<|im_end|>",
-                         pad_token="<|endoftext|>", extra_special_tokens=specials[1:])
+    vocab = {piece: i for i, piece in enumerate([bytes_to_unicode()[b] for b in range(256)] + specials)}
+    tok = hf.Qwen2Tokenizer(vocab=vocab, merges=[], unk_token=None, eos_token="<|im_end|>",
+                            pad_token="<|endoftext|>", extra_special_tokens=specials[1:])
     tok.add_tokens(TINY_PIECES)                     # matched longest-first before the byte-level BPE
     size = {"shortest_edge": 56 * 56, "longest_edge": 112 * 112}
-    processor = Qwen2_5_VLProcessor(image_processor=Qwen2VLImageProcessor(size=size), tokenizer=tok,
-                                    video_processor=Qwen2VLVideoProcessor(size=size),
-                                    chat_template=TINY_CHAT_TEMPLATE)
+    processor = hf.Qwen2_5_VLProcessor(image_processor=hf.Qwen2VLImageProcessor(size=size), tokenizer=tok,
+                                       video_processor=hf.Qwen2VLVideoProcessor(size=size),
+                                       chat_template=TINY_CHAT_TEMPLATE)
     tid = tok.convert_tokens_to_ids
-    config = Qwen2_5_VLConfig(
+    ids = dict(bos_token_id=None, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+    config = hf.Qwen2_5_VLConfig(
         text_config=dict(vocab_size=len(tok), hidden_size=128, intermediate_size=256, num_hidden_layers=4,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=4096,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=4096, **ids,
                          # M-RoPE splits head_dim / 2 = 16 frequency pairs over (time, height, width)
-                         rope_parameters={"rope_type": "default", "rope_theta": 1e4,
-                                          "mrope_section": [4, 6, 6]},
-                         bos_token_id=None, eos_token_id=tid("<|im_end|>"),
-                         pad_token_id=tid("<|endoftext|>")),
+                         rope_parameters=dict(rope_type="default", rope_theta=1e4, mrope_section=[4, 6, 6])),
         vision_config=dict(depth=2, hidden_size=64, intermediate_size=128, num_heads=2, out_hidden_size=128,
                            patch_size=14, spatial_merge_size=2, temporal_patch_size=2, window_size=112,
                            fullatt_block_indexes=[1]),
-        image_token_id=tid("<|image_pad|>"), video_token_id=tid("<|video_pad|>"),
-        vision_start_token_id=tid("<|vision_start|>"), vision_end_token_id=tid("<|vision_end|>"),
-        tie_word_embeddings=False)
+        image_token_id=tid("<|image_pad|>"), video_token_id=tid("<|video_pad|>"), tie_word_embeddings=False,
+        vision_start_token_id=tid("<|vision_start|>"), vision_end_token_id=tid("<|vision_end|>"))
     torch.manual_seed(seed)
-    model = Qwen2_5_VLForConditionalGeneration(config)
-    # Numbers as a pretrained model knows them: the tokens "0".."255" start with embeddings (input and
-    # output) whose first half is a smooth function of their value, so that "57" begins close to "58" and
-    # answering a coordinate a few pixels off is a small mistake rather than an unrelated token.
-    value = torch.arange(256, dtype=torch.float32)[:, None]                     # (256, 1)
-    freqs = 1.0 / 64.0 ** (torch.arange(32, dtype=torch.float32) / 32)          # periods 8*pi .. ~8*pi*64
-    code = torch.cat([torch.sin(value * freqs / 4), torch.cos(value * freqs / 4)], 1)   # (256, 64)
+    model = hf.Qwen2_5_VLForConditionalGeneration(config)
+    model.generation_config = hf.GenerationConfig(**ids)
+    # Numbers as a pretrained model knows them: the embeddings (input and output) of the tokens "0".."255"
+    # start with a smooth function of their value (sines and cosines, periods 8*pi .. ~8*pi*64), so "57"
+    # begins close to "58" and a coordinate a few pixels off is a small mistake, not an unrelated token.
+    angle = torch.arange(256.0)[:, None] * (1.0 / 64.0 ** (torch.arange(32.0) / 32)) / 4       # (256, 32)
+    code = torch.cat([angle.sin(), angle.cos()], 1)                                              # (256, 64)
     with torch.no_grad():
         for table in (model.get_input_embeddings().weight, model.lm_head.weight):   # (V, 128)
             table[tid([str(i) for i in range(256)]), :64] = code * 1.4 * table.std()
-    model.generation_config = GenerationConfig(bos_token_id=None, eos_token_id=tid("<|im_end|>"),
-                                               pad_token_id=tid("<|endoftext|>"))
     return make_policy(model, processor, device)
 
 # ==== Appendix B — A.2.3 supervised fine-tuning: the paper's SFT baseline, and the warm-up before GRPO ======
-# The SFT baseline (Table 4) trains on answers made from the ground truth: each region's box plus three
-# points inside its mask, in each stage's schema, with an empty <think></think> (there is no reasoning to
-# imitate). A stage-2 prompt needs a first attempt to look at: the ground-truth boxes jittered by up to 10% of
-# their size, with the segmenter's coarse mask for those, so the model learns to refine rather than copy. The
-# loss is the token-mean negative log-likelihood, by the same completion_logprobs GRPO uses. `sft` runs only
-# this phase; `train --sft-steps N` runs it first, because a random policy never writes a well-formed answer:
-# every reward and every advantage would be 0. The warmed-up policy is then GRPO's KL reference.
+# The SFT baseline (Table 4) trains on answers made from the ground truth: each region's box plus three points
+# inside its mask, in each stage's schema, with an empty <think></think> (no reasoning to imitate). A stage-2
+# prompt needs a first attempt to look at: the ground-truth boxes jittered by up to 10% of their size, with
+# the segmenter's coarse mask for those, so the model learns to refine rather than copy. The loss is the
+# token-mean negative log-likelihood, by GRPO's completion_logprobs. `sft` runs only this phase; `train
+# --sft-steps N` runs it first, as a random policy never writes a well-formed answer (every reward and every
+# advantage would be 0); the warmed-up policy is then GRPO's KL reference.
 
 def format_answer(items: list) -> str:
     """The answer text of [{"bbox_2d": [...], ("points": [...])}] in whole model pixels; a region narrower
     than one pixel keeps a box one pixel wide (else the target would fail its own format gate)."""
-    out = []
-    for item in items:
-        x1, y1, x2, y2 = np.round(item["bbox_2d"]).astype(int).tolist()
-        out.append({"bbox_2d": [x1, y1, max(x2, x1 + 1), max(y2, y1 + 1)]})
-        if "points" in item:
-            out[-1]["points"] = np.round(item["points"]).astype(int).tolist()
+    out = [{key: np.round(item[key]).astype(int).tolist() for key in ("bbox_2d", "points") if key in item}
+           for item in items]
+    for box in (o["bbox_2d"] for o in out):
+        box[2], box[3] = max(box[2], box[0] + 1), max(box[3], box[1] + 1)
     return f"<think></think><answer>{json.dumps(out)}</answer>"
 
 def sft_examples(policy: Policy, segmenter: Segmenter, sample: Sample, n_points: int,
                  rng: np.random.Generator, single_stage: bool = False) -> list:
     """One sample's supervised rows (prompt inputs, target ids): stage 1 and 2, or the single-stage one."""
     mask_hw, model_hw = sample.mask.shape, model_frame(policy, sample.sat.size)
-    labels, _ = ndimage.label(sample.mask, structure=EIGHT)
-    boxes = mask_to_boxes(sample.mask)                                           # (J, 4) mask frame
-    # The model writes whole model pixels, so the candidate points are the model frame's pixel grid, kept
-    # where they land on the region once mapped back to the mask frame (a point drawn in the mask frame and
-    # rounded afterwards could fall off a thin region).
+    labels, n_regions = ndimage.label(sample.mask, structure=EIGHT)    # region j: row j - 1 of mask_to_boxes
+    # Candidate points: the model frame's pixel grid (the model writes whole pixels), kept where they land on
+    # the region back in the mask frame (a point drawn in the mask frame, then rounded, could fall off a thin
+    # region); a region smaller than one model pixel gets the pixel over its centre. n_points per region.
     grid = np.stack(np.meshgrid(np.arange(model_hw[1]), np.arange(model_hw[0])), -1).reshape(-1, 2)  # (N, 2)
     back = to_frame(grid, model_hw, mask_hw).astype(int)                         # (N, 2) mask-frame x, y
     on_label = labels[back[:, 1].clip(0, mask_hw[0] - 1), back[:, 0].clip(0, mask_hw[1] - 1)]   # (N,)
-    points = []
-    for j in range(1, len(boxes) + 1):                                           # n points per region
-        candidates = grid[on_label == j]
-        if len(candidates) == 0:         # a region smaller than one model pixel: the pixel over its centre
-            ys, xs = np.nonzero(labels == j)
-            candidates = np.floor(to_frame([[xs.mean() + 0.5, ys.mean() + 0.5]], mask_hw, model_hw))
-        pick = rng.choice(len(candidates), size=n_points, replace=len(candidates) < n_points)
-        points.append(candidates[pick].astype(float))
-    boxes_model = to_frame(boxes, mask_hw, model_hw)
-    end = policy.processor.tokenizer.eos_token_id                                # <|im_end|>: the turn ends
-    tokens = lambda items: torch.tensor(policy.processor.tokenizer(format_answer(items))["input_ids"] + [end])
+    candidates = [grid[on_label == j] if np.any(on_label == j) else
+                  np.floor(to_frame([np.argwhere(labels == j).mean(0)[::-1] + 0.5], mask_hw, model_hw))
+                  for j in range(1, n_regions + 1)]
+    points = [c[rng.choice(len(c), size=n_points, replace=len(c) < n_points)] for c in candidates]
+    boxes_model = to_frame(mask_to_boxes(sample.mask), mask_hw, model_hw)
+    tok = policy.processor.tokenizer                         # a target ends the turn: <|im_end|>, the eos
+    tokens = lambda items: torch.tensor(tok(format_answer(items))["input_ids"] + [tok.eos_token_id])
     target2 = tokens([{"bbox_2d": b, "points": p} for b, p in zip(boxes_model, points)])
     if single_stage:       # the paper's SFT baseline proper: one prompt, boxes and points
         return [(stage1_prompt(policy, sample, "single")[0], target2)]
     jitter = rng.uniform(-0.1, 0.1, boxes_model.shape) * np.tile(boxes_model[:, 2:] - boxes_model[:, :2], 2)
-    attempt = [{"bbox_2d": b} for b in clip_prompts(np.round(boxes_model + jitter), None, model_hw)[0]]
-    coarse = segment_answer(segmenter, segmenter.encode(np.asarray(sample.sat)), attempt, model_hw, mask_hw)
-    inputs2 = stage2_inputs(policy, sample, np.reshape([a["bbox_2d"] for a in attempt], (-1, 4)), model_hw,
-                            coarse)
-    target1 = tokens([{"bbox_2d": b} for b in boxes_model])
-    return [(stage1_prompt(policy, sample)[0], target1), (inputs2, target2)]
+    attempt = clip_prompts(np.round(boxes_model + jitter), None, model_hw)[0]        # (K, 4) model frame
+    coarse = segment_answer(segmenter, segmenter.encode(np.asarray(sample.sat)),
+                            [{"bbox_2d": b} for b in attempt], model_hw, mask_hw)
+    return [(stage1_prompt(policy, sample)[0], tokens([{"bbox_2d": b} for b in boxes_model])),
+            (stage2_inputs(policy, sample, attempt, model_hw, coarse), target2)]
 
 def sft_step(policy: Policy, optimizer, rows: list, micro_batch: int) -> float:
     """One supervised update on all rows, accumulated over micro-batches as in GRPO."""
     policy.model.train()
     optimizer.zero_grad(set_to_none=True)
     total = 0.0
-    for start in range(0, len(rows), micro_batch):
-        part = rows[start:start + micro_batch]
+    for part in (rows[start:start + micro_batch] for start in range(0, len(rows), micro_batch)):
         logp, mask = completion_logprobs(policy, policy.model, part, temperature=1.0)
         loss = -((logp * mask).sum(1) / mask.sum(1)).mean()
         (loss * len(part) / len(rows)).backward()
