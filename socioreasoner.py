@@ -1545,10 +1545,11 @@ def held_out_report(cfg: Config, train_refs: list, refs: list, policy: Policy, s
         print(f"{name:30s} {m['cIoU']:6.1f} {m['gIoU']:6.1f} {m['F1']:6.1f}  {s1}")
     (Path(cfg.out) / "eval.json").write_text(json.dumps(rows, indent=1) + "\n")
 
-def random_model_note(command: str) -> str:
-    return (f"note: --model tiny is an untrained, random policy: its answers are noise. To try the demo's "
-            f"trained policy, run `python socioreasoner.py train --tiny` (writes {DEMO_OUT}/) and then "
-            f"`python socioreasoner.py {command} --tiny --model {DEMO_OUT}/checkpoint`")
+def random_model_note(cfg: Config, command: str):
+    if cfg.model == "tiny":
+        print(f"note: --model tiny is an untrained, random policy: its answers are noise. To try the demo's "
+              f"trained policy, run `python socioreasoner.py train --tiny` (writes {DEMO_OUT}/) and then "
+              f"`python socioreasoner.py {command} --tiny --model {DEMO_OUT}/checkpoint`", file=sys.stderr)
 
 def run_eval(cfg: Config, split: str, limit: int, pictures: bool):
     """The eval command: a Table-1 row for one model on one split, with every predicted mask on disk."""
@@ -1565,8 +1566,7 @@ def run_eval(cfg: Config, split: str, limit: int, pictures: bool):
         print(f"stage-2 answer malformed, stage-1 mask kept: {m['stage2_fallbacks']} of {m['n']} samples")
     record = {**m, "model": cfg.model, "sam": cfg.sam, "data": cfg.data, "split": split, "method": method}
     (Path(cfg.out) / "metrics.json").write_text(json.dumps(record, indent=1) + "\n")
-    if cfg.model == "tiny":
-        print(random_model_note("eval"), file=sys.stderr)
+    random_model_note(cfg, "eval")
 
 MAX_TARGET_CHARS = 200      # SocioSeg's targets are a few words; a page of text is a mistake, not a target
 
@@ -1634,9 +1634,7 @@ def infer(cfg: Config, sat_path: str, map_path: Optional[str], text: Optional[st
     if folder:
         print(f"wrote {out}/<id>/mask.png and overlay.png for {len(refs)} tiles, "
               f"{seconds / len(refs):.2f} s per tile")
-    if cfg.model == "tiny":
-        given = shlex.join(a for a in (sat_path, map_path, text) if a is not None)
-        print(random_model_note(f"infer {given}"), file=sys.stderr)
+    random_model_note(cfg, "infer " + shlex.join(a for a in (sat_path, map_path, text) if a is not None))
 
 def save_mask(mask: np.ndarray, path: Path):
     Image.fromarray(mask.astype(np.uint8) * 255).save(path)            # 0 / 255, readable by read_sample
