@@ -1681,10 +1681,9 @@ def prediction_picture(sample: Sample, pred: Prediction, max_side: int = 1024) -
     return panel
 
 # ==== Appendix E — benchmark: where a training step's time and memory go ====================================
-# `bench` times a few training steps by kind of work, counts SAM encodings and tokens, and reads peak memory;
-# then times generation alone, one prompt per call against --generation-batch; then accumulates one
-# micro-batch 1 and 8 times (peak memory must not grow with the effective batch). The times are taken from
-# outside the method: while the steps run, the module's functions in BENCH_KINDS are replaced by wrappers.
+# `bench` times a few training steps by kind of work, from outside the method (`timed_functions`), counts SAM
+# encodings and tokens, and reads peak memory; then times generation alone, one prompt per call against
+# --generation-batch; then accumulates one micro-batch 1 and 8 times (peak memory must not grow with it).
 
 BENCH_KINDS = {"sample_completions": "generation", "encode_tiles": "segmentation",
                "segment_answer": "segmentation", "stage1_reward": "rewards", "stage2_reward": "rewards",
@@ -1702,8 +1701,9 @@ def timed_call(fn, *args, **kwargs) -> tuple:
 
 @contextlib.contextmanager
 def timed_functions(times: dict, calls: list):
-    """While the block runs, each function of BENCH_KINDS adds its wall time to times[its kind], and the
-    arguments of each call of encode_tiles and sample_completions go to calls as (name, args, kwargs)."""
+    """While the block runs, the module's functions named in BENCH_KINDS are replaced by wrappers: each adds
+    its wall time to times[its kind], and the calls of encode_tiles and sample_completions are listed in calls
+    as (name, args, kwargs)."""
     originals = {name: globals()[name] for name in BENCH_KINDS}
 
     def timed(name, fn):
