@@ -1483,10 +1483,11 @@ def held_out_report(cfg: Config, train_refs: list, refs: list, policy: Policy, s
         print(f"{name:30s} {m['cIoU']:6.1f} {m['gIoU']:6.1f} {m['F1']:6.1f}  {s1}")
     (Path(cfg.out) / "eval.json").write_text(json.dumps(rows, indent=1) + "\n")
 
-def random_model_note(command: str) -> str:
-    return (f"note: --model tiny is an untrained, random policy: its answers are noise. To try the demo's "
-            f"trained policy, run `python socioreasoner.py train --tiny` (writes {DEMO_OUT}/) and then "
-            f"`python socioreasoner.py {command} --tiny --model {DEMO_OUT}/checkpoint`")
+def random_model_note(cfg: Config, command: str):
+    if cfg.model == "tiny":
+        print(f"note: --model tiny is an untrained, random policy: its answers are noise. To try the demo's "
+              f"trained policy, run `python socioreasoner.py train --tiny` (writes {DEMO_OUT}/) and then "
+              f"`python socioreasoner.py {command} --tiny --model {DEMO_OUT}/checkpoint`", file=sys.stderr)
 
 def run_eval(cfg: Config, split: str, limit: int, pictures: bool):
     """The eval command: a Table-1 row for one model on one split, with every predicted mask on disk."""
@@ -1503,8 +1504,7 @@ def run_eval(cfg: Config, split: str, limit: int, pictures: bool):
         print(f"stage-2 answer malformed, stage-1 mask kept: {m['stage2_fallbacks']} of {m['n']} samples")
     record = {**m, "model": cfg.model, "sam": cfg.sam, "data": cfg.data, "split": split, "method": method}
     (Path(cfg.out) / "metrics.json").write_text(json.dumps(record, indent=1) + "\n")
-    if cfg.model == "tiny":
-        print(random_model_note("eval"), file=sys.stderr)
+    random_model_note(cfg, "eval")
 
 MAX_TARGET_CHARS = 200      # SocioSeg's targets are a few words; a page of text is a mistake, not a target
 
@@ -1552,8 +1552,8 @@ def infer(cfg: Config, sat_path: str, map_path: Optional[str], text: Optional[st
             save_mask(pred.final, where / "mask.png")
             picture.save(where / "overlay.png")
             if folder:
-                kept = "  (stage 2 malformed: stage-1 mask kept)" if pred.fallback else ""
-                print(f"{s.id}: \"{s.text}\"  mask {int(pred.final.sum())} pixels{kept}", flush=True)
+                print(f"{s.id}: \"{s.text}\"  mask {int(pred.final.sum())} pixels"
+                      + "  (stage 2 malformed: stage-1 mask kept)" * pred.fallback, flush=True)
                 continue
             for g, mask in pred.stages:
                 print(f"--- {'single stage' if cfg.single_stage else f'stage {g.stage}'} ---")
@@ -1572,9 +1572,7 @@ def infer(cfg: Config, sat_path: str, map_path: Optional[str], text: Optional[st
     if folder:
         print(f"wrote {out}/<id>/mask.png and overlay.png for {len(refs)} tiles, "
               f"{seconds / len(refs):.2f} s per tile")
-    if cfg.model == "tiny":
-        given = shlex.join(a for a in (sat_path, map_path, text) if a is not None)
-        print(random_model_note(f"infer {given}"), file=sys.stderr)
+    random_model_note(cfg, "infer " + shlex.join(a for a in (sat_path, map_path, text) if a is not None))
 
 def save_mask(mask: np.ndarray, path: Path):
     Image.fromarray(mask.astype(np.uint8) * 255).save(path)            # 0 / 255, readable by read_sample
@@ -1590,14 +1588,14 @@ def prediction_picture(sample: Sample, pred: Prediction, max_side: int = 1024) -
     font, line = ImageFont.load_default(size=fs), fs + fs // 2
     panel = Image.new("RGB", (2 * w, 2 * line + len(pred.stages) * (line + h)), "white")
     draw = ImageDraw.Draw(panel)
-
-    def text(xy, words):                          # cut to the panel's width
-        while words and font.getlength(words) > 2 * w - xy[0] - 4:
+    def text(y, words):                 # at the left edge, cut to the panel's width (never below "...")
+        while len(words) > 3 and font.getlength(words) > 2 * w - 8:
             words = words[:-4] + "..."
-        draw.text(xy, words, fill="black", font=font)
-    text((4, 2), f'target: "{sample.text}"')
-    x, y = 4 + font.getlength("left: map, right: satellite; "), line + 2       # the legend, with swatches
-    text((4, y), "left: map, right: satellite;")
+        draw.text((4, y), words, fill="black", font=font)
+    text(2, f'target: "{sample.text}"')
+    legend, y = "left: map, right: satellite;", line + 2                # then the swatches: box, point, mask
+    text(y, legend)
+    x = 4 + font.getlength(legend + " ")
     for name, style in {"box": dict(outline=BOX_RGB, width=max(2, fs // 8)),
                         "point": dict(fill=POINT_RGB, outline=(0, 0, 0)),
                         "mask": dict(fill=tuple(round(0.6 * 255 + 0.4 * c) for c in MASK_RGB))}.items():
@@ -1611,7 +1609,7 @@ def prediction_picture(sample: Sample, pred: Prediction, max_side: int = 1024) -
                     "stage 1 only (w/o refinement): boxes") + " -> final mask"
         name += " (malformed" + ("; stage-1 mask kept)" if row else ")") if group.answers[0] is None else ""
         top = 2 * line + row * (line + h)
-        text((4, top + 2), name)
+        text(top + 2, name)
         boxes, points = answer_prompts(group.answers[0], group.model_hw, sample.mask.shape)
         if scale < 1:
             boxes, points = boxes * scale, None if points is None else [p * scale for p in points]
@@ -1621,61 +1619,46 @@ def prediction_picture(sample: Sample, pred: Prediction, max_side: int = 1024) -
     return panel
 
 # ==== Appendix E — benchmark: where a training step's time and memory go ====================================
-# `bench` runs a few training steps and reports their time per kind of work, SAM encodings per sample,
-# generation speed and peak memory; then generation alone, one prompt per call against --generation-batch;
-# then one micro-batch accumulated 1 and 8 times (peak memory must not grow with the effective batch). The
-# time per kind of work is taken from outside the method: while the steps run, the module's functions named
-# in BENCH_KINDS are replaced by wrappers that time each call.
+# `bench` times a few training steps by kind of work, from outside the method (`timed_functions`), counts SAM
+# encodings and tokens, and reads peak memory; then times generation alone, one prompt per call against
+# --generation-batch; then accumulates one micro-batch 1 and 8 times (peak memory must not grow with it).
 
 BENCH_KINDS = {"sample_completions": "generation", "encode_tiles": "segmentation",
                "segment_answer": "segmentation", "stage1_reward": "rewards", "stage2_reward": "rewards",
                "accumulate_grpo_gradients": "policy forward/backward", "optimizer_step": "optimizer",
                "completion_logprobs": "reference forward"}   # under no_grad: the reference's, taken out below
 
-def sync():
-    if torch.cuda.is_available():     # the GPU's work is asynchronous: wait for it before reading a clock
-        torch.cuda.synchronize()
+def timed_call(fn, *args, **kwargs) -> tuple:
+    """(seconds, fn(*args, **kwargs)), waiting before each clock read for the GPU's asynchronous work."""
+    sync = torch.cuda.synchronize if torch.cuda.is_available() else lambda: None
+    sync()
+    t0 = time.perf_counter()
+    result = fn(*args, **kwargs)
+    sync()
+    return time.perf_counter() - t0, result
 
 @contextlib.contextmanager
-def timed_functions(times: dict):
-    """While the block runs, each function of BENCH_KINDS adds its wall time to times[its kind]."""
-    module, running, originals = globals(), set(), {name: globals()[name] for name in BENCH_KINDS}
+def timed_functions(times: dict, calls: list):
+    """While the block runs, the module's functions named in BENCH_KINDS are replaced by wrappers: each adds
+    its wall time to times[its kind], and the calls of encode_tiles and sample_completions are listed in calls
+    as (name, args, kwargs)."""
+    originals = {name: globals()[name] for name in BENCH_KINDS}
 
-    def timed(fn, kind):
-        @functools.wraps(fn)
+    def timed(name, fn):
         def wrapper(*args, **kwargs):
-            if kind in running or (kind == "reference forward" and torch.is_grad_enabled()):
-                return fn(*args, **kwargs)    # counted by the call around it; the policy's own forward
-            sync()
-            t0 = time.perf_counter()
-            running.add(kind)
-            try:
-                return fn(*args, **kwargs)
-            finally:
-                sync()
-                running.discard(kind)
-                times[kind] = times.get(kind, 0.0) + time.perf_counter() - t0
+            if name in ("encode_tiles", "sample_completions"):        # to count tiles, to replay prompts
+                calls.append((name, args, kwargs))
+            if BENCH_KINDS[name] == "reference forward" and torch.is_grad_enabled():
+                return fn(*args, **kwargs)           # the policy's own forward, within its forward/backward
+            seconds, result = timed_call(fn, *args, **kwargs)
+            times[BENCH_KINDS[name]] = times.get(BENCH_KINDS[name], 0.0) + seconds
+            return result
         return wrapper
-    module.update({name: timed(fn, BENCH_KINDS[name]) for name, fn in originals.items()})
+    globals().update({name: timed(name, fn) for name, fn in originals.items()})
     try:
         yield
     finally:
-        module.update(originals)
-
-class CountingSegmenter:
-    """A segmenter passed through, counting the tiles it encodes."""
-    def __init__(self, segmenter: Segmenter):
-        self.segmenter, self.encodings = segmenter, 0
-
-    def encode(self, image):
-        return self.encode_batch([image])[0]
-
-    def encode_batch(self, images):
-        self.encodings += len(images)
-        return encode_tiles(self.segmenter, images, chunk=max(1, len(images)))
-
-    def segment(self, encoding, boxes, points=None):
-        return self.segmenter.segment(encoding, boxes, points)
+        globals().update(originals)
 
 def reset_peak_memory(device):
     if device.type == "cuda":
@@ -1696,90 +1679,76 @@ def bench(cfg: Config, steps: int):
     check_config(cfg)
     device = pick_device()
     torch.manual_seed(cfg.seed)
-    refs = list_split(cfg.data, cfg.split)
-    policy = load_or_build_policy(cfg, device)
+    refs, policy = list_split(cfg.data, cfg.split), load_or_build_policy(cfg, device)
     prepare_policy(policy, cfg)
     reference = load_reference(cfg, cfg.model, device)
-    segmenter, optimizer = CountingSegmenter(load_segmenter(cfg, device)), new_optimizer(policy, cfg.lr)
+    segmenter, optimizer = load_segmenter(cfg, device), new_optimizer(policy, cfg.lr)
     print(f"bench: {steps} steps x {cfg.rollout_batch} prompts x G={cfg.group_size}, micro-batch "
           f"{cfg.micro_batch}, max {cfg.max_new_tokens} new tokens, device {device}")
     reset_peak_memory(device)
     records = []
     for step in range(steps):
-        t0, times = time.time(), {}
         batch = [refs[i] for i in batch_indices(step, len(refs), cfg.rollout_batch, cfg.seed)]
-        with timed_functions(times):
-            stats = train_step(step, batch, policy, reference, optimizer, segmenter, cfg)
+        times, calls = {}, []
+        with timed_functions(times, calls):
+            seconds, stats = timed_call(train_step, step, batch, policy, reference, optimizer, segmenter, cfg)
         times["policy forward/backward"] -= times.get("reference forward", 0.0)
-        records.append({**stats, **times, "seconds": time.time() - t0})
-        print(f"  step {step + 1}: {records[-1]['seconds']:.2f}s", flush=True)
+        times["encodings"] = sum(len(args[1]) for name, args, _ in calls if name == "encode_tiles")
+        records.append({**stats, **times, "seconds": seconds})
+        print(f"  step {step + 1}: {seconds:.2f}s", flush=True)
     peak, mean = peak_memory_mb(device), lambda key: float(np.mean([r.get(key, 0.0) for r in records]))
     print(f"\n{'seconds per step':28s} {'mean':>8s} {'share':>7s}")
     for key in ("generation", "segmentation", "rewards", "policy forward/backward", "reference forward",
                 "optimizer"):
         print(f"  {key:26s} {mean(key):8.3f} {100 * mean(key) / mean('seconds'):6.1f}%")
     print(f"  {'total':26s} {mean('seconds'):8.3f}")
-    print(f"SAM image encodings per sample per step: {segmenter.encodings / (steps * cfg.rollout_batch):.2f}")
+    print(f"SAM image encodings per sample per step: {mean('encodings') / cfg.rollout_batch:.2f}")
     print(f"tokens generated per second: {mean('tokens') / mean('generation'):.1f}")
     what = "GPU allocated" if device.type == "cuda" else "process RSS"
     print(f"peak memory over the steps: {peak:.0f} MB ({what})")
-    # Generation alone, both stages' prompts of one step, same weights: one prompt per generate call (G
-    # sequences, how rollouts were sampled before batching) against --generation-batch, alternated so that a
-    # change of machine load hits both alike; the median of 3.
-    samples = [read_sample(r) for r in batch]
-    sampling = dict(temperature=cfg.temperature, top_p=1.0, top_k=0, max_new_tokens=cfg.max_new_tokens)
-    prompts1 = [stage1_prompt(policy, s) for s in samples]
-    groups1 = rollout(policy, 1, prompts1, 1, {**sampling, "batch": 0})   # stage 2 needs a first answer
-    encodings = encode_tiles(segmenter, [np.asarray(s.sat) for s in samples])
-    coarse = [segment_answer(segmenter, e, g.answers[0], g.model_hw, s.mask.shape)
-              for s, g, e in zip(samples, groups1, encodings)]
-    prompts2 = [stage2_prompt(policy, s, g, 0, m) for s, g, m in zip(samples, groups1, coarse)]
+    # Generation alone, with the same weights: the last step's sample_completions calls (both stages' prompts)
+    # again, one prompt per call (G sequences, how rollouts were sampled before batching) against
+    # --generation-batch, alternated so that a change of machine load hits both alike; the median of 3.
+    generation = [(args, kwargs) for name, args, kwargs in calls if name == "sample_completions"]
+    generate = lambda b: sum(len(c) for args, kwargs in generation           # -> the tokens generated
+                             for cs in sample_completions(*args, **{**kwargs, "batch": b}) for c in cs)
     runs = {cfg.group_size: [], cfg.generation_batch: []}
-    for _ in range(3):
-        for b in runs:
-            sync()
-            t0 = time.perf_counter()
-            tokens = sum(len(c) for prompts in (prompts1, prompts2) for cs in sample_completions(
-                policy, [p for p, _ in prompts], cfg.group_size, **sampling, batch=b) for c in cs)
-            sync()
-            runs[b].append((time.perf_counter() - t0, tokens))
-    print(f"generation alone, both stages of a step ({len(samples)} prompts x G={cfg.group_size} each), "
+    for b in list(runs) * 3:
+        runs[b].append(timed_call(generate, b))
+    print(f"generation alone, both stages of a step ({len(batch)} prompts x G={cfg.group_size} each), "
           f"median of 3:")
-    seconds = {b: sorted(r)[1] for b, r in runs.items()}
-    for b, (s, tokens) in seconds.items():
+    medians = {b: sorted(r)[1] for b, r in runs.items()}
+    for b, (s, tokens) in medians.items():
         what = "all prompts in one call" if b == 0 else f"{max(1, b // cfg.group_size)} prompt(s) per call"
-        speedup = f"  {seconds[cfg.group_size][0] / s:.2f}x" if b != cfg.group_size else ""
+        speedup = f"  {medians[cfg.group_size][0] / s:.2f}x" if b != cfg.group_size else ""
         print(f"  --generation-batch {b:<4d} ({what}): {s:.3f} s per step, {tokens / s:,.0f} tokens/s"
               + speedup)
-    # One micro-batch's rows, accumulated once and eight times.
-    inputs, _ = prompts1[0]
-    completions, = sample_completions(policy, [inputs], cfg.micro_batch, **sampling)
+    # One micro-batch's rows (the first prompt's), accumulated once and eight times.
+    (_, prompts, _), sampling = generation[0]
+    completions, = sample_completions(policy, prompts[:1], cfg.micro_batch, **sampling)
     policy.model.train()
     peaks = {}
     for k in (1, 8):
-        rows = [(inputs, c) for c in completions] * k
+        rows = [(prompts[0], c) for c in completions] * k
         optimizer.zero_grad(set_to_none=True)
         reset_peak_memory(device)
         advantages = torch.randn(len(rows), generator=torch.Generator().manual_seed(0))
         accumulate_grpo_gradients(policy, reference, rows, advantages, cfg)
         peaks[k] = peak_memory_mb(device)
-    optimizer.zero_grad(set_to_none=True)
     print(f"gradient accumulation, micro-batch {cfg.micro_batch}: peak {peaks[1]:.0f} MB with 1 micro-batch, "
           f"{peaks[8]:.0f} MB with 8; ratio {peaks[8] / peaks[1]:.3f}")
 
 # ==== Appendix F — synthetic SocioSeg-style tiles ===========================================================
-# data_sample/ holds tiles made by a seeded generator that lives beside them, data_sample/synthetic.py (read
-# there what the tiles show, and why): SocioSeg itself cannot be downloaded on every machine, and the tests
-# must never download anything.
+# data_sample/ holds tiles from a seeded generator beside them, data_sample/synthetic.py (what they show, and
+# why, is told there): SocioSeg cannot be downloaded on every machine, and the tests must never download.
 
 @functools.lru_cache(maxsize=None)
 def synthetic():
     """The generator module data_sample/synthetic.py (make_synthetic_data, make_synthetic_sample, ...)."""
     import importlib.util
-    path = Path(__file__).resolve().parent / "data_sample" / "synthetic.py"
-    spec = importlib.util.spec_from_file_location("synthetic", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    spec = importlib.util.spec_from_file_location("synthetic", Path(__file__).resolve().parent / "data_sample"
+                                                  / "synthetic.py")
+    spec.loader.exec_module(module := importlib.util.module_from_spec(spec))
     return module
 
 # ==== Appendix G — the command line =========================================================================

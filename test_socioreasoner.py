@@ -893,6 +893,21 @@ def test_train_step_runs_both_stages_with_a_fake_segmenter():
     assert np.isfinite(stats["iou2"]) == (stats["format2"] > 0)
 
 
+def test_bench_times_a_step_from_outside_and_keeps_its_encodings_and_prompts():
+    refs = sr.list_split(HERE / "data_sample", "train")[:2]
+    cfg = sr.Config(group_size=3, max_new_tokens=6, micro_batch=3, lr=1e-3)
+    pol = sr.build_tiny_policy(seed=0)
+    opt = torch.optim.AdamW(pol.model.parameters(), lr=cfg.lr, weight_decay=0.0)
+    originals, times, calls = {name: getattr(sr, name) for name in sr.BENCH_KINDS}, {}, []
+    with sr.timed_functions(times, calls):
+        sr.train_step(0, refs, pol, sr.build_tiny_policy(seed=0).model, opt, BoxFiller(), cfg)
+    assert {name: getattr(sr, name) for name in sr.BENCH_KINDS} == originals      # the functions are put back
+    assert set(times) == set(sr.BENCH_KINDS.values()) and min(times.values()) > 0
+    assert times["policy forward/backward"] > times["reference forward"]          # the first holds the second
+    assert sum(len(args[1]) for name, args, _ in calls if name == "encode_tiles") == 2       # once per sample
+    assert [len(args[1]) for name, args, _ in calls if name == "sample_completions"] == [2, 2]   # both stages
+
+
 # ------------------------------------------------------------------------------------------------------------
 # The command line, as a user runs it
 # ------------------------------------------------------------------------------------------------------------
