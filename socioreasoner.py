@@ -80,9 +80,8 @@ class Config:
     skip_bad: bool = param(False, "leave broken samples out with a warning, rather than stop before training")
     resume: bool = param(False, "continue from <out>/checkpoint")
 
-# --tiny, the offline demo (appendix A): a tiny random Qwen2.5-VL and a weights-free stand-in for SAM, an SFT
-# warm-up long enough to localise, not only to format (a random model learns the answer's syntax first, and
-# where the place is only after some 600 steps), and GRPO with a learning rate a tiny model needs.
+# --tiny, the offline demo (appendix A: a tiny random Qwen2.5-VL, a weights-free SAM stand-in): SFT long
+# enough to localise, not just format (the place comes ~600 steps after the syntax); a tiny model's GRPO lr.
 TINY_DEFAULTS = dict(model="tiny", sam="grow", rollout_batch=8, group_size=8, max_new_tokens=64,
                      micro_batch=16, lr=3e-5, steps=60, sft_steps=800, sft_lr=1e-3, sft_batch=8,
                      eval_split="val", save_every=100, generation_batch=0)
@@ -172,10 +171,9 @@ class SocioError(Exception):
     """A problem the user can fix (a bad file, a missing model): the command line prints it as one line."""
 
 # CPU threads. torch's idle threads busy-wait by default and fight any other process on shared cores (a demo
-# SFT step took 9-19 s, 0.6-1.5 s with them asleep); OpenMP reads OMP_WAIT_POLICY when torch is imported, so
-# it is set here (a user's value wins). The tiny models' operations are too small for a thread pool to pay off
-# (50 demo SFT steps on 2 quiet cores: 34 s on one thread, 31 s on two spinning, 44 s on two asleep), so
-# --tiny runs on one thread unless --threads says otherwise.
+# SFT step: 9-19 s, 0.6-1.5 s with them asleep); OpenMP reads OMP_WAIT_POLICY when torch is imported, so it is
+# set here (a user's value wins). The tiny models' operations are too small for more threads to pay off (50
+# demo SFT steps on 2 quiet cores: 34 s on one, 31 s on two spinning, 44 s on two asleep): --tiny uses one.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 if __name__ == "__main__":
     ARGS = build_parser().parse_args()      # --help and usage errors end here, before the imports below
@@ -1331,12 +1329,11 @@ def sft_step(policy: Policy, optimizer, rows: list, micro_batch: int) -> float:
     return total
 
 # ==== Appendix C — the training run: phases, log, atomic checkpoints, resume ================================
-# A run is an optional SFT warm-up (sft_steps), then GRPO (steps). <out>/checkpoint/ holds the policy and
-# processor (save_pretrained) and trainer_state.pt: phase, step, optimizer and RNG states, the source of the
-# KL reference and the run's config (plain data: torch.load(weights_only=True) reads it). It is written to
-# checkpoint.tmp/ and renamed into place, the previous one kept as checkpoint.old/ until then: a kill at any
-# moment leaves a complete one. Data order and g* are seeded by (seed, step) and sampling's RNG state is
-# saved, so on a CPU a resumed run repeats what the uninterrupted run would have done.
+# A run: an optional SFT warm-up (sft_steps), then GRPO (steps). <out>/checkpoint/ holds the policy and
+# processor (save_pretrained) and trainer_state.pt (plain data for torch.load(weights_only=True)): phase,
+# step, optimizer and RNG states, the KL reference's source, the config. It is written as checkpoint.tmp/ and
+# renamed, the previous one kept as checkpoint.old/ until then: a kill at any moment leaves a complete one. As
+# data order and g* are seeded by (seed, step), on a CPU a resumed run repeats the uninterrupted one.
 
 def save_checkpoint(out: Path, policy: Policy, optimizer, state: dict, cfg: Config):
     tmp, final, old = out / "checkpoint.tmp", out / "checkpoint", out / "checkpoint.old"
@@ -1379,8 +1376,7 @@ def load_reference(cfg: Config, source: str, device: torch.device):
     return reference.eval().to(torch.bfloat16) if device.type == "cuda" else reference.eval()
 
 @dataclass
-class Run:
-    """What a training run's phases share."""
+class Run:                            # what a training run's phases share
     cfg: Config
     state: dict                       # phase ("sft" | "grpo"), steps done in it, where pi_ref comes from
     refs: list                        # the training split
