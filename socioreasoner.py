@@ -144,8 +144,8 @@ def build_parser() -> argparse.ArgumentParser:
             doc = OUT_DOCS[name] if f.name == "out" and name in OUT_DOCS else f.metadata["doc"]
             default = shown(COMMAND_DEFAULTS.get(name, {}).get(f.name, f.default))
             kind = dict(action="store_true") if f.type == "bool" else dict(type=type(f.default))
-            text = doc if f.type == "bool" else f"{doc} (default {default})"   # argparse formats help with %:
-            add(flag(f.name), default=None, **kind, help=text.replace("%", "%%"))
+            text = doc if f.type == "bool" else f"{doc} (default {default})"
+            add(flag(f.name), default=None, **kind, help=text.replace("%", "%%"))   # %: escaped for argparse
     m = sub.add_parser("make-data", help="write synthetic SocioSeg-style train/ and val/ splits")
     m.add_argument("--out", default="data_sample", help="folder for train/ and val/ (default data_sample)")
     for arg, what in [("--train", "training tiles"), ("--val", "held-out tiles"), ("--size", "tile side in "
