@@ -80,49 +80,43 @@ class Config:
     skip_bad: bool = param(False, "leave broken samples out with a warning, rather than stop before training")
     resume: bool = param(False, "continue from <out>/checkpoint")
 
-# --tiny, the offline demo: a tiny random Qwen2.5-VL and a weights-free stand-in for SAM (appendix A), an SFT
-# warm-up long enough to localise, not only to format (a random model first learns the answer's syntax, and
-# only after some 600 steps where the place is), and GRPO with a learning rate a tiny model needs.
+# --tiny, the offline demo (appendix A: a tiny random Qwen2.5-VL, a weights-free SAM stand-in): SFT long
+# enough to localise, not just format (the place comes ~600 steps after the syntax); a tiny model's GRPO lr.
 TINY_DEFAULTS = dict(model="tiny", sam="grow", rollout_batch=8, group_size=8, max_new_tokens=64,
                      micro_batch=16, lr=3e-5, steps=60, sft_steps=800, sft_lr=1e-3, sft_batch=8,
                      eval_split="val", save_every=100, generation_batch=0)
 DEMO_OUT = "runs/demo"      # --tiny's out (runs/demo-sft, ... for other commands): never a real run's folder
-RELEASED = "vvangfaye/SocioReasoner-3B"
+RELEASED = "vvangfaye/SocioReasoner-3B"                              # the authors' trained policy
 COMMAND_DEFAULTS = {"sft": dict(sft_steps=500, out="runs/sft"), "eval": dict(model=RELEASED, out="runs/eval"),
                     "infer": dict(model=RELEASED, out="runs/infer")}
 RUN_FIELDS = ("model", "sam", "sam_config", "seed", "freeze_vision", "sft_points")   # fixed for a run's life
 
-def demo_out(command: str) -> str:
-    return DEMO_OUT if command == "train" else f"{DEMO_OUT}-{command}"
-
+# The one rule of where a run's values come from: Config's defaults, then the command's, then --tiny's, then
+# the flags given (`sft` is `train` given --steps 0). --resume: the run's saved config, then the flags given
+# again (given: their names; None: all), but RUN_FIELDS stay as saved.
 def command_config(command: str, tiny: bool, given: dict) -> Config:
-    """The one rule: Config's defaults, then the command's, then --tiny's, then the flags given. A resumed
-    run starts from its saved config instead (resumed_config). `sft` is `train` given --steps 0."""
-    tiny_values = {**TINY_DEFAULTS, "out": demo_out(command)} if tiny else {}
-    return Config(**{**COMMAND_DEFAULTS.get(command, {}), **tiny_values, **given})
+    tiny_values = {**TINY_DEFAULTS, "out": DEMO_OUT if command == "train" else f"{DEMO_OUT}-{command}"}
+    return Config(**{**COMMAND_DEFAULTS.get(command, {}), **(tiny_values if tiny else {}), **given})
 
 def resumed_config(saved: dict, cfg: Config, given: Optional[set]) -> Config:
-    """--resume: the saved config, then cfg's values of the flags given again (None: all) but RUN_FIELDS."""
     again = {k: getattr(cfg, k) for k in (Config.__dataclass_fields__ if given is None else given)}
     return Config(**{**saved, **again, "resume": True, **{k: saved[k] for k in RUN_FIELDS}})
 
 # ==== The command line's flags, and what is checked before anything runs (the commands: appendix G) =========
 
 TRAIN_FIELDS = [f.name for f in dataclasses.fields(Config) if not f.name.startswith("infer_")]
-GRPO_ONLY = ["steps", "rollout_batch", "group_size", "lr", "clip_eps", "kl_beta", "temperature", "select",
-             "points_mu", "stage1_only"]
+GRPO_ONLY = "steps rollout_batch group_size lr clip_eps kl_beta temperature select points_mu stage1_only"
 INFER_FIELDS = ["model", "sam", "sam_config", "prompts", "out", "seed", "max_new_tokens", "single_stage",
                 "stage1_only", "infer_temperature", "infer_top_p", "infer_top_k", "generation_batch"]
 COMMANDS = {  # command: (what it does, the Config fields it takes as flags)
     "train": ("two-stage GRPO training (Algorithm 1), after an optional SFT warm-up", TRAIN_FIELDS),
     "sft": ("the paper's SFT baseline (A.2.3): supervised steps only, no GRPO",
-            [f for f in TRAIN_FIELDS if f not in GRPO_ONLY]),
+            [f for f in TRAIN_FIELDS if f not in GRPO_ONLY.split()]),
     "infer": ("segment one place: infer SAT MAP \"school\"; tiles: infer DIR [TEXT]", INFER_FIELDS),
     "eval": ("cIoU, gIoU, F1 and seconds per sample of a model on a split (Table 1)",
              ["data", "skip_bad"] + INFER_FIELDS),
     "bench": ("time and memory of a few training steps, by kind of work",
-          [f for f in TRAIN_FIELDS if f not in ("out", "resume", "save_every", "eval_split", "eval_limit")])
-}
+          [f for f in TRAIN_FIELDS if f not in ("out", "resume", "save_every", "eval_split", "eval_limit")])}
 OUT_DOCS = {"infer": "folder for mask.png (the final mask, the tile's size) and overlay.png (both stages)",
             "eval": "folder for metrics.json and masks/<id>.png (and pictures/ with --pictures)"}
 
@@ -138,26 +132,25 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate("--limit", type=int, default=0, help="evaluate the first N samples only (default all)")
     evaluate("--pictures", action="store_true", help="also write a Fig.-3-style picture per sample")
     bench("--bench-steps", type=int, default=3, help="training steps to time (default 3)")
-    shown = lambda v: "''" if v == "" else v
+    flag, shown = lambda name: "--" + name.replace("_", "-"), lambda value: "''" if value == "" else value
     for name, (_, names) in COMMANDS.items():
-        tiny = " ".join(f"--{k.replace('_', '-')} {shown(v)}" for k, v in TINY_DEFAULTS.items() if k in names)
-        tiny += f"; --out {demo_out(name)}" * ("out" in names) + " (flags given still win)"
-        p[name].add_argument("--tiny", action="store_true", help=f"offline demo: {tiny}" +
-                             "; unless --model is given the policy is random" * (name in ("infer", "eval")))
-        p[name].add_argument("--threads", type=int, help="CPU threads for torch (default: 1 with --tiny, "
-                                 "else one per core)")
+        add, tiny = p[name].add_argument, command_config(name, True, {})     # tiny: the values --tiny gives
+        demo = " ".join(f"{flag(k)} {shown(getattr(tiny, k))}" for k in TINY_DEFAULTS if k in names)
+        demo += f"; --out {tiny.out}" * ("out" in names) + " (flags given still win)"
+        demo += "; unless --model is given the policy is random" * (name in ("infer", "eval"))
+        add("--tiny", action="store_true", help=f"offline demo: {demo}")
+        add("--threads", type=int, help="CPU threads for torch (default: 1 with --tiny, else one per core)")
         for f in (f for f in dataclasses.fields(Config) if f.name in names):
-            doc = OUT_DOCS.get(name, f.metadata["doc"]) if f.name == "out" else f.metadata["doc"]
-            doc = doc.replace("%", "%%")                                     # argparse formats help with %
-            default = COMMAND_DEFAULTS.get(name, {}).get(f.name, f.default)
+            doc = OUT_DOCS[name] if f.name == "out" and name in OUT_DOCS else f.metadata["doc"]
+            default = shown(COMMAND_DEFAULTS.get(name, {}).get(f.name, f.default))
             kind = dict(action="store_true") if f.type == "bool" else dict(type=type(f.default))
-            p[name].add_argument("--" + f.name.replace("_", "-"), default=None, **kind,
-                                 help=doc if f.type == "bool" else f"{doc} (default {shown(default)})")
+            text = doc if f.type == "bool" else f"{doc} (default {default})"
+            add(flag(f.name), default=None, **kind, help=text.replace("%", "%%"))   # %: escaped for argparse
     m = sub.add_parser("make-data", help="write synthetic SocioSeg-style train/ and val/ splits")
     m.add_argument("--out", default="data_sample", help="folder for train/ and val/ (default data_sample)")
-    for flag, what in [("--train", "training tiles"), ("--val", "held-out tiles"), ("--size", "tile side in "
-                       "pixels"), ("--seed", "random seed"), ("--kinds", "1: a school a tile, 2: + a park")]:
-        m.add_argument(flag, type=int, help=f"{what} (default: data_sample/synthetic.py's)")
+    for arg, what in [("--train", "training tiles"), ("--val", "held-out tiles"), ("--size", "tile side in "
+                      "pixels"), ("--seed", "random seed"), ("--kinds", "1: a school a tile, 2: + a park")]:
+        m.add_argument(arg, type=int, help=f"{what} (default: data_sample/synthetic.py's)")
     return parser
 
 def check_config(cfg: Config):
@@ -165,31 +158,27 @@ def check_config(cfg: Config):
     problems = [msg for bad, msg in [
         (cfg.select not in ("argmax", "sample"), f"--select is 'argmax' or 'sample', not '{cfg.select}'"),
         (cfg.group_size < 2, "--group-size must be at least 2: advantages are relative to the group"),
-        (min(cfg.rollout_batch, cfg.micro_batch, cfg.sft_batch, cfg.max_new_tokens) < 1,
-         "--rollout-batch, --micro-batch, --sft-batch and --max-new-tokens must be positive"),
-        (cfg.steps < 0 or cfg.sft_steps < 0, "--steps and --sft-steps cannot be negative"),
-        (cfg.temperature <= 0 or cfg.infer_temperature <= 0, "temperatures must be positive"),
-        (not 1 <= cfg.sft_points <= MAX_POINTS, f"--sft-points must be between 1 and {MAX_POINTS}"),
-        (min(cfg.eval_limit, cfg.generation_batch) < 0, "--eval-limit, --generation-batch can't be negative"),
-        (cfg.save_every < 1, "--save-every must be positive")] if bad]
+        (min(cfg.rollout_batch, cfg.micro_batch, cfg.sft_batch, cfg.max_new_tokens, cfg.save_every) < 1,
+         "--rollout-batch, --micro-batch, --sft-batch, --max-new-tokens and --save-every must be positive"),
+        (min(cfg.steps, cfg.sft_steps, cfg.eval_limit, cfg.generation_batch) < 0,
+         "--steps, --sft-steps, --eval-limit and --generation-batch cannot be negative"),
+        (min(cfg.temperature, cfg.infer_temperature) <= 0, "temperatures must be positive"),
+        (not 1 <= cfg.sft_points <= MAX_POINTS, f"--sft-points must be between 1 and {MAX_POINTS}")] if bad]
     if problems:
         raise SocioError("; ".join(problems))
 
 class SocioError(Exception):
     """A problem the user can fix (a bad file, a missing model): the command line prints it as one line."""
 
-# CPU threads. torch's threads busy-wait between parallel regions by default; on cores shared with another
-# process they fight it (a demo SFT step took 9-19 s, against 0.6-1.5 s with idle threads asleep: measured
-# on 2 shared cores). OpenMP reads OMP_WAIT_POLICY once, when torch is imported, so it is set here (a user's
-# value wins). The tiny models' operations are too small for a thread pool to pay off: on a quiet 2-core
-# machine 50 demo SFT steps took 34 s on one thread, 31 s on two spinning and 44 s on two sleeping threads,
-# and one thread does not mind a second busy process. So --tiny runs on one thread unless --threads says so.
+# CPU threads. torch's idle threads busy-wait by default and fight any other process on shared cores (a demo
+# SFT step: 9-19 s, 0.6-1.5 s with them asleep); OpenMP reads OMP_WAIT_POLICY when torch is imported, so it is
+# set here (a user's value wins). The tiny models' operations are too small for more threads to pay off (50
+# demo SFT steps on 2 quiet cores: 34 s on one, 31 s on two spinning, 44 s on two asleep): --tiny uses one.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 if __name__ == "__main__":
     ARGS = build_parser().parse_args()      # --help and usage errors end here, before the imports below
 
-import numpy as np
-import torch
+import numpy as np, torch
 from PIL import Image, ImageDraw, ImageFont
 from scipy import ndimage
 from scipy.optimize import linear_sum_assignment
@@ -1278,23 +1267,22 @@ def sft_step(policy: Policy, optimizer, rows: list, micro_batch: int) -> float:
     return total
 
 # ==== Appendix C — the training run: phases, log, atomic checkpoints, resume ================================
-# A run is an optional SFT warm-up (sft_steps), then GRPO (steps). <out>/checkpoint/ holds the policy and
-# processor (save_pretrained) and trainer_state.pt: phase, step, optimizer and RNG states, the source of the
-# KL reference and the run's config (plain data: torch.load(weights_only=True) reads it). It is written to
-# checkpoint.tmp/ and renamed into place, the previous one kept as checkpoint.old/ until then: a kill at any
-# moment leaves a complete one. Data order and g* are seeded by (seed, step) and sampling's RNG state is
-# saved, so on a CPU a resumed run repeats what the uninterrupted run would have done.
+# A run: an optional SFT warm-up (sft_steps), then GRPO (steps). <out>/checkpoint/ holds the policy and
+# processor (save_pretrained) and trainer_state.pt (plain data for torch.load(weights_only=True)): phase,
+# step, optimizer and RNG states, the KL reference's source, the config. It is written as checkpoint.tmp/ and
+# renamed, the previous one kept as checkpoint.old/ until then: a kill at any moment leaves a complete one. As
+# data order and g* are seeded by (seed, step), on a CPU a resumed run repeats the uninterrupted one.
 
 def save_checkpoint(out: Path, policy: Policy, optimizer, state: dict, cfg: Config):
     tmp, final, old = out / "checkpoint.tmp", out / "checkpoint", out / "checkpoint.old"
     shutil.rmtree(tmp, ignore_errors=True)
-    policy.model.save_pretrained(tmp)
-    policy.processor.save_pretrained(tmp)
+    for part in (policy.model, policy.processor):
+        part.save_pretrained(tmp)
     if policy.prompts != DEFAULT_PROMPTS:            # the wording it was trained in goes with it
         (tmp / "prompts.json").write_text(json.dumps(policy.prompts, indent=1) + "\n", encoding="utf-8")
-    cuda = {"cuda_rng": torch.cuda.get_rng_state_all()} if torch.cuda.is_available() else {}
-    torch.save({**state, "torch_rng": torch.get_rng_state(), **cuda, "config": dataclasses.asdict(cfg),
-                "optimizer": optimizer.state_dict() if optimizer else None}, tmp / "trainer_state.pt")
+    torch.save({**state, "torch_rng": torch.get_rng_state(), "cuda_rng": torch.cuda.get_rng_state_all(),
+                "config": dataclasses.asdict(cfg), "optimizer": optimizer and optimizer.state_dict()},
+               tmp / "trainer_state.pt")
     if final.exists():
         shutil.rmtree(old, ignore_errors=True)
         os.replace(final, old)
@@ -1306,18 +1294,8 @@ def latest_checkpoint(out: Path) -> Optional[Path]:
     return complete[0] if complete else None
 
 def log_lines(path: Path) -> list:
-    """The records of a log.jsonl; a line cut off by a kill mid-write is dropped."""
-    records = []
-    for line in path.read_text().splitlines() if path.exists() else []:
-        try:
-            records.append(json.loads(line))
-        except ValueError:
-            pass
-    return records
-
-def append_log(path: Path, record: dict):
-    with open(path, "a") as f:
-        f.write(json.dumps(record) + "\n")
+    """The records of a log.jsonl; a line cut off by a kill mid-write (no newline yet) is dropped."""
+    return [json.loads(line) for line in (path.read_text() if path.exists() else "").split("\n")[:-1]]
 
 def prepare_policy(policy: Policy, cfg: Config):
     if cfg.freeze_vision:       # the ViT and its merger stay as loaded; no gradients or AdamW states for them
@@ -1336,8 +1314,7 @@ def load_reference(cfg: Config, source: str, device: torch.device):
     return reference.eval().to(torch.bfloat16) if device.type == "cuda" else reference.eval()
 
 @dataclass
-class Run:
-    """What a training run's phases share."""
+class Run:                            # what a training run's phases share
     cfg: Config
     state: dict                       # phase ("sft" | "grpo"), steps done in it, where pi_ref comes from
     refs: list                        # the training split
@@ -1345,29 +1322,27 @@ class Run:
     policy: Policy
     segmenter: Segmenter
     optimizer: Any
-    saved: Optional[dict] = None      # the trainer state resumed from, until its RNG state is restored
+    reference: Any = None             # pi_ref, once the GRPO phase has begun (None: no GRPO steps)
 
     def checkpoint(self, step: int):
-        state = {**self.state, "step": step}
+        state = {**self.state, "step": step}                      # step: steps done in this phase
         save_checkpoint(Path(self.cfg.out), self.policy, self.optimizer, state, self.cfg)
 
-    def restore_rng(self):
-        """Go on with the resumed run's random draws; once, after the models are built (a tiny one reseeds)"""
-        if self.saved is not None:
-            torch.set_rng_state(self.saved["torch_rng"])
-            if "cuda_rng" in self.saved and torch.cuda.is_available():
-                torch.cuda.set_rng_state_all(self.saved["cuda_rng"])
-            self.saved = None
+    def log(self, step: int, t0: float, **numbers) -> float:
+        """Append to <out>/log.jsonl the record of this phase's step, begun at t0; its seconds."""
+        seconds = round(time.time() - t0, 3)
+        record = {"phase": self.state["phase"], "step": step, **{k: round(v, 5) for k, v in numbers.items()}}
+        with open(Path(self.cfg.out) / "log.jsonl", "a") as f:
+            f.write(json.dumps(record | {"seconds": seconds}) + "\n")
+        return seconds
 
 def open_run(cfg: Config, given: Optional[set]) -> Run:
     """A new run in cfg.out, or (--resume) the one there: its config, data, models, optimizer and log."""
     check_config(cfg)
     ckpt = latest_checkpoint(Path(cfg.out))
-    if ckpt is not None and not cfg.resume:
-        raise SocioError(f"{cfg.out} already holds a checkpoint: continue it with --resume, or choose "
-                         "another --out")
-    if cfg.resume and ckpt is None:
-        raise SocioError(f"--resume: no checkpoint in {cfg.out}")
+    if (ckpt is not None) != cfg.resume:
+        raise SocioError(f"--resume: no checkpoint in {cfg.out}" if cfg.resume else f"{cfg.out} already "
+                         "holds a checkpoint: continue it with --resume, or choose another --out")
     saved = ckpt and torch.load(ckpt / "trainer_state.pt", weights_only=True)
     state = {"phase": "sft" if cfg.sft_steps else "grpo", "step": 0, "reference": cfg.model}
     if saved:
@@ -1375,8 +1350,7 @@ def open_run(cfg: Config, given: Optional[set]) -> Run:
         print(f"resuming from {ckpt}: {state['phase']} step {state['step']}")
     refs = list_split(cfg.data, cfg.split, need_foreground=True, skip_bad=cfg.skip_bad)   # all checked now
     try:
-        eval_refs = list_split(cfg.data, cfg.eval_split, skip_bad=cfg.skip_bad)[: cfg.eval_limit or None] \
-            if cfg.eval_split else []
+        eval_refs = list_split(cfg.data, cfg.eval_split, skip_bad=cfg.skip_bad) if cfg.eval_split else []
     except SocioError as e:
         raise SocioError(f"{e}. --eval-split {cfg.eval_split} (which --tiny sets) evaluates on it after "
                          f"training; --eval-split '' skips that") from None
@@ -1385,26 +1359,27 @@ def open_run(cfg: Config, given: Optional[set]) -> Run:
     policy = load_or_build_policy(dataclasses.replace(cfg, model=str(ckpt)) if ckpt else cfg, device)
     prepare_policy(policy, cfg)
     segmenter = load_segmenter(cfg, device)
+    grpo = state["phase"] == "grpo"
+    reference = load_reference(cfg, state["reference"], device) if grpo and cfg.steps else None
     Path(cfg.out).mkdir(parents=True, exist_ok=True)     # only once the models have loaded
-    lr = cfg.sft_lr if state["phase"] == "sft" else cfg.lr
+    lr = cfg.lr if grpo else cfg.sft_lr
     optimizer = new_optimizer(policy, lr)
-    if saved and saved["optimizer"] is not None:
+    if saved and saved["optimizer"]:
         optimizer.load_state_dict(saved["optimizer"])
-        for group in optimizer.param_groups:         # a learning rate given now wins over the saved one
-            group["lr"] = lr
+        optimizer.param_groups[0]["lr"] = lr       # new_optimizer's one group: a learning rate given now wins
     # the log keeps its records up to the checkpoint continued from; a new run starts an empty one
-    log, order = Path(cfg.out) / "log.jsonl", ("sft", "grpo")
-    done = (order.index(state["phase"]), state["step"])
-    kept = [r for r in log_lines(log) if (order.index(r.get("phase", "grpo")), r["step"]) <= done] \
-        if saved else []
+    log, order = Path(cfg.out) / "log.jsonl", lambda r: (r.get("phase") != "sft", r["step"])
+    kept = [r for r in log_lines(log) if saved and order(r) <= order(state)]
     log.with_suffix(".tmp").write_text("".join(json.dumps(r) + "\n" for r in kept))
     os.replace(log.with_suffix(".tmp"), log)
-    return Run(cfg, state, refs, eval_refs, policy, segmenter, optimizer, saved)
+    if saved:              # the saved random draws go on, now that the models are built (a tiny one reseeds)
+        torch.set_rng_state(saved["torch_rng"])
+        torch.cuda.set_rng_state_all(saved.get("cuda_rng", []))
+    return Run(cfg, state, refs, eval_refs[: cfg.eval_limit or None], policy, segmenter, optimizer, reference)
 
-def warm_up(run: Run, log: Path):
+def warm_up(run: Run):
     """The supervised phase of a run (appendix B); its weights become GRPO's KL reference."""
     cfg, out = run.cfg, Path(run.cfg.out)
-    run.restore_rng()
     print(f"SFT on {len(run.refs)} samples: {cfg.sft_steps} steps x {cfg.sft_batch} samples x "
           f"{1 if cfg.single_stage else 2} stage(s)")
     for step in range(run.state["step"], cfg.sft_steps):
@@ -1416,48 +1391,44 @@ def warm_up(run: Run, log: Path):
                 sft_examples(run.policy, run.segmenter, read_sample(run.refs[i]), cfg.sft_points, rng,
                              cfg.single_stage)]
         loss = sft_step(run.policy, run.optimizer, rows, cfg.micro_batch)
-        append_log(log, {"phase": "sft", "step": step + 1, "loss": round(loss, 5),
-                         "seconds": round(time.time() - t0, 3)})
+        seconds = run.log(step + 1, t0, loss=loss)
         if (step + 1) % 25 == 0 or step + 1 == cfg.sft_steps:
-            print(f"sft  {step + 1:4d}/{cfg.sft_steps}  loss {loss:.4f}  {time.time() - t0:.2f}s", flush=True)
+            print(f"sft  {step + 1:4d}/{cfg.sft_steps}  loss {loss:.4f}  {seconds:.2f}s", flush=True)
         if (step + 1) % cfg.save_every == 0 and step + 1 < cfg.sft_steps:
             run.checkpoint(step + 1)
-    run.policy.model.save_pretrained(out / "warmup")
-    run.policy.processor.save_pretrained(out / "warmup")
+    for part in (run.policy.model, run.policy.processor):
+        part.save_pretrained(out / "warmup")
     run.state = {"phase": "grpo", "step": 0, "reference": "warmup"}
     run.optimizer = new_optimizer(run.policy, cfg.lr)
-    save_checkpoint(out, run.policy, None, run.state, cfg)
+    run.checkpoint(0)
+    run.reference = load_reference(cfg, "warmup", run.policy.device) if cfg.steps else None
 
 def train(cfg: Config, given: Optional[set] = None):
     """Optional SFT warm-up, then T steps of two-stage GRPO (Algorithm 1), logged and checkpointed. given:
     the config fields set on the command line, which a resumed run takes over its saved config (None: all)."""
     run = open_run(cfg, given)
-    cfg, log, device = run.cfg, Path(run.cfg.out) / "log.jsonl", run.policy.device
     if run.state["phase"] == "sft":
-        warm_up(run, log)
-    reference = load_reference(cfg, run.state["reference"], device) if cfg.steps else None
-    run.restore_rng()
+        warm_up(run)
+    cfg = run.cfg
     if run.state["step"] < cfg.steps:
         print(f"GRPO on {len(run.refs)} samples of {cfg.data}/{cfg.split}: {cfg.steps} steps x "
-              f"{cfg.rollout_batch} prompts x G={cfg.group_size}, device {device}")
+              f"{cfg.rollout_batch} prompts x G={cfg.group_size}, device {run.policy.device}")
     for step in range(run.state["step"], cfg.steps):                                   # Alg. 1 line 2
         t0 = time.time()
         batch = [run.refs[i] for i in batch_indices(step, len(run.refs), cfg.rollout_batch, cfg.seed)]
-        stats = train_step(step, batch, run.policy, reference, run.optimizer, run.segmenter, cfg)
-        record = {"phase": "grpo", "step": step + 1, **{k: round(v, 5) for k, v in stats.items()},
-                  "seconds": round(time.time() - t0, 3)}
-        append_log(log, record)
+        stats = train_step(step, batch, run.policy, run.reference, run.optimizer, run.segmenter, cfg)
+        seconds = run.log(step + 1, t0, **stats)
         r1 = f"R1 {stats['reward1']:.3f}  " if "reward1" in stats else ""
         f1 = f"{stats['format1']:.2f}/" if "format1" in stats else ""
         print(f"step {step + 1:4d}/{cfg.steps}  {r1}R2 {stats['reward2']:.3f}  (format {f1}"
               f"{stats['format2']:.2f}, IoU when well-formed {stats['iou2']:.3f})  KL {stats['kl']:.4f}  "
-              f"clipped {stats['clipped']:.3f}  {record['seconds']:.1f}s", flush=True)
+              f"clipped {stats['clipped']:.3f}  {seconds:.1f}s", flush=True)
         if (step + 1) % cfg.save_every == 0 or step + 1 == cfg.steps:
             run.checkpoint(step + 1)
-    print(f"checkpoint in {Path(cfg.out) / 'checkpoint'}, log in {log}")
+    print(f"checkpoint in {Path(cfg.out) / 'checkpoint'}, log in {Path(cfg.out) / 'log.jsonl'}")
     if run.eval_refs:
         run.optimizer = None                                  # AdamW's moments are not needed to evaluate
-        start = make_policy(reference, run.policy.processor, device) if cfg.steps else None
+        start = make_policy(run.reference, run.policy.processor, run.policy.device) if cfg.steps else None
         held_out_report(cfg, run.refs, run.eval_refs, run.policy, start, run.segmenter)
 
 # ==== Appendix D — the held-out report, eval and infer ======================================================
@@ -1756,24 +1727,22 @@ def synthetic():
 def main(argv=None):
     """Run a command: argv is a list of arguments (sys.argv[1:] when None) or an already parsed namespace."""
     args = argv if isinstance(argv, argparse.Namespace) else build_parser().parse_args(argv)
-    threads = getattr(args, "threads", None)
-    threads = 1 if threads is None and getattr(args, "tiny", False) else threads
-    if threads is not None:
-        if threads < 1:
-            sys.exit("error: --threads must be at least 1")
-        torch.set_num_threads(threads)
-    from huggingface_hub import constants as hub_constants
-    from huggingface_hub.utils import enable_progress_bars
+    threads = vars(args).get("threads")               # make-data takes neither --threads nor --tiny
+    if threads is not None and threads < 1:
+        sys.exit("error: --threads must be at least 1")
+    if threads or vars(args).get("tiny"):
+        torch.set_num_threads(threads or 1)
+    from huggingface_hub import constants as hub_constants, utils as hub_utils
     from transformers.utils import logging as hf_logging
     hf_logging.disable_progress_bar()          # no bar per checkpoint write or read: our own lines say it...
     if not hub_constants.HF_HUB_DISABLE_PROGRESS_BARS:
-        enable_progress_bars()                 # ...but downloads from the hub keep theirs
+        hub_utils.enable_progress_bars()       # ...but downloads from the hub keep theirs
     cfg = None
     try:
-        if args.command == "make-data":
-            names = dict(train="n_train", val="n_val", size="size", seed="seed", kinds="kinds")
-            synthetic().make_synthetic_data(args.out, **{names[k]: v for k, v in vars(args).items()
-                                                         if k in names and v is not None})
+        if args.command == "make-data":        # --train and --val are the generator's n_train and n_val
+            sizes = {("n_" + k if k in ("train", "val") else k): v for k, v in vars(args).items()
+                     if v is not None and k not in ("command", "out")}
+            synthetic().make_synthetic_data(args.out, **sizes)
             counts = [len(list((Path(args.out) / s).glob("*/question.json"))) for s in ("train", "val")]
             return print(f"wrote {counts[0]} train and {counts[1]} val samples to {args.out}")
         given = {k: v for k, v in vars(args).items() if v is not None and k in Config.__dataclass_fields__}
