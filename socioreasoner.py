@@ -715,8 +715,7 @@ def load_model(what: str, name: str, flag: str, load):
                          f"pass {flag} PATH to a local copy, or --tiny for the offline demo") from None
 
 def load_policy(name_or_path: str, device: torch.device) -> Policy:
-    """A Qwen2.5-VL checkpoint with its processor, weights in float32, asked in the wording of its
-    prompts.json if it has one (a run with --prompts writes it)."""
+    """A Qwen2.5-VL checkpoint in float32, asked in the wording of its prompts.json if any (from --prompts)."""
     from transformers import AutoModelForImageTextToText as Model, AutoProcessor
     policy = make_policy(*load_model("policy", name_or_path, "--model", lambda cache_only: (
         Model.from_pretrained(name_or_path, dtype=torch.float32, local_files_only=cache_only),
