@@ -715,7 +715,7 @@ def load_model(what: str, name: str, flag: str, load):
                          f"pass {flag} PATH to a local copy, or --tiny for the offline demo") from None
 
 def load_policy(name_or_path: str, device: torch.device) -> Policy:
-    """A Qwen2.5-VL checkpoint in float32, asked in the wording of its prompts.json if any (from --prompts)."""
+    """A Qwen2.5-VL checkpoint in float32, asked in the wording of the prompts.json a --prompts run saved."""
     from transformers import AutoModelForImageTextToText as Model, AutoProcessor
     policy = make_policy(*load_model("policy", name_or_path, "--model", lambda cache_only: (
         Model.from_pretrained(name_or_path, dtype=torch.float32, local_files_only=cache_only),
