@@ -549,35 +549,30 @@ def load_segmenter(cfg: Config, device: torch.device) -> Segmenter:
         return build(config, hf_hub_download(cfg.sam, filename, local_files_only=cache_only))
     return load_model("SAM 2", cfg.sam, "--sam", load)
 # ==== A.2.2, eqs. (7)-(12) — rewards ========================================================================
-# Both stages score R = R_form + R_acc + R_len, and R = 0 whenever R_form = 0. The rewards take the answer
-# as `parse_answer` returned it (None: malformed), so each completion is parsed once.
-#   Stage 1 (eqs. 7-9), K predicted and J ground-truth boxes in the same frame:
-#     R_acc = N_m / max(K, J), N_m = matches of a Hungarian assignment on cost 1 - [IoU > 0.5];
-#     R_len = exp(-2 |K - J| / J)
-#   Stage 2 (eqs. 10-12): R_acc = IoU(M_f, M*) in pixels;
-#     R_len = mean over the G' groups of r(n) = exp(-(n - mu)^2 / (2 sigma^2)), mu = 2, sigma = 2
+# Both stages score R = R_form + R_acc + R_len, and R = 0 whenever R_form = 0. The rewards take the answer as
+# `parse_answer` returned it (None: malformed), so each completion is parsed once.
+#   Stage 1 (eqs. 7-9), K predicted and J ground-truth boxes in the same frame: R_len = exp(-2 |K - J| / J),
+#     R_acc = N_m / max(K, J), N_m = matches of a Hungarian assignment on cost 1 - [IoU > 0.5].
+#   Stage 2 (eqs. 10-12): R_acc = IoU(M_f, M*) in pixels; R_len = mean over the G' groups of
+#     r(n) = exp(-(n - mu)^2 / (2 sigma^2)), n the group's points, mu = 2, sigma = 2.
 # Cases the paper leaves open: J = 0 (user data): an empty answer is right (R_acc = 1), any box wrong (0), and
-# R_len = exp(-2K); K = 0 < J: R_acc = 0, R_len = exp(-2); no groups (G' = 0): R_len = 0; two empty masks
-# have IoU 1, as in the authors' gIoU. The authors' release instead also counts a mean L1 box distance < 10
-# px in the stage-1 cost (cost = 2 - [IoU > 0.5] - [L1 < 10], score (N_m - sum cost) / max(K, J), in [-1, 1]),
-# and requires stage-2 boxes to equal stage 1's and every point to lie inside its box.
+# R_len = exp(-2K); K = 0 < J: R_acc = 0, R_len = exp(-2); no groups (G' = 0): R_len = 0; two empty masks have
+# IoU 1, as in the authors' gIoU. The authors' release instead also counts a mean L1 box distance < 10 px in
+# the stage-1 cost (cost = 2 - [IoU > 0.5] - [L1 < 10], score (N_m - sum cost) / max(K, J), in [-1, 1]), and
+# requires stage-2 boxes to equal stage 1's and every point to lie inside its box.
 
 def box_iou(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     """IoU of every box in a (K, 4) with every box in b (J, 4) -> (K, J)."""
     a = np.asarray(a, dtype=np.float64).reshape(-1, 4)[:, None, :]      # (K, 1, 4)
     b = np.asarray(b, dtype=np.float64).reshape(-1, 4)[None, :, :]      # (1, J, 4)
-    iw = np.clip(np.minimum(a[..., 2], b[..., 2]) - np.maximum(a[..., 0], b[..., 0]), 0, None)
-    ih = np.clip(np.minimum(a[..., 3], b[..., 3]) - np.maximum(a[..., 1], b[..., 1]), 0, None)
-    inter = iw * ih                                                     # (K, J)
-    area = lambda x: np.clip(x[..., 2] - x[..., 0], 0, None) * np.clip(x[..., 3] - x[..., 1], 0, None)
-    union = area(a) + area(b) - inter
+    area = lambda lo, hi: np.prod(np.clip(hi - lo, 0, None), axis=-1)   # of boxes with corners lo, hi
+    inter = area(np.maximum(a[..., :2], b[..., :2]), np.minimum(a[..., 2:], b[..., 2:]))       # (K, J)
+    union = area(a[..., :2], a[..., 2:]) + area(b[..., :2], b[..., 2:]) - inter
     return np.divide(inter, union, out=np.zeros_like(inter), where=union > 0)
 
 def hungarian_matches(pred: np.ndarray, gt: np.ndarray, iou_threshold: float = 0.5) -> int:
     """N_m of eq. 7: the most one-to-one pairs with IoU > threshold (linear assignment on 1 - match)."""
-    if len(pred) == 0 or len(gt) == 0:
-        return 0
-    match = (box_iou(pred, gt) > iou_threshold).astype(np.float64)      # (K, J) binary M
+    match = (box_iou(pred, gt) > iou_threshold).astype(np.float64)      # (K, J) binary M; K or J may be 0
     rows, cols = linear_sum_assignment(1.0 - match)                     # rectangular is fine
     return int(match[rows, cols].sum())
 
@@ -590,36 +585,33 @@ def point_count_score(n: np.ndarray | int, mu: float = 2.0, sigma: float = 2.0) 
     """r(n) of eq. 11: a Gaussian in the number of points of one group, 1 at n = mu."""
     return np.exp(-((np.asarray(n, dtype=np.float64) - mu) ** 2) / (2 * sigma ** 2))
 
-def _reward(fmt: float, acc: float, length: float) -> dict:
-    return {"format": float(fmt), "accuracy": float(acc) if fmt else 0.0,
-            "length": float(length) if fmt else 0.0, "total": float(fmt + acc + length if fmt else 0.0)}
+def _reward(answer: Optional[list], acc: float, length: float) -> dict:
+    """R = R_form + R_acc + R_len; a malformed answer (None: R_form = 0) scores 0 in every part."""
+    if answer is None:
+        return {"format": 0.0, "accuracy": 0.0, "length": 0.0, "total": 0.0}
+    return {"format": 1.0, "accuracy": float(acc), "length": float(length), "total": float(1 + acc + length)}
 
 def stage1_reward(answer: Optional[list], gt_boxes: np.ndarray) -> dict:
     """R_1 of eq. 9. gt_boxes (J, 4) must be in the frame the model writes in (the model frame)."""
-    if answer is None:
-        return _reward(0, 0, 0)
-    pred = np.asarray([o["bbox_2d"] for o in answer], dtype=np.float64).reshape(-1, 4)
+    pred = np.asarray([o["bbox_2d"] for o in answer or []], dtype=np.float64).reshape(-1, 4)
     K, J = len(pred), len(gt_boxes)
-    acc = (1.0 if K == 0 else 0.0) if J == 0 else hungarian_matches(pred, gt_boxes) / max(K, J)
-    return _reward(1, acc, math.exp(-2 * abs(K - J) / max(J, 1)))
+    acc = float(K == 0) if J == 0 else hungarian_matches(pred, gt_boxes) / max(K, J)
+    return _reward(answer, acc, math.exp(-2 * abs(K - J) / max(J, 1)))
 
 def stage2_reward(answer: Optional[list], pred_mask: np.ndarray, gt_mask: np.ndarray, mu: float = 2.0):
     """R_2 of eq. 12; pred_mask is S's final mask M_f of this answer. mu: Table 3 ablates 1, 2, 3."""
-    if answer is None:
-        return _reward(0, 0, 0)
-    counts = [len(o["points"]) for o in answer]
+    counts = [len(o["points"]) for o in answer or []]
     length = float(point_count_score(counts, mu=mu).mean()) if counts else 0.0
-    return _reward(1, mask_iou(pred_mask, gt_mask), length)
+    return _reward(answer, mask_iou(pred_mask, gt_mask), length)
 
 # ==== §4.2 — the policy: Qwen2.5-VL, loading, sampling G completions, log-probs of their tokens =============
 # One Qwen2.5-VL serves both stages (A.2.1: shared parameters). GRPO must train on the log-probabilities of
-# the distribution that was sampled, so: (1) sampling parameters are passed explicitly: the released
-# checkpoint's generation_config asks for top_k=1, top_p=0.001, temperature 0.1 and a repetition penalty,
-# and generate() silently merges any field left out; training samples the full softmax at the rollout
-# temperature, which is what completion_logprobs scores. (2) Vision placeholder tokens (<|image_pad|>, ...)
-# are never sampled and are removed from the scoring softmax too: a completion holding one would break the
-# re-scoring forward ("image features and image tokens do not match"). (3) Only completion tokens are scored,
-# up to and including the first EOS; never prompt or image tokens.
+# the distribution that was sampled, so: (1) sampling parameters are explicit, as generate() silently merges
+# any field left out from the released checkpoint's generation_config (top_k=1, top_p=0.001, temperature 0.1,
+# a repetition penalty); training samples the full softmax at the rollout temperature, which is what
+# completion_logprobs scores. (2) Vision placeholder tokens (<|image_pad|>, ...) are never sampled nor scored:
+# a completion holding one would break the re-scoring forward ("image features and image tokens do not
+# match"). (3) Only completion tokens are scored, up to and including the first EOS; never prompt or image.
 
 VISION_TOKENS = ["<|vision_start|>", "<|vision_end|>", "<|vision_pad|>", "<|image_pad|>", "<|video_pad|>"]
 
@@ -664,7 +656,7 @@ def hub_problem() -> Optional[str]:
 
 def load_model(what: str, name: str, flag: str, load):
     """load(cache_only) of a hub id or local path, saying what is loaded from where; a failure is one line
-    with the whole reason and the ways to go on."""
+    with the whole reason and the ways on."""
     from huggingface_hub import constants
     hub = not Path(name).exists() and re.fullmatch(r"[\w-][\w.-]*(/[\w.-]+)?", name) is not None
     problem = hub_problem() if hub else None
@@ -674,25 +666,21 @@ def load_model(what: str, name: str, flag: str, load):
     try:
         return load(problem is not None)
     except Exception as e:
-        ways = f"pass {flag} PATH to a local copy, or --tiny for the offline demo"
-        if hub:
-            ways = (f"download it where the hub can be reached (this command, or `hf download {name}`), then "
-                    f"set HF_HUB_OFFLINE=1 to read the cache only; or {ways}")
-        elif not Path(name).exists():
-            ways = f"no such file or folder; {ways}"
-        why = one_line(e, None).rstrip(".")
-        raise SocioError(f"cannot load {what} '{name}': {why}. Ways on: {ways}") from None
+        first = (f"download it where the hub can be reached (this command, or `hf download {name}`), then "
+                 "set HF_HUB_OFFLINE=1 to read the cache only; or " if hub else
+                 "" if Path(name).exists() else "no such file or folder; ")
+        raise SocioError(f"cannot load {what} '{name}': {one_line(e, None).rstrip('.')}. Ways on: {first}"
+                         f"pass {flag} PATH to a local copy, or --tiny for the offline demo") from None
 
 def load_policy(name_or_path: str, device: torch.device) -> Policy:
-    """A Qwen2.5-VL checkpoint with its processor, weights in float32, asked in the wording of its
-    prompts.json if it has one (a run with --prompts writes it)."""
+    """A Qwen2.5-VL checkpoint in float32, asked in the wording of the prompts.json a --prompts run saved."""
     from transformers import AutoModelForImageTextToText as Model, AutoProcessor
     policy = make_policy(*load_model("policy", name_or_path, "--model", lambda cache_only: (
         Model.from_pretrained(name_or_path, dtype=torch.float32, local_files_only=cache_only),
         AutoProcessor.from_pretrained(name_or_path, local_files_only=cache_only))), device)
-    if (Path(name_or_path) / "prompts.json").is_file():
-        policy.prompts = load_prompts(str(Path(name_or_path) / "prompts.json"))
-        print(f"  asked in the wording of {Path(name_or_path) / 'prompts.json'}")
+    if (wording := Path(name_or_path) / "prompts.json").is_file():
+        policy.prompts = load_prompts(str(wording))
+        print(f"  asked in the wording of {wording}")
     return policy
 
 def load_or_build_policy(cfg: Config, device: torch.device) -> Policy:
@@ -721,7 +709,7 @@ def policy_inputs(policy: Policy, images: list, template: str, target: str, **fi
     return {k: v.to(policy.device) for k, v in inputs.items()}, model_hw
 
 def _autocast(device):
-    # bf16 matmuls on a GPU; float32 on a CPU, where bf16 is slow and buys nothing
+    """bf16 matmuls on a GPU; float32 on a CPU, where bf16 is slow and buys nothing."""
     return torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else contextlib.nullcontext()
 
 @torch.no_grad()
@@ -760,28 +748,25 @@ def decode(policy: Policy, completion: torch.Tensor) -> str:
 def completion_logprobs(policy: Policy, model, rows: list, temperature: float) -> tuple:
     """log pi(y_t | y_<t, x) of every completion token, from one forward pass over prompt + completion.
     rows: [(prompt inputs, completion ids (T_i,))] -> logp (B, T) float32 and mask (B, T), T = max T_i."""
-    device = policy.device
-    comps = [c.to(device) for _, c in rows]
+    device, comps = policy.device, [c.to(policy.device) for _, c in rows]
     P = torch.tensor([inp["input_ids"].shape[1] for inp, _ in rows], device=device)   # (B,) prompt lengths
     Tc = torch.tensor([len(c) for c in comps], device=device)                         # (B,) their completions
     L, T = int((P + Tc).max()), int(Tc.max())
-    # 1. Rows are prompt + completion, right-padded: real tokens keep the positions they were sampled at,
-    #    so prompts of different lengths can share a micro-batch. mm_token_type_ids marks the image tokens:
-    #    from it get_rope_index gives them M-RoPE's (time, height, width) positions; without it every token
-    #    would get 1-D text positions, and the scores would be those of another model than the sampling one.
-    ids = torch.full((len(rows), L), policy.pad_id, dtype=torch.long, device=device)
-    attn, mm_types = torch.zeros_like(ids), torch.zeros_like(ids)
-    for i, ((inp, _), c) in enumerate(zip(rows, comps)):
-        p = int(P[i])
-        ids[i, :p], ids[i, p:p + len(c)], attn[i, :p + len(c)] = inp["input_ids"][0], c, 1
-        mm_types[i, :p] = inp["mm_token_type_ids"][0]
+    right = lambda seqs, n, fill: torch.stack([torch.nn.functional.pad(s, (0, n - len(s)), value=fill)
+                                               for s in seqs])                    # right-padded to n
+    # 1. Rows are prompt + completion, right-padded: real tokens keep the positions they were sampled at, so
+    #    prompts of different lengths share a micro-batch. mm_token_type_ids marks the image tokens, which
+    #    get_rope_index gives M-RoPE's (time, height, width) positions; without it all would get 1-D text
+    #    positions: the scores of another model than the one that sampled.
+    ids = right([torch.cat([inp["input_ids"][0], c]) for (inp, _), c in zip(rows, comps)], L, policy.pad_id)
+    attn = (torch.arange(L, device=device) < (P + Tc)[:, None]).long()           # (B, L)
+    mm_types = right([inp["mm_token_type_ids"][0] for inp, _ in rows], L, 0)      # (B, L), 1 = image
     with _autocast(device):
         # 2. Vision once per prompt: the G rows of a group share their prompt's two tiles, so the vision tower
         #    runs once per distinct prompt, and its features are scattered into every row's image slots.
-        distinct = {id(inp): inp for inp, _ in rows}
-        features = {k: torch.cat(model.model.get_image_features(inp["pixel_values"], inp["image_grid_thw"],
-                                                                return_dict=True).pooler_output)
-                    for k, inp in distinct.items()}                               # (image tokens, D) each
+        vision = lambda inp: torch.cat(model.model.get_image_features(
+            inp["pixel_values"], inp["image_grid_thw"], return_dict=True).pooler_output)  # (image tokens, D)
+        features = {k: vision(inp) for k, inp in {id(inp): inp for inp, _ in rows}.items()}
         embeds = model.get_input_embeddings()(ids)                                # (B, L, D)
         scattered = torch.cat([features[id(inp)] for inp, _ in rows]).to(embeds.dtype)
         embeds = embeds.masked_scatter((ids == model.config.image_token_id)[..., None], scattered)
@@ -796,12 +781,10 @@ def completion_logprobs(policy: Policy, model, rows: list, temperature: float) -
     #    Past a short row's end that index can leave the sequence: the clamp keeps it in, the mask zeroes it.
     t = torch.arange(T, device=device)
     pos = (P[:, None] - 1 + t[None, :]).clamp(max=L - 1) - (L - keep)            # (B, T) into kept logits
-    # 6. The sampled distribution: in float32 (a bf16 log-softmax is unstable), divided by the temperature,
-    #    vision tokens removed as at sampling time.
+    # 6. The sampled distribution: float32 (a bf16 log-softmax is unstable), / temperature, no vision tokens.
     logits = logits.gather(1, pos[..., None].expand(-1, -1, logits.shape[-1])).float() / temperature
     logits[..., policy.vision_ids] = float("-inf")
-    targets = torch.stack([torch.nn.functional.pad(c, (0, T - len(c)), value=policy.pad_id) for c in comps])
-    logp = logits.log_softmax(-1).gather(-1, targets[..., None]).squeeze(-1)     # (B, T) float32
+    logp = logits.log_softmax(-1).gather(-1, right(comps, T, policy.pad_id)[..., None]).squeeze(-1)
     mask = (t[None, :] < Tc[:, None]).float()                                    # (B, T)
     return logp * mask, mask
 
