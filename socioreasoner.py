@@ -258,7 +258,8 @@ def check_sample(ref: SampleRef, need_foreground: bool) -> Optional[str]:
                 f"{what} {w}x{h}" for what, (w, h) in sizes.items())
         ref.size = sizes["sat"]
         if need_foreground and not np.asarray(open_image(ref.mask, "mask", ref.id, "L")).any():
-            return f"sample {ref.id}: mask {ref.mask} has no foreground pixel"
+            mask = ref.mask if isinstance(ref.mask, str) else "(parquet bytes)"
+            return f"sample {ref.id}: mask {mask} has no foreground pixel"
     except SocioError as e:
         return str(e)
 
