@@ -106,12 +106,13 @@ def resumed_config(saved: dict, cfg: Config, given: Optional[set]) -> Config:
 
 TRAIN_FIELDS = [f.name for f in dataclasses.fields(Config) if not f.name.startswith("infer_")]
 GRPO_ONLY = "steps rollout_batch group_size lr clip_eps kl_beta temperature select points_mu stage1_only"
+GRPO_ONLY = GRPO_ONLY.split()
 INFER_FIELDS = ["model", "sam", "sam_config", "prompts", "out", "seed", "max_new_tokens", "single_stage",
                 "stage1_only", "infer_temperature", "infer_top_p", "infer_top_k", "generation_batch"]
 COMMANDS = {  # command: (what it does, the Config fields it takes as flags)
     "train": ("two-stage GRPO training (Algorithm 1), after an optional SFT warm-up", TRAIN_FIELDS),
     "sft": ("the paper's SFT baseline (A.2.3): supervised steps only, no GRPO",
-            [f for f in TRAIN_FIELDS if f not in GRPO_ONLY.split()]),
+            [f for f in TRAIN_FIELDS if f not in GRPO_ONLY]),
     "infer": ("segment one place: infer SAT MAP \"school\"; tiles: infer DIR [TEXT]", INFER_FIELDS),
     "eval": ("cIoU, gIoU, F1 and seconds per sample of a model on a split (Table 1)",
              ["data", "skip_bad"] + INFER_FIELDS),
@@ -178,7 +179,8 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 if __name__ == "__main__":
     ARGS = build_parser().parse_args()      # --help and usage errors end here, before the imports below
 
-import numpy as np, torch
+import numpy as np
+import torch
 from PIL import Image, ImageDraw, ImageFont
 from scipy import ndimage
 from scipy.optimize import linear_sum_assignment
@@ -216,17 +218,19 @@ def open_image(source, what: str, sample_id: Optional[str] = None, mode: Optiona
     """A path or encoded bytes as an image, decoded to `mode`; with no mode only verified (the whole file is
     read: truncation, bad checksums), which leaves its size but no pixels. A broken file is one SocioError."""
     name = f"{what} bytes" if isinstance(source, bytes) else source
-    failure = f"cannot {'decode' if mode else 'read'} {what} image {name}"
+    where = f"sample {sample_id}: " if sample_id else ""
     try:
         image = Image.open(io.BytesIO(source) if isinstance(source, bytes) else source)
         if mode:
             return image.convert(mode)        # truncated pixel data only shows up when decoding
-        failure = f"{what} image {name} is corrupt"
+    except Exception as e:  # FileNotFoundError, UnidentifiedImageError, truncated data, ...
+        raise SocioError(f"{where}cannot {'decode' if mode else 'read'} {what} image {name}: {one_line(e)}") \
+            from None
+    try:
         image.verify()
         return image
-    except Exception as e:  # FileNotFoundError, UnidentifiedImageError, truncated data, ...
-        where = f"sample {sample_id}: " if sample_id else ""
-        raise SocioError(f"{where}{failure}: {one_line(e)}") from None
+    except Exception as e:
+        raise SocioError(f"{where}{what} image {name} is corrupt: {one_line(e)}") from None
 
 def list_split(root: str | Path, split: str, need_foreground: bool = False, skip_bad: bool = False) -> list:
     """Every usable sample of a split. All files are read here, so that a broken sample stops a run before
@@ -404,16 +408,18 @@ def parse_answer(completion: str, stage: int) -> Optional[list[dict]]:
     """A completion as [{"bbox_2d": [4 floats], ("points": [[x, y], ...])}], or None (R_form = 0). Never
     raises, whatever the text: that is what an RL policy will eventually write."""
     m = ANSWER_RE.fullmatch(completion) if isinstance(completion, str) and len(completion) < 100_001 else None
-    keys, parsed = {"bbox_2d"} if stage == 1 else {"bbox_2d", "points"}, []
+    keys = {"bbox_2d"} if stage == 1 else {"bbox_2d", "points"}
+    parsed = []
     try:    # ValueError: bad JSON or numbers; RecursionError: absurd nesting; OverflowError: huge ints
-        items = json.loads(m.group(2)) if m else None
+        items = json.loads(m.group(2)) if m else None     # NaN/Infinity parse here; _numbers rejects them
         if not (isinstance(items, list) and len(items) <= MAX_OBJECTS and all(
                 isinstance(item, dict) and set(item) == keys for item in items)):
             return None
         for item in items:
-            x1, y1, x2, y2 = box = _numbers(item["bbox_2d"], 4)
-            points = item.get("points", [])
-            if not (x1 < x2 and y1 < y2 and isinstance(points, list) and len(points) <= MAX_POINTS):
+            box = _numbers(item["bbox_2d"], 4)                                  # [x1, y1, x2, y2]
+            points = item["points"] if stage == 2 else []
+            if not (box[0] < box[2] and box[1] < box[3]) or not isinstance(points, list) \
+                    or len(points) > MAX_POINTS:
                 return None
             parsed.append({"bbox_2d": box, "points": [_numbers(p, 2) for p in points]} if stage == 2 else
                           {"bbox_2d": box})
@@ -491,11 +497,12 @@ class Sam2Segmenter:
         for n in sorted(set(counts)):
             idx = [i for i, c in enumerate(counts) if c == n]
             coords = np.stack([points[i] for i in idx]).astype(np.float32) if n else None      # (k, n, 2)
-            masks, scores, _ = self.predictor.predict(                  # labels 1: every point is foreground
-                point_coords=coords, point_labels=np.ones((len(idx), n), np.int32) if n else None,
-                box=boxes[idx].astype(np.float32), multimask_output=True)
+            labels = np.ones((len(idx), n), np.int32) if n else None           # 1: every point is foreground
+            masks, scores, _ = self.predictor.predict(box=boxes[idx].astype(np.float32), point_coords=coords,
+                                                      point_labels=labels, multimask_output=True)
+            masks = masks.reshape(len(idx), -1, h, w)                                        # (k, 3, H, W)
             best = scores.reshape(len(idx), -1).argmax(axis=1)                               # of 3 candidates
-            mask |= (masks.reshape(len(idx), -1, h, w)[np.arange(len(idx)), best] > 0).any(axis=0)
+            mask |= (masks[np.arange(len(idx)), best] > 0).any(axis=0)
         return mask
 
 def encode_tiles(segmenter: Segmenter, images: list, chunk: int = 8) -> list:
@@ -516,9 +523,11 @@ def clip_prompts(boxes: np.ndarray, points: Optional[list], hw: tuple):
 
 def answer_prompts(answer: Optional[list], model_hw: tuple, mask_hw: tuple):
     """A parsed answer as SAM prompts in the mask frame: boxes (K, 4) and, in stage 2, K point arrays."""
+    if not answer:
+        return np.zeros((0, 4)), None
     frame = lambda values, k: to_frame(np.reshape(values, (-1, k)), model_hw, mask_hw)   # (n, k) numbers
-    boxes = frame([o["bbox_2d"] for o in answer or []], 4)
-    return boxes, ([frame(o["points"], 2) for o in answer] if answer and "points" in answer[0] else None)
+    points = [frame(o["points"], 2) for o in answer] if "points" in answer[0] else None
+    return frame([o["bbox_2d"] for o in answer], 4), points
 
 def segment_answer(segmenter: Segmenter, encoding, answer, model_hw, mask_hw) -> np.ndarray:
     """S(I_s, prompt = answer): eq. 2 for a stage-1 answer, eq. 5 for a stage-2 answer. (H, W) bool."""
@@ -535,8 +544,8 @@ def load_segmenter(cfg: Config, device: torch.device) -> Segmenter:
     warnings.filterwarnings("ignore", message=".*torch.jit.script.*", category=FutureWarning)
     from sam2.build_sam import HF_MODEL_ID_TO_FILENAMES, build_sam2        # hub id -> (config, checkpoint)
     from sam2.sam2_image_predictor import SAM2ImagePredictor
-    build = lambda config, checkpoint: Sam2Segmenter(SAM2ImagePredictor(build_sam2(
-        config, checkpoint, device=str(device))))
+    def build(config: str, checkpoint: Optional[str]) -> Sam2Segmenter:
+        return Sam2Segmenter(SAM2ImagePredictor(build_sam2(config, checkpoint, device=str(device))))
     if cfg.sam == "tiny":   # random weights from the package's smallest config: no sense, real plumbing
         torch.manual_seed(cfg.seed)
         return build("configs/sam2.1/sam2.1_hiera_t.yaml", None)
@@ -549,6 +558,7 @@ def load_segmenter(cfg: Config, device: torch.device) -> Segmenter:
         config, filename = HF_MODEL_ID_TO_FILENAMES[cfg.sam]
         return build(config, hf_hub_download(cfg.sam, filename, local_files_only=cache_only))
     return load_model("SAM 2", cfg.sam, "--sam", load)
+
 # ==== A.2.2, eqs. (7)-(12) — rewards ========================================================================
 # Both stages score R = R_form + R_acc + R_len, and R = 0 whenever R_form = 0. The rewards take the answer as
 # `parse_answer` returned it (None: malformed), so each completion is parsed once.
@@ -586,24 +596,24 @@ def point_count_score(n: np.ndarray | int, mu: float = 2.0, sigma: float = 2.0) 
     """r(n) of eq. 11: a Gaussian in the number of points of one group, 1 at n = mu."""
     return np.exp(-((np.asarray(n, dtype=np.float64) - mu) ** 2) / (2 * sigma ** 2))
 
-def _reward(answer: Optional[list], acc: float, length: float) -> dict:
-    """R = R_form + R_acc + R_len; a malformed answer (None: R_form = 0) scores 0 in every part."""
-    if answer is None:
+def _reward(well_formed: bool, acc: float, length: float) -> dict:
+    """R = R_form + R_acc + R_len; a malformed answer (R_form = 0) scores 0 in every part."""
+    if not well_formed:
         return {"format": 0.0, "accuracy": 0.0, "length": 0.0, "total": 0.0}
     return {"format": 1.0, "accuracy": float(acc), "length": float(length), "total": float(1 + acc + length)}
 
 def stage1_reward(answer: Optional[list], gt_boxes: np.ndarray) -> dict:
     """R_1 of eq. 9. gt_boxes (J, 4) must be in the frame the model writes in (the model frame)."""
-    pred = np.asarray([o["bbox_2d"] for o in answer or []], dtype=np.float64).reshape(-1, 4)
+    pred = np.asarray([o["bbox_2d"] for o in answer or []], dtype=np.float64).reshape(-1, 4)   # None: as []
     K, J = len(pred), len(gt_boxes)
     acc = float(K == 0) if J == 0 else hungarian_matches(pred, gt_boxes) / max(K, J)
-    return _reward(answer, acc, math.exp(-2 * abs(K - J) / max(J, 1)))
+    return _reward(answer is not None, acc, math.exp(-2 * abs(K - J) / max(J, 1)))
 
 def stage2_reward(answer: Optional[list], pred_mask: np.ndarray, gt_mask: np.ndarray, mu: float = 2.0):
     """R_2 of eq. 12; pred_mask is S's final mask M_f of this answer. mu: Table 3 ablates 1, 2, 3."""
-    counts = [len(o["points"]) for o in answer or []]
+    counts = [len(o["points"]) for o in answer or []]                    # None: scored as [], then gated
     length = float(point_count_score(counts, mu=mu).mean()) if counts else 0.0
-    return _reward(answer, mask_iou(pred_mask, gt_mask), length)
+    return _reward(answer is not None, mask_iou(pred_mask, gt_mask), length)
 
 # ==== §4.2 — the policy: Qwen2.5-VL, loading, sampling G completions, log-probs of their tokens =============
 # One Qwen2.5-VL serves both stages (A.2.1: shared parameters). GRPO must train on the log-probabilities of
@@ -657,7 +667,7 @@ def hub_problem() -> Optional[str]:
 
 def load_model(what: str, name: str, flag: str, load):
     """load(cache_only) of a hub id or local path, saying what is loaded from where; a failure is one line
-    with the whole reason and the ways on."""
+    with the whole reason and the ways to go on."""
     from huggingface_hub import constants
     hub = not Path(name).exists() and re.fullmatch(r"[\w-][\w.-]*(/[\w.-]+)?", name) is not None
     problem = hub_problem() if hub else None
@@ -667,9 +677,11 @@ def load_model(what: str, name: str, flag: str, load):
     try:
         return load(problem is not None)
     except Exception as e:
-        first = (f"download it where the hub can be reached (this command, or `hf download {name}`), then "
-                 "set HF_HUB_OFFLINE=1 to read the cache only; or " if hub else
-                 "" if Path(name).exists() else "no such file or folder; ")
+        if hub:
+            first = (f"download it where the hub can be reached (this command, or `hf download {name}`), "
+                     "then set HF_HUB_OFFLINE=1 to read the cache only; or ")
+        else:
+            first = "" if Path(name).exists() else "no such file or folder; "
         raise SocioError(f"cannot load {what} '{name}': {one_line(e, None).rstrip('.')}. Ways on: {first}"
                          f"pass {flag} PATH to a local copy, or --tiny for the offline demo") from None
 
@@ -767,7 +779,8 @@ def completion_logprobs(policy: Policy, model, rows: list, temperature: float) -
         #    runs once per distinct prompt, and its features are scattered into every row's image slots.
         vision = lambda inp: torch.cat(model.model.get_image_features(
             inp["pixel_values"], inp["image_grid_thw"], return_dict=True).pooler_output)  # (image tokens, D)
-        features = {k: vision(inp) for k, inp in {id(inp): inp for inp, _ in rows}.items()}
+        distinct = {id(inp): inp for inp, _ in rows}
+        features = {k: vision(inp) for k, inp in distinct.items()}
         embeds = model.get_input_embeddings()(ids)                                # (B, L, D)
         scattered = torch.cat([features[id(inp)] for inp, _ in rows]).to(embeds.dtype)
         embeds = embeds.masked_scatter((ids == model.config.image_token_id)[..., None], scattered)
@@ -782,10 +795,12 @@ def completion_logprobs(policy: Policy, model, rows: list, temperature: float) -
     #    Past a short row's end that index can leave the sequence: the clamp keeps it in, the mask zeroes it.
     t = torch.arange(T, device=device)
     pos = (P[:, None] - 1 + t[None, :]).clamp(max=L - 1) - (L - keep)            # (B, T) into kept logits
-    # 6. The sampled distribution: float32 (a bf16 log-softmax is unstable), / temperature, no vision tokens.
+    # 6. The sampled distribution: in float32 (a bf16 log-softmax is unstable), divided by the temperature,
+    #    vision tokens removed as at sampling time.
     logits = logits.gather(1, pos[..., None].expand(-1, -1, logits.shape[-1])).float() / temperature
     logits[..., policy.vision_ids] = float("-inf")
-    logp = logits.log_softmax(-1).gather(-1, right(comps, T, policy.pad_id)[..., None]).squeeze(-1)
+    targets = right(comps, T, policy.pad_id)                                     # (B, T)
+    logp = logits.log_softmax(-1).gather(-1, targets[..., None]).squeeze(-1)     # (B, T) float32
     mask = (t[None, :] < Tc[:, None]).float()                                    # (B, T)
     return logp * mask, mask
 
@@ -846,7 +861,8 @@ def grpo_loss(logp: torch.Tensor, old_logp: torch.Tensor, ref_logp: torch.Tensor
 @dataclass
 class Group:
     stage: int
-    inputs: dict                      # one prompt: input_ids, mm_token_type_ids (1, P), 2 tiles' pixel_values
+    inputs: dict                      # one prompt's processor output: input_ids, mm_token_type_ids (1, P);
+                                      # the 2 tiles' pixel_values and image_grid_thw (2, 3)
     model_hw: tuple                   # (H', W') of the tiles as the model sees them
     completions: list                 # G x LongTensor (T_g,), through the first EOS
     texts: list                       # G decoded completions
@@ -994,8 +1010,9 @@ def step_stats(stages: dict) -> dict:
 
 def batch_indices(step: int, n: int, batch: int, seed: int) -> list[int]:
     """Alg. 1 line 3: a step's samples, from a seeded permutation per epoch (recomputable on resume)."""
-    positions = range(step * batch, (step + 1) * batch)
-    perms = {e: np.random.default_rng([seed, e]).permutation(n) for e in {pos // n for pos in positions}}
+    positions = range(step * batch, (step + 1) * batch)                 # across epochs, a pass each
+    epochs = {pos // n for pos in positions}
+    perms = {epoch: np.random.default_rng([seed, epoch]).permutation(n) for epoch in epochs}
     return [int(perms[pos // n][pos % n]) for pos in positions]
 
 # ==== §4.1 — inference: both stages once ====================================================================
@@ -1124,7 +1141,7 @@ class GrowSegmenter:
         mask = np.zeros(encoding.shape[:2], bool)
         for k, (x1, y1, x2, y2) in enumerate(np.asarray(boxes).reshape(-1, 4)):
             c1, r1, c2, r2 = int(x1), int(y1), int(math.ceil(x2)), int(math.ceil(y2))
-            crop, region = encoding[r1:r2, c1:c2], mask[r1:r2, c1:c2]                # views of box k
+            crop, region = encoding[r1:r2, c1:c2], mask[r1:r2, c1:c2]   # box k's views: region writes mask
             pts = [] if points is None else np.asarray(points[k]).reshape(-1, 2)
             inside = [(int(y) - r1, int(x) - c1) for x, y in pts if c1 <= x < c2 and r1 <= y < r2]
             if not inside:                   # no usable point: the box itself
@@ -1204,7 +1221,7 @@ def format_answer(items: list) -> str:
     than one pixel keeps a box one pixel wide (else the target would fail its own format gate)."""
     out = [{key: np.round(item[key]).astype(int).tolist() for key in ("bbox_2d", "points") if key in item}
            for item in items]
-    for box in (o["bbox_2d"] for o in out):
+    for box in (o["bbox_2d"] for o in out):                  # at least one pixel wide and high
         box[2], box[3] = max(box[2], box[0] + 1), max(box[3], box[1] + 1)
     return f"<think></think><answer>{json.dumps(out)}</answer>"
 
@@ -1219,9 +1236,9 @@ def sft_examples(policy: Policy, segmenter: Segmenter, sample: Sample, n_points:
     grid = np.stack(np.meshgrid(np.arange(model_hw[1]), np.arange(model_hw[0])), -1).reshape(-1, 2)  # (N, 2)
     back = to_frame(grid, model_hw, mask_hw).astype(int)                         # (N, 2) mask-frame x, y
     on_label = labels[back[:, 1].clip(0, mask_hw[0] - 1), back[:, 0].clip(0, mask_hw[1] - 1)]   # (N,)
-    candidates = [grid[on_label == j] if np.any(on_label == j) else
-                  np.floor(to_frame([np.argwhere(labels == j).mean(0)[::-1] + 0.5], mask_hw, model_hw))
-                  for j in range(1, n_regions + 1)]
+    centre = lambda j: np.argwhere(labels == j).mean(0)[::-1] + 0.5         # region j's (x, y), mask frame
+    candidates = [grid[on_label == j] if np.any(on_label == j) else        # under one model pixel: its centre
+                  np.floor(to_frame([centre(j)], mask_hw, model_hw)) for j in range(1, n_regions + 1)]
     points = [c[rng.choice(len(c), size=n_points, replace=len(c) < n_points)] for c in candidates]
     boxes_model = to_frame(mask_to_boxes(sample.mask), mask_hw, model_hw)
     tok = policy.processor.tokenizer                         # a target ends the turn: <|im_end|>, the eos
@@ -1278,8 +1295,12 @@ def latest_checkpoint(out: Path) -> Optional[Path]:
     return complete[0] if complete else None
 
 def log_lines(path: Path) -> list:
-    """The records of a log.jsonl; a line cut off by a kill mid-write (no newline yet) is dropped."""
-    return [json.loads(line) for line in (path.read_text() if path.exists() else "").split("\n")[:-1]]
+    """The records of a log.jsonl; a line cut off by a kill mid-write is dropped."""
+    records = []
+    for line in path.read_text().splitlines() if path.exists() else []:
+        with contextlib.suppress(ValueError):
+            records.append(json.loads(line))
+    return records
 
 def prepare_policy(policy: Policy, cfg: Config):
     if cfg.freeze_vision:       # the ViT and its merger stay as loaded; no gradients or AdamW states for them
@@ -1324,9 +1345,11 @@ def open_run(cfg: Config, given: Optional[set]) -> Run:
     """A new run in cfg.out, or (--resume) the one there: its config, data, models, optimizer and log."""
     check_config(cfg)
     ckpt = latest_checkpoint(Path(cfg.out))
-    if (ckpt is not None) != cfg.resume:
-        raise SocioError(f"--resume: no checkpoint in {cfg.out}" if cfg.resume else f"{cfg.out} already "
-                         "holds a checkpoint: continue it with --resume, or choose another --out")
+    if ckpt is not None and not cfg.resume:
+        raise SocioError(f"{cfg.out} already holds a checkpoint: continue it with --resume, or choose "
+                         "another --out")
+    if cfg.resume and ckpt is None:
+        raise SocioError(f"--resume: no checkpoint in {cfg.out}")
     saved = ckpt and torch.load(ckpt / "trainer_state.pt", weights_only=True)
     state = {"phase": "sft" if cfg.sft_steps else "grpo", "step": 0, "reference": cfg.model}
     if saved:
@@ -1352,8 +1375,9 @@ def open_run(cfg: Config, given: Optional[set]) -> Run:
         optimizer.load_state_dict(saved["optimizer"])
         optimizer.param_groups[0]["lr"] = lr       # new_optimizer's one group: a learning rate given now wins
     # the log keeps its records up to the checkpoint continued from; a new run starts an empty one
-    log, order = Path(cfg.out) / "log.jsonl", lambda r: (r.get("phase") != "sft", r["step"])
-    kept = [r for r in log_lines(log) if saved and order(r) <= order(state)]
+    log = Path(cfg.out) / "log.jsonl"
+    done = lambda r: (("sft", "grpo").index(r.get("phase", "grpo")), r["step"])     # phase, then step
+    kept = [r for r in log_lines(log) if done(r) <= done(state)] if saved else []
     log.with_suffix(".tmp").write_text("".join(json.dumps(r) + "\n" for r in kept))
     os.replace(log.with_suffix(".tmp"), log)
     if saved:              # the saved random draws go on, now that the models are built (a tiny one reseeds)
@@ -1508,7 +1532,7 @@ def infer(cfg: Config, sat_path: str, map_path: Optional[str], text: Optional[st
             picture.save(where / "overlay.png")
             if folder:
                 print(f"{s.id}: \"{s.text}\"  mask {int(pred.final.sum())} pixels"
-                      + "  (stage 2 malformed: stage-1 mask kept)" * pred.fallback, flush=True)
+                      + ("  (stage 2 malformed: stage-1 mask kept)" if pred.fallback else ""), flush=True)
                 continue
             for g, mask in pred.stages:
                 print(f"--- {'single stage' if cfg.single_stage else f'stage {g.stage}'} ---")
@@ -1670,8 +1694,9 @@ def bench(cfg: Config, steps: int):
     runs = {cfg.group_size: [], cfg.generation_batch: []}
     for b in list(runs) * 3:
         runs[b].append(timed_call(generate, b))
-    print(f"generation alone, both stages of a step ({len(batch)} prompts x G={cfg.group_size} each), "
-          f"median of 3:")
+    stages = "the single stage" if cfg.single_stage else "both stages"
+    print(f"generation alone, {stages} of a step ({len(batch)} prompts x G={cfg.group_size} each), "
+          "median of 3:")
     medians = {b: sorted(r)[1] for b, r in runs.items()}
     for b, (s, tokens) in medians.items():
         what = "all prompts in one call" if b == 0 else f"{max(1, b // cfg.group_size)} prompt(s) per call"
@@ -1679,12 +1704,13 @@ def bench(cfg: Config, steps: int):
         print(f"  --generation-batch {b:<4d} ({what}): {s:.3f} s per step, {tokens / s:,.0f} tokens/s"
               + speedup)
     # One micro-batch's rows (the first prompt's), accumulated once and eight times.
-    (_, prompts, _), sampling = generation[0]
-    completions, = sample_completions(policy, prompts[:1], cfg.micro_batch, **sampling)
+    args, sampling = generation[0]                  # rollout called sample_completions(policy, prompts, n)
+    prompt = args[1][0]
+    completions, = sample_completions(policy, [prompt], cfg.micro_batch, **sampling)
     policy.model.train()
     peaks = {}
     for k in (1, 8):
-        rows = [(prompts[0], c) for c in completions] * k
+        rows = [(prompt, c) for c in completions] * k
         optimizer.zero_grad(set_to_none=True)
         reset_peak_memory(device)
         advantages = torch.randn(len(rows), generator=torch.Generator().manual_seed(0))
@@ -1724,9 +1750,9 @@ def main(argv=None):
     cfg = None
     try:
         if args.command == "make-data":        # --train and --val are the generator's n_train and n_val
-            sizes = {("n_" + k if k in ("train", "val") else k): v for k, v in vars(args).items()
-                     if v is not None and k not in ("command", "out")}
-            synthetic().make_synthetic_data(args.out, **sizes)
+            generator_args = {("n_" + k if k in ("train", "val") else k): v for k, v in vars(args).items()
+                              if v is not None and k not in ("command", "out")}
+            synthetic().make_synthetic_data(args.out, **generator_args)
             counts = [len(list((Path(args.out) / s).glob("*/question.json"))) for s in ("train", "val")]
             return print(f"wrote {counts[0]} train and {counts[1]} val samples to {args.out}")
         given = {k: v for k, v in vars(args).items() if v is not None and k in Config.__dataclass_fields__}
