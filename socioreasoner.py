@@ -105,8 +105,8 @@ def resumed_config(saved: dict, cfg: Config, given: Optional[set]) -> Config:
 # ==== The command line's flags, and what is checked before anything runs (the commands: appendix G) =========
 
 TRAIN_FIELDS = [f.name for f in dataclasses.fields(Config) if not f.name.startswith("infer_")]
-GRPO_ONLY = "steps rollout_batch group_size lr clip_eps kl_beta temperature select points_mu stage1_only"
-GRPO_ONLY = GRPO_ONLY.split()
+GRPO_ONLY = ("steps rollout_batch group_size lr clip_eps kl_beta temperature select points_mu "
+             "stage1_only").split()
 INFER_FIELDS = ["model", "sam", "sam_config", "prompts", "out", "seed", "max_new_tokens", "single_stage",
                 "stage1_only", "infer_temperature", "infer_top_p", "infer_top_k", "generation_batch"]
 COMMANDS = {  # command: (what it does, the Config fields it takes as flags)
@@ -1495,28 +1495,33 @@ def read_tiles(ref: SampleRef) -> Sample:
                          f"{map_img.size[1]}: the tiles must be pixel-aligned")
     return Sample(ref.id, ref.text, sat, map_img, np.zeros(sat.size[::-1], bool))
 
-def infer(cfg: Config, sat_path: str, map_path: Optional[str], text: Optional[str]):
-    """The infer command. SAT MAP TEXT: both stages' reasoning and answers, <out>/mask.png and overlay.png.
-    DIR [TEXT]: <out>/<id>/mask.png and overlay.png of each tile, cfg.generation_batch tiles at a time."""
-    folder = Path(sat_path).is_dir() and text is None
-    if folder:                          # DIR [TEXT]: every tile is checked now, and read batch by batch
+def infer_inputs(sat_path: str, map_path: Optional[str], text: Optional[str]) -> tuple:
+    """infer's arguments, checked -> (a folder?, SampleRefs): the tiles of a folder DIR [TEXT] (each tile's
+    files checked now, decoded batch by batch later), or the one place of SAT MAP TEXT."""
+    if Path(sat_path).is_dir() and text is None:
         problems = []
         refs = _list_raw(Path(sat_path), problems, text=map_path)
         problems += [f"sample {r.id}: no {what}.png" for r in refs for what in ("sat", "map")
                      if not Path(getattr(r, what)).is_file()]
         if problems or not refs:
             raise SocioError(f"infer {sat_path}: " + ("\n  ".join(problems) or "no <id>/ tiles inside"))
-        n = cfg.generation_batch or len(refs)
-        batches = ([read_tiles(r) for r in refs[i:i + n]] for i in range(0, len(refs), n))
-    elif map_path is None or text is None or Path(sat_path).is_dir():
+        return True, refs
+    if map_path is None or text is None or Path(sat_path).is_dir():
         raise SocioError("infer takes SAT MAP TEXT (two tiles and the target), or a folder DIR [TEXT]")
-    elif not text.strip():
+    if not text.strip():
         raise SocioError('the target is empty: name what to find, e.g. "school" or "a certain university"')
-    elif len(text.strip()) > MAX_TARGET_CHARS:
+    if len(text.strip()) > MAX_TARGET_CHARS:
         raise SocioError(f"the target is {len(text.strip()):,} characters long; at most {MAX_TARGET_CHARS} "
                          "are accepted (targets are a few words, e.g. \"school\")")
-    else:
-        batches = [[read_tiles(SampleRef("input", text.strip(), sat_path, map_path, None))]]
+    return False, [SampleRef("input", text.strip(), sat_path, map_path, None)]
+
+def infer(cfg: Config, sat_path: str, map_path: Optional[str], text: Optional[str]):
+    """The infer command. SAT MAP TEXT: both stages' reasoning and answers, <out>/mask.png and overlay.png.
+    DIR [TEXT]: <out>/<id>/mask.png and overlay.png of each tile, cfg.generation_batch tiles at a time."""
+    folder, refs = infer_inputs(sat_path, map_path, text)
+    n = cfg.generation_batch or len(refs)
+    batches = ([read_tiles(r) for r in refs[i:i + n]] for i in range(0, len(refs), n))
+    batches = batches if folder else [next(batches)]      # one place: a bad tile stops before the models load
     device = pick_device()
     policy, segmenter = load_or_build_policy(cfg, device), load_segmenter(cfg, device)
     torch.manual_seed(cfg.seed)
@@ -1685,17 +1690,21 @@ def bench(cfg: Config, steps: int):
     print(f"tokens generated per second: {mean('tokens') / mean('generation'):.1f}")
     what = "GPU allocated" if device.type == "cuda" else "process RSS"
     print(f"peak memory over the steps: {peak:.0f} MB ({what})")
-    # Generation alone, with the same weights: the last step's sample_completions calls (both stages' prompts)
-    # again, one prompt per call (G sequences, how rollouts were sampled before batching) against
-    # --generation-batch, alternated so that a change of machine load hits both alike; the median of 3.
-    generation = [(args, kwargs) for name, args, kwargs in calls if name == "sample_completions"]
+    generation = [(args, kwargs) for name, args, kwargs in calls if name == "sample_completions"]  # last step
+    bench_generation(generation, len(batch), cfg)
+    bench_accumulation(policy, reference, optimizer, generation[0], cfg)
+
+def bench_generation(generation: list, n_prompts: int, cfg: Config):
+    """Generation alone, with the same weights: a step's sample_completions calls [(args, kwargs)] (both
+    stages' prompts) again, one prompt per call (G sequences, how rollouts were sampled before batching)
+    against --generation-batch, alternated so that a change of machine load hits both alike; median of 3."""
     generate = lambda b: sum(len(c) for args, kwargs in generation           # -> the tokens generated
                              for cs in sample_completions(*args, **{**kwargs, "batch": b}) for c in cs)
     runs = {cfg.group_size: [], cfg.generation_batch: []}
     for b in list(runs) * 3:
         runs[b].append(timed_call(generate, b))
     stages = "the single stage" if cfg.single_stage else "both stages"
-    print(f"generation alone, {stages} of a step ({len(batch)} prompts x G={cfg.group_size} each), "
+    print(f"generation alone, {stages} of a step ({n_prompts} prompts x G={cfg.group_size} each), "
           "median of 3:")
     medians = {b: sorted(r)[1] for b, r in runs.items()}
     for b, (s, tokens) in medians.items():
@@ -1703,9 +1712,12 @@ def bench(cfg: Config, steps: int):
         speedup = f"  {medians[cfg.group_size][0] / s:.2f}x" if b != cfg.group_size else ""
         print(f"  --generation-batch {b:<4d} ({what}): {s:.3f} s per step, {tokens / s:,.0f} tokens/s"
               + speedup)
-    # One micro-batch's rows (the first prompt's), accumulated once and eight times.
-    args, sampling = generation[0]                  # rollout called sample_completions(policy, prompts, n)
-    prompt = args[1][0]
+
+def bench_accumulation(policy: Policy, reference, optimizer, generation_call: tuple, cfg: Config):
+    """One micro-batch's rows (the first prompt of a sample_completions call), accumulated once and eight
+    times: the peak memory must not grow with the number of micro-batches."""
+    (_, prompts, _), sampling = generation_call            # rollout's call: (policy, prompts, n), sampling
+    prompt, device = prompts[0], policy.device
     completions, = sample_completions(policy, [prompt], cfg.micro_batch, **sampling)
     policy.model.train()
     peaks = {}
@@ -1727,9 +1739,10 @@ def bench(cfg: Config, steps: int):
 def synthetic():
     """The generator module data_sample/synthetic.py (make_synthetic_data, make_synthetic_sample, ...)."""
     import importlib.util
-    spec = importlib.util.spec_from_file_location("synthetic", Path(__file__).resolve().parent / "data_sample"
-                                                  / "synthetic.py")
-    spec.loader.exec_module(module := importlib.util.module_from_spec(spec))
+    path = Path(__file__).resolve().parent / "data_sample" / "synthetic.py"
+    spec = importlib.util.spec_from_file_location("synthetic", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
     return module
 
 # ==== Appendix G — the command line =========================================================================
