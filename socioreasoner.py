@@ -104,14 +104,15 @@ def resumed_config(saved: dict, cfg: Config, given: Optional[set]) -> Config:
 
 # ==== The command line's flags, and what is checked before anything runs (the commands: appendix G) =========
 
-TRAIN_FIELDS = [f.name for f in dataclasses.fields(Config) if not f.name.startswith("infer_")]
-GRPO_ONLY = ("steps rollout_batch group_size lr clip_eps kl_beta temperature select points_mu "
-             "stage1_only").split()
+# stage1_only is an inference ablation: training always trains both stages, so train does not take it
+TRAIN_FIELDS = [f.name for f in dataclasses.fields(Config)
+                if not f.name.startswith("infer_") and f.name != "stage1_only"]
+GRPO_ONLY = "steps rollout_batch group_size lr clip_eps kl_beta temperature select points_mu".split()
 INFER_FIELDS = ["model", "sam", "sam_config", "prompts", "out", "seed", "max_new_tokens", "single_stage",
                 "stage1_only", "infer_temperature", "infer_top_p", "infer_top_k", "generation_batch"]
 COMMANDS = {  # command: (what it does, the Config fields it takes as flags)
     "train": ("two-stage GRPO training (Algorithm 1), after an optional SFT warm-up", TRAIN_FIELDS),
-    "sft": ("the paper's SFT baseline (A.2.3): supervised steps only, no GRPO",
+    "sft": ("supervised steps only, no GRPO (A.2.3); with --single-stage, the paper's SFT baseline",
             [f for f in TRAIN_FIELDS if f not in GRPO_ONLY]),
     "infer": ("segment one place: infer SAT MAP \"school\"; tiles: infer DIR [TEXT]", INFER_FIELDS),
     "eval": ("cIoU, gIoU, F1 and seconds per sample of a model on a split (Table 1)",
@@ -155,16 +156,28 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 def check_config(cfg: Config):
-    """Reject values that would fail later, deep inside a library, with one clear message."""
-    problems = [msg for bad, msg in [
-        (cfg.select not in ("argmax", "sample"), f"--select is 'argmax' or 'sample', not '{cfg.select}'"),
-        (cfg.group_size < 2, "--group-size must be at least 2: advantages are relative to the group"),
-        (min(cfg.rollout_batch, cfg.micro_batch, cfg.sft_batch, cfg.max_new_tokens, cfg.save_every) < 1,
-         "--rollout-batch, --micro-batch, --sft-batch, --max-new-tokens and --save-every must be positive"),
-        (min(cfg.steps, cfg.sft_steps, cfg.eval_limit, cfg.generation_batch) < 0,
-         "--steps, --sft-steps, --eval-limit and --generation-batch cannot be negative"),
-        (min(cfg.temperature, cfg.infer_temperature) <= 0, "temperatures must be positive"),
-        (not 1 <= cfg.sft_points <= MAX_POINTS, f"--sft-points must be between 1 and {MAX_POINTS}")] if bad]
+    """Reject values that would fail later, deep inside a library (or silently do nothing), with one line
+    naming each flag. Every command checks its whole config: a flag it does not take holds its default."""
+    problems = []
+    if cfg.select not in ("argmax", "sample"):
+        problems.append(f"--select is 'argmax' or 'sample', not '{cfg.select}'")
+    if cfg.group_size < 2:
+        problems.append("--group-size must be at least 2: advantages are relative to the group")
+    for name in ("rollout_batch", "micro_batch", "sft_batch", "max_new_tokens", "save_every"):
+        if getattr(cfg, name) < 1:
+            problems.append(f"--{name.replace('_', '-')} must be at least 1")
+    for name in ("steps", "sft_steps", "eval_limit", "generation_batch", "seed", "infer_top_k"):
+        if getattr(cfg, name) < 0:
+            problems.append(f"--{name.replace('_', '-')} cannot be negative")
+    for name in ("temperature", "infer_temperature"):
+        if not getattr(cfg, name) > 0:
+            problems.append(f"--{name.replace('_', '-')} must be positive")
+    if not 0 < cfg.infer_top_p <= 1:
+        problems.append("--infer-top-p must be in (0, 1]")
+    if not 1 <= cfg.sft_points <= MAX_POINTS:
+        problems.append(f"--sft-points must be between 1 and {MAX_POINTS}")
+    if cfg.single_stage and cfg.stage1_only:
+        problems.append("--single-stage and --stage1-only are two different ablations: give one")
     if problems:
         raise SocioError("; ".join(problems))
 
@@ -709,7 +722,9 @@ def model_frame(policy: Policy, image_size: tuple) -> tuple:
                         min_pixels=ip.size.shortest_edge, max_pixels=ip.size.longest_edge)
 
 def policy_inputs(policy: Policy, images: list, template: str, target: str, **fields) -> tuple:
-    """Chat-formatted prompt [map, satellite, text] -> (processor tensors on the device, (H', W'))."""
+    """Chat-formatted prompt [map, satellite, text] -> (processor tensors on the CPU, (H', W')). A prompt's
+    pixel_values are ~27 MB at 756 px and a Group keeps its prompt for the whole step (128 prompts a stage:
+    3.5 GB), so they stay in host memory; whoever runs the model moves what it needs (`on_device`)."""
     model_hw = model_frame(policy, images[0].size)
     text = template.format(w=model_hw[1], h=model_hw[0], target=target, **fields)
     content = [{"type": "image"}, {"type": "image"}, {"type": "text", "text": text}]
@@ -719,7 +734,10 @@ def policy_inputs(policy: Policy, images: list, template: str, target: str, **fi
     grid, patch = inputs["image_grid_thw"][0], policy.processor.image_processor.patch_size   # (t, h, w)
     if (int(grid[1]) * patch, int(grid[2]) * patch) != model_hw:   # the prompt would state the wrong size
         raise RuntimeError(f"processor resized to {tuple(grid[1:].tolist())} patches, expected {model_hw} px")
-    return {k: v.to(policy.device) for k, v in inputs.items()}, model_hw
+    return dict(inputs), model_hw
+
+def on_device(inputs: dict, device: torch.device) -> dict:
+    return {k: v.to(device) for k, v in inputs.items()}
 
 def _autocast(device):
     """bf16 matmuls on a GPU; float32 on a CPU, where bf16 is slow and buys nothing."""
@@ -742,6 +760,7 @@ def sample_completions(policy: Policy, prompts: list, n: int, temperature: float
         inputs = {"input_ids": left("input_ids", policy.pad_id), "attention_mask": left("attention_mask", 0),
                   "mm_token_type_ids": left("mm_token_type_ids", 0),                       # (k, P), 0 = text
                   **{k: torch.cat([p[k] for p in part]) for k in ("pixel_values", "image_grid_thw")}}
+        inputs = on_device(inputs, policy.device)                   # this call's prompts only, then freed
         with _autocast(policy.device):
             out = policy.model.generate(
                 **inputs, do_sample=True, num_return_sequences=n, max_new_tokens=max_new_tokens,
@@ -771,33 +790,37 @@ def completion_logprobs(policy: Policy, model, rows: list, temperature: float) -
     #    prompts of different lengths share a micro-batch. mm_token_type_ids marks the image tokens, which
     #    get_rope_index gives M-RoPE's (time, height, width) positions; without it all would get 1-D text
     #    positions: the scores of another model than the one that sampled.
-    ids = right([torch.cat([inp["input_ids"][0], c]) for (inp, _), c in zip(rows, comps)], L, policy.pad_id)
+    ids = right([torch.cat([inp["input_ids"][0].to(device), c]) for (inp, _), c in zip(rows, comps)], L,
+                policy.pad_id)                                                    # (B, L)
     attn = (torch.arange(L, device=device) < (P + Tc)[:, None]).long()           # (B, L)
-    mm_types = right([inp["mm_token_type_ids"][0] for inp, _ in rows], L, 0)      # (B, L), 1 = image
+    mm_types = right([inp["mm_token_type_ids"][0].to(device) for inp, _ in rows], L, 0)  # (B, L), 1 = image
     with _autocast(device):
         # 2. Vision once per prompt: the G rows of a group share their prompt's two tiles, so the vision tower
         #    runs once per distinct prompt, and its features are scattered into every row's image slots.
         vision = lambda inp: torch.cat(model.model.get_image_features(
-            inp["pixel_values"], inp["image_grid_thw"], return_dict=True).pooler_output)  # (image tokens, D)
+            inp["pixel_values"].to(device), inp["image_grid_thw"].to(device), return_dict=True).pooler_output)
         distinct = {id(inp): inp for inp, _ in rows}
         features = {k: vision(inp) for k, inp in distinct.items()}
         embeds = model.get_input_embeddings()(ids)                                # (B, L, D)
         scattered = torch.cat([features[id(inp)] for inp, _ in rows]).to(embeds.dtype)
         embeds = embeds.masked_scatter((ids == model.config.image_token_id)[..., None], scattered)
         # 3. Given embeddings, the model cannot find the image tokens itself: M-RoPE positions come from here.
-        grids = torch.cat([inp["image_grid_thw"] for inp, _ in rows])            # (2B, 3)
+        grids = torch.cat([inp["image_grid_thw"] for inp, _ in rows]).to(device)  # (2B, 3)
         positions, _ = model.model.get_rope_index(ids, mm_types, image_grid_thw=grids, attention_mask=attn)
-        # 4. Logits only from the earliest completion start on: no lm_head over the long prompts.
-        keep = L - int(P.min()) + 1                                               # T + P_max - P_min
-        logits = model(inputs_embeds=embeds, attention_mask=attn, position_ids=positions, use_cache=False,
-                       logits_to_keep=keep).logits                                # (B, keep, V)
+        hidden = model.model(inputs_embeds=embeds, attention_mask=attn, position_ids=positions,
+                             use_cache=False).last_hidden_state                  # (B, L, D)
+    # 4. Logits only from the earliest completion start on (no lm_head over the long prompts), and in float32
+    #    outside autocast: under it lm_head returns bf16 logits, already rounded by up to 0.06 at |logit| 16-32
+    #    before any log-softmax. (The bf16 reference's lm_head is upcast for this: a transient 1.2 GB at 3B.)
+    keep = L - int(P.min()) + 1                                                   # T + P_max - P_min
+    weight = model.get_output_embeddings().weight.float()                         # (V, D)
+    logits = torch.nn.functional.linear(hidden[:, L - keep:].float(), weight)    # (B, keep, V) float32
     # 5. The logit at position j predicts token j + 1: completion token t of row i is predicted at P_i-1+t.
     #    Past a short row's end that index can leave the sequence: the clamp keeps it in, the mask zeroes it.
     t = torch.arange(T, device=device)
     pos = (P[:, None] - 1 + t[None, :]).clamp(max=L - 1) - (L - keep)            # (B, T) into kept logits
-    # 6. The sampled distribution: in float32 (a bf16 log-softmax is unstable), divided by the temperature,
-    #    vision tokens removed as at sampling time.
-    logits = logits.gather(1, pos[..., None].expand(-1, -1, logits.shape[-1])).float() / temperature
+    # 6. The sampled distribution: divided by the temperature, vision tokens removed as at sampling time.
+    logits = logits.gather(1, pos[..., None].expand(-1, -1, logits.shape[-1])) / temperature
     logits[..., policy.vision_ids] = float("-inf")
     targets = right(comps, T, policy.pad_id)                                     # (B, T)
     logp = logits.log_softmax(-1).gather(-1, targets[..., None]).squeeze(-1)     # (B, T) float32
@@ -811,10 +834,12 @@ def completion_logprobs(policy: Policy, model, rows: list, temperature: float) -
 #     k3_t = exp(q_t) - q_t - 1,  q_t = log pi_ref(y_t) - log pi_theta(y_t)         (always >= 0)
 # with A = R - mean_g R the group-relative advantage. As a *value* over tokens sampled from pi_theta, k3 is an
 # unbiased estimate of KL(pi_theta || pi_ref): that is what the log shows. As a *loss* its expected gradient
-# is E[(1 - pi_ref/pi_theta) grad log pi_theta] = grad KL(pi_ref || pi_theta), the reverse KL: it pulls
-# pi_theta to keep covering what pi_ref would write.
+# is E[(1 - pi_ref/pi_theta) grad log pi_theta] = grad KL(pi_ref || pi_theta), the forward (mass-covering)
+# KL: it pulls pi_theta to keep covering what pi_ref would write.
 # Normalisation: eq. 6 sums l_t over a completion's tokens, which makes long answers weigh more; like the
-# authors' release we take the token *mean* per completion, then the mean over completions.
+# authors' release we take the token *mean* per completion, then the mean over completions. Eq. 6 also adds
+# beta KL(pi_theta || pi_ref) once per input, outside its sums; here (and in the release) beta k3_t is a
+# per-token term inside the token mean, so the KL is weighed per token like the surrogate.
 # Old policy: each stage is updated once per step, right after sampling, so the completions are scored by
 # the weights that sampled them: pi_old = pi_theta (detached), r_t = 1 and the clip never acts (the logged
 # clipped fraction is 0); the gradient of r_t A is A grad log pi_theta, REINFORCE with a group baseline. The
@@ -824,7 +849,8 @@ def completion_logprobs(policy: Policy, model, rows: list, temperature: float) -
 def group_advantages(rewards: torch.Tensor, group_size: int) -> torch.Tensor:
     """A = R - mean of its group (Alg. 1 lines 12-13). rewards (B*G,), groups contiguous -> (B*G,). The
     authors' release also divides by the group's std + 1e-6, blowing tiny reward differences up to unit
-    size; the paper does not, nor do we. An all-equal group gets exactly zero: no gradient."""
+    size; the paper does not, nor do we. An all-equal group gets exactly zero: no gradient from the surrogate
+    (the KL term of its completions still pulls towards pi_ref)."""
     r = rewards.float().view(-1, group_size)                             # (B, G)
     adv = r - r.mean(dim=1, keepdim=True)
     adv[r.amax(dim=1) == r.amin(dim=1)] = 0.0         # a float mean of equal numbers can be off by an ulp
@@ -948,7 +974,8 @@ def optimizer_step(policy: Policy, optimizer, what: str, loss: float) -> bool:
 def grpo_update(policy: Policy, reference, optimizer, groups: list, cfg: Config) -> dict:
     """Alg. 1 lines 12-14 (or 25-27) for all groups of one stage: advantages, eq. 6, one optimizer step."""
     rows = [(g.inputs, c) for g in groups for c in g.completions]                   # B*G rows
-    rewards = torch.tensor([r["total"] for g in groups for r in g.rewards])          # (B*G,)
+    # on the policy's device: eq. 6 multiplies the advantages, (B*G, 1), with log-probs computed there
+    rewards = torch.tensor([r["total"] for g in groups for r in g.rewards], device=policy.device)  # (B*G,)
     advantages = group_advantages(rewards, len(groups[0].completions))               # (B*G,)
     policy.model.train()        # Qwen2.5-VL has no dropout; train mode is what gradient checkpointing needs
     optimizer.zero_grad(set_to_none=True)
@@ -1281,7 +1308,11 @@ def save_checkpoint(out: Path, policy: Policy, optimizer, state: dict, cfg: Conf
         part.save_pretrained(tmp)
     if policy.prompts != DEFAULT_PROMPTS:            # the wording it was trained in goes with it
         (tmp / "prompts.json").write_text(json.dumps(policy.prompts, indent=1) + "\n", encoding="utf-8")
-    torch.save({**state, "torch_rng": torch.get_rng_state(), "cuda_rng": torch.cuda.get_rng_state_all(),
+    # The GPU's RNG: only the one in use (get_rng_state_all would open a CUDA context on every visible GPU,
+    # and could not be restored on a machine with another number of them).
+    cuda = policy.device.type == "cuda"
+    torch.save({**state, "torch_rng": torch.get_rng_state(),
+                "cuda_rng": torch.cuda.get_rng_state(policy.device) if cuda else None,
                 "config": dataclasses.asdict(cfg), "optimizer": optimizer and optimizer.state_dict()},
                tmp / "trainer_state.pt")
     if final.exists():
@@ -1306,17 +1337,29 @@ def prepare_policy(policy: Policy, cfg: Config):
     if cfg.freeze_vision:       # the ViT and its merger stay as loaded; no gradients or AdamW states for them
         policy.model.model.visual.requires_grad_(False)
     if cfg.grad_checkpointing:  # recompute each layer's activations in backward instead of storing them
-        policy.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        policy.model.activation_checkpointing_enable({"use_reentrant": False})   # transformers >= 5.25
 
 def new_optimizer(policy: Policy, lr: float) -> torch.optim.Optimizer:
     # No weight decay: the paper gives none, and decay would pull every weight towards 0 on every step.
     return torch.optim.AdamW([p for p in policy.model.parameters() if p.requires_grad], lr=lr, weight_decay=0)
 
 def load_reference(cfg: Config, source: str, device: torch.device):
-    """pi_ref, frozen: the run's starting weights ("warmup": this run's <out>/warmup/); bf16 on a GPU."""
+    """pi_ref, frozen: the run's starting weights ("warmup": this run's <out>/warmup/); on a GPU with bf16
+    parameters. Built in host memory (no float32 copy ever on the GPU), then moved to the device."""
     path = str(Path(cfg.out) / "warmup") if source == "warmup" else source
-    reference = load_or_build_policy(dataclasses.replace(cfg, model=path), device).model.requires_grad_(False)
-    return reference.eval().to(torch.bfloat16) if device.type == "cuda" else reference.eval()
+    cpu = torch.device("cpu")
+    reference = load_or_build_policy(dataclasses.replace(cfg, model=path), cpu).model.requires_grad_(False)
+    if device.type == "cuda":
+        bf16_parameters(reference)
+    return reference.to(device)
+
+def bf16_parameters(model):
+    """Parameters to bf16, buffers kept. `model.to(torch.bfloat16)` would also round the rotary inv_freq
+    buffers (text and vision): with Qwen2.5-VL-3B's frequencies that moves rotary angles by up to 0.35, 0.81
+    and 1.73 rad at token distances 300, 700 and 1,500, a different model, not a rounded one."""
+    for p in model.parameters():
+        p.data = p.data.to(torch.bfloat16)
+    return model
 
 @dataclass
 class Run:                            # what a training run's phases share
@@ -1350,7 +1393,8 @@ def open_run(cfg: Config, given: Optional[set]) -> Run:
                          "another --out")
     if cfg.resume and ckpt is None:
         raise SocioError(f"--resume: no checkpoint in {cfg.out}")
-    saved = ckpt and torch.load(ckpt / "trainer_state.pt", weights_only=True)
+    # map_location: a GPU run's AdamW moments load anywhere; load_state_dict then moves them to the weights
+    saved = ckpt and torch.load(ckpt / "trainer_state.pt", weights_only=True, map_location="cpu")
     state = {"phase": "sft" if cfg.sft_steps else "grpo", "step": 0, "reference": cfg.model}
     if saved:
         cfg, state = resumed_config(saved["config"], cfg, given), {k: saved[k] for k in state}
@@ -1382,7 +1426,8 @@ def open_run(cfg: Config, given: Optional[set]) -> Run:
     os.replace(log.with_suffix(".tmp"), log)
     if saved:              # the saved random draws go on, now that the models are built (a tiny one reseeds)
         torch.set_rng_state(saved["torch_rng"])
-        torch.cuda.set_rng_state_all(saved.get("cuda_rng", []))
+        if device.type == "cuda" and isinstance(saved.get("cuda_rng"), torch.Tensor):
+            torch.cuda.set_rng_state(saved["cuda_rng"], device)
     return Run(cfg, state, refs, eval_refs[: cfg.eval_limit or None], policy, segmenter, optimizer, reference)
 
 def warm_up(run: Run):
@@ -1437,6 +1482,8 @@ def train(cfg: Config, given: Optional[set] = None):
     if run.eval_refs:
         run.optimizer = None                                  # AdamW's moments are not needed to evaluate
         start = make_policy(run.reference, run.policy.processor, run.policy.device) if cfg.steps else None
+        if start is not None:
+            start.prompts = run.policy.prompts                # asked in the run's wording (--prompts)
         held_out_report(cfg, run.refs, run.eval_refs, run.policy, start, run.segmenter)
 
 # ==== Appendix D — the held-out report, eval and infer ======================================================
@@ -1470,6 +1517,9 @@ def random_model_note(cfg: Config, command: str):
 
 def run_eval(cfg: Config, split: str, limit: int, pictures: bool):
     """The eval command: a Table-1 row for one model on one split, with every predicted mask on disk."""
+    check_config(cfg)
+    if limit < 0:
+        raise SocioError("--limit cannot be negative (0 = all samples)")
     refs = list_split(cfg.data, split, skip_bad=cfg.skip_bad)[: limit or None]
     device = pick_device()
     policy, segmenter = load_or_build_policy(cfg, device), load_segmenter(cfg, device)
@@ -1518,6 +1568,7 @@ def infer_inputs(sat_path: str, map_path: Optional[str], text: Optional[str]) ->
 def infer(cfg: Config, sat_path: str, map_path: Optional[str], text: Optional[str]):
     """The infer command. SAT MAP TEXT: both stages' reasoning and answers, <out>/mask.png and overlay.png.
     DIR [TEXT]: <out>/<id>/mask.png and overlay.png of each tile, cfg.generation_batch tiles at a time."""
+    check_config(cfg)
     folder, refs = infer_inputs(sat_path, map_path, text)
     n = cfg.generation_batch or len(refs)
     batches = ([read_tiles(r) for r in refs[i:i + n]] for i in range(0, len(refs), n))
@@ -1725,7 +1776,7 @@ def bench_accumulation(policy: Policy, reference, optimizer, generation_call: tu
         rows = [(prompt, c) for c in completions] * k
         optimizer.zero_grad(set_to_none=True)
         reset_peak_memory(device)
-        advantages = torch.randn(len(rows), generator=torch.Generator().manual_seed(0))
+        advantages = torch.randn(len(rows), generator=torch.Generator().manual_seed(0)).to(device)
         accumulate_grpo_gradients(policy, reference, rows, advantages, cfg)
         peaks[k] = peak_memory_mb(device)
     print(f"gradient accumulation, micro-batch {cfg.micro_batch}: peak {peaks[1]:.0f} MB with 1 micro-batch, "
