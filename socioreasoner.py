@@ -38,9 +38,11 @@ def param(default, doc):
 @dataclass
 class Config:
     model: str = param("Qwen/Qwen2.5-VL-3B-Instruct", "the policy (for training, the start): hub id, local "
-                       "folder such as runs/NAME/checkpoint, or 'tiny' (random weights)")
+                       "folder such as runs/NAME/checkpoint, 'tiny' (random weights) or 'random-3b' "
+                       "(Qwen2.5-VL-3B's architecture, random weights, for timing)")
     sam: str = param("facebook/sam2-hiera-large", "SAM 2 (frozen): hub id, local .pt checkpoint, 'tiny' "
-                     "(random weights) or 'grow' (a weights-free stand-in)")
+                     "(random weights), 'random-large' (SAM 2 large, random weights) or 'grow' (a "
+                     "weights-free stand-in)")
     sam_config: str = param("configs/sam2/sam2_hiera_l.yaml", "sam2 config used with a local .pt checkpoint")
     prompts: str = param("", "JSON file replacing our prompt wording: keys stage1, stage2, single (any of "
                          "them); placeholders {target} (required), {w} {h} (model-frame size), and in stage2 "
@@ -549,8 +551,11 @@ def segment_answer(segmenter: Segmenter, encoding, answer, model_hw, mask_hw) ->
         return np.zeros(mask_hw, bool)
     return segmenter.segment(encoding, boxes, points)
 
+RANDOM_SAM = {"tiny": "configs/sam2.1/sam2.1_hiera_t.yaml", "random-large": "configs/sam2/sam2_hiera_l.yaml"}
+
 def load_segmenter(cfg: Config, device: torch.device) -> Segmenter:
-    """SAM 2 from the hub or a .pt checkpoint; 'tiny': a random small SAM 2; 'grow': GrowSegmenter."""
+    """SAM 2 from the hub or a .pt checkpoint; 'tiny' / 'random-large': SAM 2.1 tiny / SAM 2 large (the
+    paper's) with random weights; 'grow': GrowSegmenter."""
     if cfg.sam == "grow":
         return GrowSegmenter()
     import warnings
@@ -559,9 +564,9 @@ def load_segmenter(cfg: Config, device: torch.device) -> Segmenter:
     from sam2.sam2_image_predictor import SAM2ImagePredictor
     def build(config: str, checkpoint: Optional[str]) -> Sam2Segmenter:
         return Sam2Segmenter(SAM2ImagePredictor(build_sam2(config, checkpoint, device=str(device))))
-    if cfg.sam == "tiny":   # random weights from the package's smallest config: no sense, real plumbing
+    if cfg.sam in RANDOM_SAM:          # random weights: no sense, real plumbing (and real cost)
         torch.manual_seed(cfg.seed)
-        return build("configs/sam2.1/sam2.1_hiera_t.yaml", None)
+        return build(RANDOM_SAM[cfg.sam], None)
     def load(cache_only: bool) -> Sam2Segmenter:
         if Path(cfg.sam).is_file():                                     # a checkpoint holding {"model": ...}
             return build(cfg.sam_config, cfg.sam)
@@ -710,7 +715,10 @@ def load_policy(name_or_path: str, device: torch.device) -> Policy:
     return policy
 
 def load_or_build_policy(cfg: Config, device: torch.device) -> Policy:
-    policy = build_tiny_policy(cfg.seed, device) if cfg.model == "tiny" else load_policy(cfg.model, device)
+    if cfg.model in RANDOM_MODELS:
+        policy = build_random_policy(RANDOM_MODELS[cfg.model], cfg.seed, device)
+    else:
+        policy = load_policy(cfg.model, device)
     policy.prompts = load_prompts(cfg.prompts) if cfg.prompts else policy.prompts
     return policy
 
@@ -809,9 +817,9 @@ def completion_logprobs(policy: Policy, model, rows: list, temperature: float) -
         positions, _ = model.model.get_rope_index(ids, mm_types, image_grid_thw=grids, attention_mask=attn)
         hidden = model.model(inputs_embeds=embeds, attention_mask=attn, position_ids=positions,
                              use_cache=False).last_hidden_state                  # (B, L, D)
-    # 4. Logits only from the earliest completion start on (no lm_head over the long prompts), and in float32
-    #    outside autocast: under it lm_head returns bf16 logits, already rounded by up to 0.06 at |logit| 16-32
-    #    before any log-softmax. (The bf16 reference's lm_head is upcast for this: a transient 1.2 GB at 3B.)
+    # 4. Logits only from the earliest completion start on (no lm_head over the long prompts), in float32 and
+    #    outside autocast: under it lm_head returns bf16 logits, already rounded by up to 0.06 at |logit|
+    #    16-32 before any log-softmax. (The bf16 reference's lm_head is upcast for this: 1.2 GB at 3B.)
     keep = L - int(P.min()) + 1                                                   # T + P_max - P_min
     weight = model.get_output_embeddings().weight.float()                         # (V, D)
     logits = torch.nn.functional.linear(hidden[:, L - keep:].float(), weight)    # (B, keep, V) float32
@@ -1185,6 +1193,30 @@ class GrowSegmenter:
 # with no merges plus Qwen's special tokens and, as a trained vocabulary has for frequent text, single tokens
 # for the answer's syntax, the numbers 0-255 and the fixed stretches of our prompts: an answer is ~20 tokens,
 # not ~60, which it can learn to write, and a prompt ~40 plus the images, not ~600 bytes.
+# `--model random-3b` builds the same way with Qwen2.5-VL-3B-Instruct's published sizes (3.75 B parameters)
+# and its processor's pixel bounds (a 768-px tile becomes 756 px, 729 tokens): a real-shaped step to time on
+# a GPU without a download. Its vocabulary is padded to the checkpoint's 151,936 entries with tokens that the
+# encoder never produces, so sampling and the lm_head cost what they cost the real model.
+TINY_ARCH = dict(
+    text=dict(hidden_size=128, intermediate_size=256, num_hidden_layers=4, num_attention_heads=4,
+              num_key_value_heads=2, max_position_embeddings=4096,
+              # M-RoPE splits head_dim / 2 = 16 frequency pairs over (time, height, width)
+              rope_parameters=dict(rope_type="default", rope_theta=1e4, mrope_section=[4, 6, 6])),
+    vision=dict(depth=2, hidden_size=64, intermediate_size=128, num_heads=2, out_hidden_size=128,
+                fullatt_block_indexes=[1]),
+    vocab_size=0,                                   # 0: the tokenizer's own size
+    tie_word_embeddings=False,
+    pixels=(56 * 56, 112 * 112))                    # the image processor's min and max pixels per image
+QWEN25_VL_3B_ARCH = dict(
+    text=dict(hidden_size=2048, intermediate_size=11008, num_hidden_layers=36, num_attention_heads=16,
+              num_key_value_heads=2, max_position_embeddings=128000, rms_norm_eps=1e-6,
+              rope_parameters=dict(rope_type="default", rope_theta=1e6, mrope_section=[16, 24, 24])),
+    vision=dict(depth=32, hidden_size=1280, intermediate_size=3420, num_heads=16, out_hidden_size=2048,
+                fullatt_block_indexes=[7, 15, 23, 31]),
+    vocab_size=151936,
+    tie_word_embeddings=True,
+    pixels=(56 * 56, 28 * 28 * 16384))
+RANDOM_MODELS = {"tiny": TINY_ARCH, "random-3b": QWEN25_VL_3B_ARCH}
 TINY_CHAT_TEMPLATE = (
     "{%- for m in messages -%}<|im_start|>{{ m['role'] }}\n"
     "{%- if m['content'] is string -%}{{ m['content'] }}{%- else -%}{%- for c in m['content'] -%}"
@@ -1198,28 +1230,31 @@ TINY_PIECES = (["<think>", "</think>", "<answer>", "</answer>", '[{"bbox_2d": ['
                   if len(part) > 3])
 
 def build_tiny_policy(seed: int, device: torch.device = torch.device("cpu")) -> Policy:
+    return build_random_policy(TINY_ARCH, seed, device)
+
+def build_random_policy(arch: dict, seed: int, device: torch.device) -> Policy:
+    """A Qwen2.5-VL of the sizes in `arch` (TINY_ARCH, QWEN25_VL_3B_ARCH), random weights, our tokenizer."""
     import transformers as hf
     from transformers.convert_slow_tokenizer import bytes_to_unicode
     specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"] + VISION_TOKENS
-    vocab = {piece: i for i, piece in enumerate([bytes_to_unicode()[b] for b in range(256)] + specials)}
+    pieces = [bytes_to_unicode()[b] for b in range(256)]
+    n_filler = max(0, arch["vocab_size"] - len(pieces) - len(specials) - len(TINY_PIECES))
+    pieces += [f"<unused{i}>" for i in range(n_filler)]         # never produced by encoding (no merges)
+    vocab = {piece: i for i, piece in enumerate(pieces + specials)}
     tok = hf.Qwen2Tokenizer(vocab=vocab, merges=[], unk_token=None, eos_token="<|im_end|>",
                             pad_token="<|endoftext|>", extra_special_tokens=specials[1:])
     tok.add_tokens(TINY_PIECES)                     # matched longest-first before the byte-level BPE
-    size = {"shortest_edge": 56 * 56, "longest_edge": 112 * 112}
+    size = {"shortest_edge": arch["pixels"][0], "longest_edge": arch["pixels"][1]}
     processor = hf.Qwen2_5_VLProcessor(image_processor=hf.Qwen2VLImageProcessor(size=size), tokenizer=tok,
                                        video_processor=hf.Qwen2VLVideoProcessor(size=size),
                                        chat_template=TINY_CHAT_TEMPLATE)
     tid = tok.convert_tokens_to_ids
     ids = dict(bos_token_id=None, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+    vision = dict(arch["vision"], patch_size=14, spatial_merge_size=2, temporal_patch_size=2, window_size=112)
     config = hf.Qwen2_5_VLConfig(
-        text_config=dict(vocab_size=len(tok), hidden_size=128, intermediate_size=256, num_hidden_layers=4,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=4096, **ids,
-                         # M-RoPE splits head_dim / 2 = 16 frequency pairs over (time, height, width)
-                         rope_parameters=dict(rope_type="default", rope_theta=1e4, mrope_section=[4, 6, 6])),
-        vision_config=dict(depth=2, hidden_size=64, intermediate_size=128, num_heads=2, out_hidden_size=128,
-                           patch_size=14, spatial_merge_size=2, temporal_patch_size=2, window_size=112,
-                           fullatt_block_indexes=[1]),
-        image_token_id=tid("<|image_pad|>"), video_token_id=tid("<|video_pad|>"), tie_word_embeddings=False,
+        text_config=dict(arch["text"], vocab_size=max(len(tok), arch["vocab_size"]), **ids),
+        vision_config=vision, tie_word_embeddings=arch["tie_word_embeddings"],
+        image_token_id=tid("<|image_pad|>"), video_token_id=tid("<|video_pad|>"),
         vision_start_token_id=tid("<|vision_start|>"), vision_end_token_id=tid("<|vision_end|>"))
     torch.manual_seed(seed)
     model = hf.Qwen2_5_VLForConditionalGeneration(config)
@@ -1230,7 +1265,7 @@ def build_tiny_policy(seed: int, device: torch.device = torch.device("cpu")) -> 
     angle = torch.arange(256.0)[:, None] * (1.0 / 64.0 ** (torch.arange(32.0) / 32)) / 4       # (256, 32)
     code = torch.cat([angle.sin(), angle.cos()], 1)                                              # (256, 64)
     with torch.no_grad():
-        for table in (model.get_input_embeddings().weight, model.lm_head.weight):   # (V, 128)
+        for table in (model.get_input_embeddings().weight, model.lm_head.weight):   # (V, D)
             table[tid([str(i) for i in range(256)]), :64] = code * 1.4 * table.std()
     return make_policy(model, processor, device)
 
@@ -1510,9 +1545,9 @@ def held_out_report(cfg: Config, train_refs: list, refs: list, policy: Policy, s
     (Path(cfg.out) / "eval.json").write_text(json.dumps(rows, indent=1) + "\n")
 
 def random_model_note(cfg: Config, command: str):
-    if cfg.model == "tiny":
-        print(f"note: --model tiny is an untrained, random policy: its answers are noise. To try the demo's "
-              f"trained policy, run `python socioreasoner.py train --tiny` (writes {DEMO_OUT}/) and then "
+    if cfg.model in RANDOM_MODELS:
+        print(f"note: --model {cfg.model} is an untrained, random policy: its answers are noise. To try the "
+              f"demo's trained policy, run `python socioreasoner.py train --tiny` (writes {DEMO_OUT}/) and then "
               f"`python socioreasoner.py {command} --tiny --model {DEMO_OUT}/checkpoint`", file=sys.stderr)
 
 def run_eval(cfg: Config, split: str, limit: int, pictures: bool):
@@ -1663,6 +1698,8 @@ BENCH_KINDS = {"sample_completions": "generation", "encode_tiles": "segmentation
                "accumulate_grpo_gradients": "policy forward/backward", "optimizer_step": "optimizer",
                "completion_logprobs": "reference forward"}   # under no_grad: the reference's, taken out below
 
+PAPER_ROWS = 128 * 8           # A.2.3: rollout batch 128 prompts, G = 8 completions each, per stage
+
 def timed_call(fn, *args, **kwargs) -> tuple:
     """(seconds, fn(*args, **kwargs)), waiting before each clock read for the GPU's asynchronous work."""
     sync = torch.cuda.synchronize if torch.cuda.is_available() else lambda: None
@@ -1741,6 +1778,11 @@ def bench(cfg: Config, steps: int):
     print(f"tokens generated per second: {mean('tokens') / mean('generation'):.1f}")
     what = "GPU allocated" if device.type == "cuda" else "process RSS"
     print(f"peak memory over the steps: {peak:.0f} MB ({what})")
+    # Every part's work is proportional to the rows (prompts x G) at a fixed --generation-batch and
+    # --micro-batch, so a step of the paper's 128 prompts x G 8 costs the same per row; memory does not grow.
+    scale = PAPER_ROWS / (cfg.rollout_batch * cfg.group_size)
+    print(f"extrapolated to the paper's 128 prompts x G=8 ({scale:.0f}x the rows): {mean('seconds') * scale:.0f}"
+          f" s per step, {mean('seconds') * scale * 250 / 3600:.1f} h for its 250 steps")
     generation = [(args, kwargs) for name, args, kwargs in calls if name == "sample_completions"]  # last step
     bench_generation(generation, len(batch), cfg)
     bench_accumulation(policy, reference, optimizer, generation[0], cfg)

@@ -742,6 +742,43 @@ def test_a_non_finite_loss_is_skipped_not_applied(sample):
     assert all(torch.equal(b, p) for b, p in zip(before, pol.model.parameters()))
 
 
+def test_random_3b_is_qwen25_vl_3b_with_its_processors_resize():
+    # The published sizes: 36 x 2,048 language model, 32 x 1,280 ViT, 151,936 tokens, 3,754,622,976
+    # parameters. Built on the meta device: the architecture without the 15 GB of weights.
+    meta = torch.device("meta")
+    with meta:
+        pol = sr.build_random_policy(sr.QWEN25_VL_3B_ARCH, 0, meta)
+    text, vision = pol.model.config.text_config, pol.model.config.vision_config
+    assert (text.num_hidden_layers, text.hidden_size, text.intermediate_size) == (36, 2048, 11008)
+    assert (text.num_attention_heads, text.num_key_value_heads, text.vocab_size) == (16, 2, 151936)
+    assert (vision.depth, vision.hidden_size, vision.out_hidden_size) == (32, 1280, 2048)
+    assert sum(p.numel() for p in pol.model.parameters()) == 3_754_622_976
+    assert pol.model.lm_head.weight is pol.model.get_input_embeddings().weight           # tied, as released
+    # a 768-px tile is resized to 756 px (27 x 27 merged patches): 729 image tokens per tile
+    tile = Image.new("RGB", (768, 768))
+    inputs, hw = sr.policy_inputs(pol, [tile, tile], pol.prompts["stage1"], "school")
+    assert hw == (756, 756)
+    assert int((inputs["input_ids"] == pol.model.config.image_token_id).sum()) == 2 * 729
+
+
+def test_random_3b_samples_and_scores_with_fewer_layers():
+    # The same architecture cut to one decoder layer and one ViT block (the full vocabulary and widths):
+    # its completions are sampled and re-scored through the same code as the tiny model's.
+    arch = dict(sr.QWEN25_VL_3B_ARCH)
+    arch["text"] = dict(arch["text"], num_hidden_layers=1)
+    arch["vision"] = dict(arch["vision"], depth=1, fullatt_block_indexes=[0])
+    pol = sr.build_random_policy(arch, 0, CPU)
+    tile = Image.new("RGB", (56, 56), (90, 120, 60))                   # the processor's smallest frame
+    inputs, hw = sr.policy_inputs(pol, [tile, tile], pol.prompts["stage1"], "park")
+    completions, = sr.sample_completions(pol, [inputs], 2, temperature=1.0, top_p=1.0, top_k=0,
+                                         max_new_tokens=3)
+    assert [len(c) for c in completions] == [3, 3]                      # no EOS from a random 151,936-way draw
+    assert max(int(c.max()) for c in completions) < 151936
+    logp, mask = sr.completion_logprobs(pol, pol.model, [(inputs, c) for c in completions], 1.0)
+    assert logp.dtype == torch.float32 and mask.sum() == 6
+    assert bool(torch.isfinite(logp).all()) and float(logp.max()) < 0
+
+
 def test_tiny_policy_saves_and_loads_through_the_real_loading_path(policy, sample, tmp_path):
     policy.model.save_pretrained(tmp_path)
     policy.processor.save_pretrained(tmp_path)
