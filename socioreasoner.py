@@ -1878,6 +1878,8 @@ def main(argv=None):
             bench(cfg, args.bench_steps)
     except SocioError as e:
         sys.exit(f"error: {e}")
+    except OSError as e:      # a full disk, an --out that is a file, a folder without write permission, ...
+        sys.exit(f"error: {one_line(e)}")
     except KeyboardInterrupt:
         if args.command not in ("train", "sft") or cfg is None:
             sys.exit("interrupted")

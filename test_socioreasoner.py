@@ -1163,6 +1163,29 @@ def test_infer_refuses_bad_inputs_with_one_line(tmp_path):
     assert not (tmp_path / "o").exists()
 
 
+@pytest.mark.parametrize("flag, value, named", [
+    ("--generation-batch", "-1", "--generation-batch"), ("--max-new-tokens", "0", "--max-new-tokens"),
+    ("--infer-temperature", "0", "--infer-temperature"), ("--infer-top-p", "1.5", "--infer-top-p"),
+    ("--infer-top-k", "-1", "--infer-top-k"), ("--seed", "-3", "--seed"), ("--limit", "-1", "--limit")])
+def test_eval_and_infer_refuse_bad_values_naming_the_flag(flag, value, named, tmp_path):
+    # before anything is loaded or written: a bad value never evaluates nothing and reports 100 %
+    tile = HERE / "data_sample" / "val" / "val_0000"
+    out = ["--out", str(tmp_path / "o"), "--model", "tiny", "--sam", "grow"]
+    assert named in cli_error("eval", flag, value, *out)
+    if flag != "--limit":                                                 # infer has no --limit
+        assert named in cli_error("infer", str(tile / "sat.png"), str(tile / "map.png"), "school", flag, value,
+                                  *out)
+    assert not (tmp_path / "o").exists()
+
+
+def test_an_out_that_is_a_file_is_one_line(tmp_path):
+    tile = HERE / "data_sample" / "val" / "val_0000"
+    (tmp_path / "taken").write_text("")
+    msg = cli_error("infer", str(tile / "sat.png"), str(tile / "map.png"), "school", "--model", "tiny",
+                    "--sam", "grow", "--max-new-tokens", "2", "--out", str(tmp_path / "taken"))
+    assert "taken" in msg and "exists" in msg
+
+
 def test_a_big_tile_gets_a_scaled_overlay_and_a_full_size_mask(tmp_path):
     tile = HERE / "data_sample" / "val" / "val_0000"
     for name in ("sat", "map"):
