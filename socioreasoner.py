@@ -91,7 +91,9 @@ DEMO_OUT = "runs/demo"      # --tiny's out (runs/demo-sft, ... for other command
 RELEASED = "vvangfaye/SocioReasoner-3B"                              # the authors' trained policy
 COMMAND_DEFAULTS = {"sft": dict(sft_steps=500, out="runs/sft"), "eval": dict(model=RELEASED, out="runs/eval"),
                     "infer": dict(model=RELEASED, out="runs/infer")}
-RUN_FIELDS = ("model", "sam", "sam_config", "seed", "freeze_vision", "sft_points")   # fixed for a run's life
+# Fixed for a run's life. The wording (--prompts) travels in the run's folders as prompts.json: a resumed run
+# reads it there, never the file it was first given again (which may have changed or gone since).
+RUN_FIELDS = ("model", "sam", "sam_config", "seed", "freeze_vision", "sft_points", "prompts")
 
 # The one rule of where a run's values come from: Config's defaults, then the command's, then --tiny's, then
 # the flags given (`sft` is `train` given --steps 0). --resume: the run's saved config, then the flags given
@@ -1105,6 +1107,8 @@ def instance_matches(pred: np.ndarray, gt: np.ndarray) -> tuple:
     return int(match[rows, cols].sum()), n_p, n_g
 
 def segmentation_metrics(preds: list, gts: list) -> dict:
+    if not gts:                              # 0/0: not a perfect score, and no mean of no images
+        raise ValueError("no masks to score: the metrics of nothing are undefined")
     inter = union = tp = n_pred = n_gt = 0
     ious = []
     for p, g in zip(preds, gts):
@@ -1125,6 +1129,8 @@ def evaluate(policy: Policy, segmenter: Segmenter, refs: list, cfg: Config, imag
     writes <out>/masks/<id>.png (and <out>/pictures/<id>.png), so anyone can recompute the metrics. images
     "blank" shows the policy grey tiles, "shuffled" the next sample's; the segmenter still gets the real
     satellite tile, so a drop measures what the *policy* reads."""
+    if not refs:
+        raise SocioError("nothing to evaluate: no samples given")
     for folder in [] if out is None else ["masks"] + ["pictures"] * pictures:
         (out / folder).mkdir(parents=True, exist_ok=True)
     finals, firsts, gts, seconds, fallbacks = [], [], [], 0.0, 0
@@ -1339,10 +1345,7 @@ def sft_step(policy: Policy, optimizer, rows: list, micro_batch: int) -> float:
 def save_checkpoint(out: Path, policy: Policy, optimizer, state: dict, cfg: Config):
     tmp, final, old = out / "checkpoint.tmp", out / "checkpoint", out / "checkpoint.old"
     shutil.rmtree(tmp, ignore_errors=True)
-    for part in (policy.model, policy.processor):
-        part.save_pretrained(tmp)
-    if policy.prompts != DEFAULT_PROMPTS:            # the wording it was trained in goes with it
-        (tmp / "prompts.json").write_text(json.dumps(policy.prompts, indent=1) + "\n", encoding="utf-8")
+    save_policy(policy, tmp)
     # The GPU's RNG: only the one in use (get_rng_state_all would open a CUDA context on every visible GPU,
     # and could not be restored on a machine with another number of them).
     cuda = policy.device.type == "cuda"
@@ -1355,6 +1358,13 @@ def save_checkpoint(out: Path, policy: Policy, optimizer, state: dict, cfg: Conf
         os.replace(final, old)
     os.replace(tmp, final)
     shutil.rmtree(old, ignore_errors=True)
+
+def save_policy(policy: Policy, folder: Path):
+    """Weights, processor and, if not ours, the wording it was trained in: what load_policy reads back."""
+    for part in (policy.model, policy.processor):
+        part.save_pretrained(folder)
+    if policy.prompts != DEFAULT_PROMPTS:
+        (folder / "prompts.json").write_text(json.dumps(policy.prompts, indent=1) + "\n", encoding="utf-8")
 
 def latest_checkpoint(out: Path) -> Optional[Path]:
     complete = [d for d in (out / "checkpoint", out / "checkpoint.old") if (d / "trainer_state.pt").exists()]
@@ -1383,7 +1393,8 @@ def load_reference(cfg: Config, source: str, device: torch.device):
     parameters. Built in host memory (no float32 copy ever on the GPU), then moved to the device."""
     path = str(Path(cfg.out) / "warmup") if source == "warmup" else source
     cpu = torch.device("cpu")
-    reference = load_or_build_policy(dataclasses.replace(cfg, model=path), cpu).model.requires_grad_(False)
+    model_only = dataclasses.replace(cfg, model=path, prompts="")          # its wording is never asked
+    reference = load_or_build_policy(model_only, cpu).model.requires_grad_(False)
     if device.type == "cuda":
         bf16_parameters(reference)
     return reference.to(device)
@@ -1442,7 +1453,9 @@ def open_run(cfg: Config, given: Optional[set]) -> Run:
                          f"training; --eval-split '' skips that") from None
     device = pick_device()
     torch.manual_seed(cfg.seed)                      # torch seeds itself at random otherwise
-    policy = load_or_build_policy(dataclasses.replace(cfg, model=str(ckpt)) if ckpt else cfg, device)
+    # resumed: asked in the wording its checkpoint carries (RUN_FIELDS), not a fresh read of --prompts
+    policy = load_or_build_policy(dataclasses.replace(cfg, model=str(ckpt), prompts="") if ckpt else cfg,
+                                  device)
     prepare_policy(policy, cfg)
     segmenter = load_segmenter(cfg, device)
     grpo = state["phase"] == "grpo"
@@ -1484,8 +1497,7 @@ def warm_up(run: Run):
             print(f"sft  {step + 1:4d}/{cfg.sft_steps}  loss {loss:.4f}  {seconds:.2f}s", flush=True)
         if (step + 1) % cfg.save_every == 0 and step + 1 < cfg.sft_steps:
             run.checkpoint(step + 1)
-    for part in (run.policy.model, run.policy.processor):
-        part.save_pretrained(out / "warmup")
+    save_policy(run.policy, out / "warmup")
     run.state = {"phase": "grpo", "step": 0, "reference": "warmup"}
     run.optimizer = new_optimizer(run.policy, cfg.lr)
     run.checkpoint(0)

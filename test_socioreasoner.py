@@ -4,6 +4,10 @@ Run:  python -m pytest -q test_socioreasoner.py
 Nothing here downloads anything: the VLM and SAM 2 are tiny random models built from their configs.
 """
 
+import contextlib
+import copy
+import dataclasses
+import io
 import itertools
 import json
 import math
@@ -112,6 +116,42 @@ def test_broken_samples_can_be_skipped_with_a_warning(tmp_path, capsys):
     assert capsys.readouterr().err.count("warning: skipping") == 2
 
 
+def test_parquet_shards_list_and_read_like_the_raw_files(tmp_path):
+    """The Hugging Face export: rows (id, problem, sat_image, map_image, mask_label) in <split>-*.parquet
+    shards anywhere below the root, images as {bytes, path} cells or plain bytes."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    _write_sample(tmp_path / "raw" / "train" / "a", size=(40, 30))
+    raw = tmp_path / "raw" / "train" / "a"
+    cell = lambda name: {"bytes": (raw / f"{name}.png").read_bytes(), "path": f"{name}.png"}
+    row = {"id": "a", "problem": " school ", "sat_image": cell("sat"), "map_image": cell("map"),
+           "mask_label": (raw / "mask.png").read_bytes()}
+    shards = tmp_path / "hf" / "data"
+    shards.mkdir(parents=True)
+    pq.write_table(pa.Table.from_pylist([row]), shards / "train-00000-of-00002.parquet")
+    bad = pa.Table.from_pylist([{**row, "id": "b", "problem": "  "}])
+    pq.write_table(bad, shards / "train-00001-of-00002.parquet")
+    with pytest.raises(sr.SocioError, match=r"sample b in .*train-00001-of-00002\.parquet: 'problem'"):
+        sr.list_split(tmp_path / "hf", "train")
+    ref, = sr.list_split(tmp_path / "hf", "train", skip_bad=True)
+    assert (ref.id, ref.text, ref.size) == ("a", "school", (40, 30))
+    got, want = sr.read_sample(ref), sr.read_sample(sr.list_split(tmp_path / "raw", "train")[0])
+    assert np.array_equal(got.mask, want.mask) and got.mask.sum() == 6 * 7
+    assert np.array_equal(np.asarray(got.sat), np.asarray(want.sat))
+    assert np.array_equal(np.asarray(got.map), np.asarray(want.map))
+
+
+def test_batch_indices_walk_one_seeded_permutation_per_epoch():
+    """Alg. 1 line 3: 5 samples, 3 a step: steps 0-4 cover 3 epochs, each a permutation seeded by (seed,
+    epoch); a step's samples depend only on (step, seed), so a resumed run recomputes them."""
+    steps = [sr.batch_indices(step, 5, 3, seed=7) for step in range(5)]
+    flat = [i for step in steps for i in step]
+    for epoch in range(3):
+        assert flat[5 * epoch:5 * epoch + 5] == np.random.default_rng([7, epoch]).permutation(5).tolist()
+    assert steps[1] == flat[3:6] and sr.batch_indices(3, 5, 3, seed=7) == steps[3]
+    assert [sr.batch_indices(step, 5, 3, seed=8) for step in range(5)] != steps
+
+
 def test_shipped_data_sample_is_valid_and_is_what_the_generator_makes(tmp_path):
     """Every tile of both splits lists, decodes, and has a target to find; and the shipped tiles are the
     seeded generator's own (so a change of the demo's world cannot leave stale tiles behind)."""
@@ -172,7 +212,9 @@ def test_parse_answer_accepts_the_schema_of_each_stage():
     "<think>x</think><answer>[{\"bbox_2d\": [1, 2, Infinity, 4]}]</answer>",
     "<think>x</think><answer>[{\"bbox_2d\": [1, 2, 1e999, 4]}]</answer>",
     "<think>x</think><answer>[{\"bbox_2d\": [1, 2, " + "9" * 5000 + ", 4]}]</answer>",
-    "<think>x</think><answer>" + "[" * 100000 + "</answer>",
+    "<think>x</think><answer>" + "[" * 100000 + "</answer>",              # refused by the length cap
+    "<think>x</think><answer>" + "[" * 50_000 + "</answer>",               # RecursionError in json
+    "<think>x</think><answer>[{\"bbox_2d\": [1, 2, " + "9" * 400 + ", 4]}]</answer>",  # OverflowError
     answer([{"bbox_2d": [0, 0, 1, 1]}] * (sr.MAX_OBJECTS + 1)),
 ])
 def test_parse_answer_rejects_malformed_stage1(text):
@@ -401,6 +443,9 @@ def test_render_shades_the_mask_and_outlines_boxes_without_touching_the_input():
     assert tuple(out[3, 3]) == (102, 0, 153)                              # 0.4 red + 0.6 blue
     assert tuple(out[0, 0]) == (0, 0, 255)                                # untouched
     assert tuple(out[2, 10]) == sr.BOX_RGB and tuple(out[5, 14]) == (0, 0, 255)  # outline, not fill
+    # the box's edge pixels, right and bottom too: columns 10 and 17, rows 2 and 7 (pixel c covers [c, c+1))
+    assert tuple(out[5, 17]) == sr.BOX_RGB and tuple(out[5, 18]) == (0, 0, 255)
+    assert tuple(out[7, 14]) == sr.BOX_RGB and tuple(out[8, 14]) == (0, 0, 255)
     assert np.asarray(img)[3, 3].tolist() == [0, 0, 255]
 
 
@@ -418,6 +463,12 @@ def test_segmentation_metrics_hand_computed():
     # TP 1; predicted instances 2 + 1, ground-truth instances 2 + 1: F1 = 2 / (3 + 3)
     assert m["F1"] == pytest.approx(100 * 2 / 6)
     assert sr.instance_matches(gt1, gt1) == (2, 2, 2)
+
+
+def test_the_metrics_of_no_masks_are_refused_not_a_perfect_score():
+    """0/0 is not cIoU 100 and F1 100 (nor is the mean of no IoUs a gIoU): scoring nothing is an error."""
+    with pytest.raises(ValueError, match="no masks"):
+        sr.segmentation_metrics([], [])
 
 
 def test_grow_segmenter_answers_to_boxes_and_points():
@@ -552,6 +603,19 @@ def sample():
     return sr.read_sample(sr.list_split(HERE / "data_sample", "train")[0])
 
 
+@pytest.fixture
+def fresh_policy(policy):
+    """A copy of the shared tiny policy (seed 0) for a test to train: copying costs less than building."""
+    torch.manual_seed(0)                                       # as building it would: the draws that follow
+    return dataclasses.replace(policy, model=copy.deepcopy(policy.model))
+
+
+@pytest.fixture(scope="module")
+def tiny_sam():
+    """One random small SAM 2 for the tests that need the real segmenter's plumbing."""
+    return sr.load_segmenter(sr.Config(sam="tiny"), CPU)
+
+
 def test_model_frame_is_the_processors_resized_frame(policy, sample):
     inputs, hw = sr.policy_inputs(policy, [sample.map, sample.sat], sr.STAGE1_PROMPT, sample.text)
     assert hw == (112, 112) and sample.sat.size == (224, 224)            # the tiny processor halves the tiles
@@ -661,11 +725,10 @@ def test_accumulated_gradient_equals_full_batch_gradient():
         assert torch.allclose(g, grads[0], atol=1e-6, rtol=1e-4)
 
 
-def test_grpo_update_moves_the_policy_only_when_rewards_differ(sample):
+def test_grpo_update_moves_the_policy_only_when_rewards_differ(sample, policy, fresh_policy):
     """A stage update with unequal rewards changes the weights; with equal ones (pi = pi_ref) it cannot."""
     cfg = sr.Config(lr=1e-3, micro_batch=2)
-    pol = sr.build_tiny_policy(seed=0)
-    reference = sr.build_tiny_policy(seed=0).model
+    pol, reference = fresh_policy, policy.model
     texts = ["<think>a</think><answer>[]</answer>", "junk", "more junk", "<think>"]
     rows = _rows(pol, [sample] * 4, texts)
     for rewards, should_move in (([1.0, 1.0, 1.0, 1.0], False), ([3.0, 0.0, 0.0, 0.0], True)):
@@ -717,18 +780,18 @@ def test_sft_targets_of_sub_pixel_regions_stay_well_formed():
     assert sr.parse_answer(text, 2) == [{"bbox_2d": [12, 20, 13, 30], "points": [[12, 25]]}]
 
 
-def test_sft_step_lowers_the_loss_of_its_targets(sample):
-    pol = sr.build_tiny_policy(seed=0)
+def test_sft_step_lowers_the_loss_of_its_targets(sample, fresh_policy):
+    pol = fresh_policy
     rows = sr.sft_examples(pol, sr.GrowSegmenter(), sample, 3, np.random.default_rng(0))
     opt = torch.optim.AdamW(pol.model.parameters(), lr=3e-3, weight_decay=0.0)
     losses = [sr.sft_step(pol, opt, rows, micro_batch=1) for _ in range(5)]
     assert losses[-1] < losses[0] - 0.5
 
 
-def test_a_non_finite_loss_is_skipped_not_applied(sample):
+def test_a_non_finite_loss_is_skipped_not_applied(sample, policy, fresh_policy):
     """Numerical guard: a NaN anywhere in the loss leaves the weights untouched and is reported."""
-    pol = sr.build_tiny_policy(seed=0)
-    broken = sr.build_tiny_policy(seed=0).model
+    pol = fresh_policy
+    broken = copy.deepcopy(policy.model)
     with torch.no_grad():
         broken.lm_head.weight[0, 0] = float("nan")                    # the reference's log-probs become NaN
     texts = ["<think>a</think><answer>[]</answer>", "junk"]
@@ -821,6 +884,38 @@ class BoxFiller:
         return mask
 
 
+def completion_ids(policy, text):
+    """A completion as sample_completions returns it: the text's token ids, then the EOS."""
+    return torch.tensor(policy.processor.tokenizer(text)["input_ids"] + [policy.eos_ids[0]])
+
+
+class ScriptedSampler:
+    """Stands in for sample_completions: each stage-k prompt (told apart by its wording) is answered with the
+    first n texts of script[k]. Records per call the prompts' stages and text, the sampling arguments, the
+    policy asked and a copy of one of its weights (to tell which updates came before the call)."""
+
+    def __init__(self, script):
+        self.script, self.calls = script, []
+
+    def __call__(self, policy, prompts, n, **sampling):
+        texts = [policy.processor.tokenizer.decode(p["input_ids"][0]) for p in prompts]
+        stages = [2 if "first attempt" in t else 1 for t in texts]
+        self.calls.append({"stages": stages, "prompts": texts, "sampling": sampling, "policy": policy,
+                           "weight": policy.model.lm_head.weight.detach().clone()})
+        return [[completion_ids(policy, t) for t in self.script[k][:n]] for k in stages]
+
+
+def _write_rect_sample(d: Path, size, box, text="school"):
+    """A sample of (W, H) = size pixels whose target is one rectangle, box [x1, y1, x2, y2] (mask frame)."""
+    d.mkdir(parents=True)
+    Image.new("RGB", size, (60, 120, 60)).save(d / "sat.png")
+    Image.new("RGB", size, (230, 230, 220)).save(d / "map.png")
+    m = np.zeros(size[::-1], np.uint8)
+    m[box[1]:box[3], box[0]:box[2]] = 255
+    Image.fromarray(m).save(d / "mask.png")
+    (d / "question.json").write_text(json.dumps({"problem": text}))
+
+
 def test_a_missing_sam_checkpoint_is_one_clear_line_naming_the_flag(tmp_path):
     """The real SAM 2 loading path (a local .pt that is not there) ends in one SocioError, not a traceback."""
     cfg = sr.Config(sam=str(tmp_path / "missing.pt"))
@@ -828,8 +923,8 @@ def test_a_missing_sam_checkpoint_is_one_clear_line_naming_the_flag(tmp_path):
         sr.load_segmenter(cfg, torch.device("cpu"))
 
 
-def test_sam2_segmenter_with_a_random_small_model():
-    seg = sr.load_segmenter(sr.Config(sam="tiny"), CPU)
+def test_sam2_segmenter_with_a_random_small_model(tiny_sam):
+    seg = tiny_sam
     rng = np.random.default_rng(0)
     a = rng.integers(0, 255, (60, 80, 3), dtype=np.uint8)
     b = rng.integers(0, 255, (50, 50, 3), dtype=np.uint8)
@@ -848,17 +943,17 @@ def test_sam2_segmenter_with_a_random_small_model():
     assert not seg.segment(enc_a, np.zeros((0, 4))).any()               # no prompt, no SAM call, empty mask
 
 
-def test_sam2_encodes_a_batch_of_tiles_in_one_pass_like_one_at_a_time():
-    seg = sr.load_segmenter(sr.Config(sam="tiny"), CPU)
+def test_sam2_encodes_a_batch_of_tiles_in_one_pass_like_one_at_a_time(tiny_sam):
+    seg = tiny_sam
     rng = np.random.default_rng(1)
-    tiles = [rng.integers(0, 255, hw + (3,), dtype=np.uint8) for hw in ((60, 80), (50, 50), (64, 64))]
+    tiles = [rng.integers(0, 255, hw + (3,), dtype=np.uint8) for hw in ((60, 80), (50, 50))]
     calls = []
     hook = seg.predictor.model.image_encoder.register_forward_hook(lambda *a: calls.append(1))
     try:
         together = sr.encode_tiles(seg, tiles)
     finally:
         hook.remove()
-    assert len(calls) == 1 and len(together) == 3                          # one encoder pass for three tiles
+    assert len(calls) == 1 and len(together) == 2                          # one encoder pass for two tiles
     boxes, points = np.array([[5, 5, 40, 30], [20, 10, 45, 45]]), [np.array([[10, 10]]), np.array([[30, 20]])]
     for tile, enc in zip(tiles, together):
         alone = seg.encode(tile)
@@ -915,11 +1010,10 @@ def test_select_carried_argmax_and_sampled():
     assert share == pytest.approx(math.exp(2) / (math.exp(2) + 2), abs=0.03)   # proportional to exp(R1)
 
 
-def test_train_step_runs_both_stages_with_a_fake_segmenter():
+def test_train_step_runs_both_stages_with_a_fake_segmenter(policy, fresh_policy):
     refs = sr.list_split(HERE / "data_sample", "train")[:2]
     cfg = sr.Config(group_size=3, max_new_tokens=6, micro_batch=3, lr=1e-3)
-    pol = sr.build_tiny_policy(seed=0)
-    reference = sr.build_tiny_policy(seed=0).model
+    pol, reference = fresh_policy, policy.model
     opt = torch.optim.AdamW(pol.model.parameters(), lr=cfg.lr, weight_decay=0.0)
     seg = BoxFiller()
     stats = sr.train_step(0, refs, pol, reference, opt, seg, cfg)
@@ -930,14 +1024,54 @@ def test_train_step_runs_both_stages_with_a_fake_segmenter():
     assert np.isfinite(stats["iou2"]) == (stats["format2"] > 0)
 
 
-def test_bench_times_a_step_from_outside_and_keeps_its_encodings_and_prompts():
+def test_train_step_on_hand_written_answers(policy, fresh_policy, tmp_path, monkeypatch):
+    """Algorithm 1 with scripted completions, rewards computed by hand. The tile is 224 x 112 pixels, the
+    model sees it as 140 x 56 (x / 1.6, y / 2); the target is the mask-frame box [32, 16, 160, 64], written
+    by the model as [20, 8, 100, 32]. Pins: B* is converted to the model frame before R_1 (the authors'
+    release compares it unconverted, and there this right answer would match nothing); g* = argmax R_1 is
+    carried (its boxes listed to stage 2 in the model frame, segmented in the mask frame); stage 2 is
+    sampled from the policy after the stage-1 update; --points-mu reaches R_2."""
+    _write_rect_sample(tmp_path / "train" / "a", (224, 112), (32, 16, 160, 64))
+    refs = sr.list_split(tmp_path, "train")
+    assert sr.model_frame(policy, refs[0].size) == (56, 140)
+    right = {"bbox_2d": [20, 8, 100, 32]}
+    one_point = answer([{**right, "points": [[60, 20]]}])                    # mask frame (96, 40)
+    sampler = ScriptedSampler({1: [answer([]), answer([right]), "no answer"],
+                               2: [one_point, "junk", one_point]})
+    monkeypatch.setattr(sr, "sample_completions", sampler)
+    cfg = sr.Config(group_size=3, micro_batch=3, lr=1e-3, points_mu=1.0, temperature=0.7)
+    opt = torch.optim.AdamW(fresh_policy.model.parameters(), lr=cfg.lr, weight_decay=0.0)
+    seg = BoxFiller()
+    stats = sr.train_step(0, refs, fresh_policy, policy.model, opt, seg, cfg)
+    # R_1 (J = 1): [] -> 1 + 0 + exp(-2); the right box -> 1 + 1 + 1; malformed -> 0
+    assert stats["reward1"] == pytest.approx((1 + math.exp(-2) + 3 + 0) / 3)
+    assert stats["format1"] == pytest.approx(2 / 3)
+    # g* = 1: its box, converted, is M_c's prompt; the stage-2 prompt lists it as the model wrote it
+    assert seg.calls[0][0].tolist() == [[32, 16, 160, 64]] and seg.calls[0][1] is None
+    assert [c["stages"] for c in sampler.calls] == [[1], [2]]
+    assert "Its boxes were: [[20, 8, 100, 32]]" in sampler.calls[1]["prompts"][0]
+    # R_2: the box fills the target exactly (IoU 1); one point per group, r(1) = 1 at mu = 1 (exp(-1/8) at
+    # the default mu = 2): [3, 0, 3]
+    assert seg.calls[1][1][0].tolist() == [[96, 40]]
+    assert stats["reward2"] == pytest.approx(2.0) and stats["iou2"] == 1.0
+    # the rollouts sample the full softmax at the training temperature
+    sampling = sampler.calls[0]["sampling"]
+    assert (sampling["temperature"], sampling["top_p"], sampling["top_k"]) == (0.7, 1.0, 0)
+    # stage 1 sampled from the start, stage 2 after the stage-1 update, then the stage-2 update
+    start, before2 = sampler.calls[0]["weight"], sampler.calls[1]["weight"]
+    assert torch.equal(start, policy.model.lm_head.weight)
+    assert not torch.equal(before2, start) and not torch.equal(fresh_policy.model.lm_head.weight, before2)
+    assert stats["skipped"] == 0
+
+
+def test_bench_times_a_step_from_outside_and_keeps_its_encodings_and_prompts(policy, fresh_policy):
     refs = sr.list_split(HERE / "data_sample", "train")[:2]
     cfg = sr.Config(group_size=3, max_new_tokens=6, micro_batch=3, lr=1e-3)
-    pol = sr.build_tiny_policy(seed=0)
+    pol = fresh_policy
     opt = torch.optim.AdamW(pol.model.parameters(), lr=cfg.lr, weight_decay=0.0)
     originals, times, calls = {name: getattr(sr, name) for name in sr.BENCH_KINDS}, {}, []
     with sr.timed_functions(times, calls):
-        sr.train_step(0, refs, pol, sr.build_tiny_policy(seed=0).model, opt, BoxFiller(), cfg)
+        sr.train_step(0, refs, pol, policy.model, opt, BoxFiller(), cfg)
     assert {name: getattr(sr, name) for name in sr.BENCH_KINDS} == originals      # the functions are put back
     assert set(times) == set(sr.BENCH_KINDS.values()) and min(times.values()) > 0
     assert times["policy forward/backward"] > times["reference forward"]          # the first holds the second
@@ -954,6 +1088,20 @@ def run_cli(*args, cwd=HERE):
                           capture_output=True, text=True, timeout=600)
 
 
+def run_here(*args, cwd=HERE):
+    """run_cli in this process, without a new interpreter paying torch's import: the same exit code, stdout
+    and stderr (a message the command exits with ends stderr). For what a command does, not the process."""
+    out, err, code = io.StringIO(), io.StringIO(), 0
+    with contextlib.chdir(cwd), contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        try:
+            sr.main([str(a) for a in args])
+        except SystemExit as e:
+            code = e.code
+    if isinstance(code, str):
+        err.write(code + "\n")
+    return subprocess.CompletedProcess(args, int(bool(code)), out.getvalue(), err.getvalue())
+
+
 QUICK = ["--tiny", "--rollout-batch", "2", "--group-size", "4", "--eval-split", "", "--save-every", "1"]
 
 
@@ -963,15 +1111,15 @@ def sft_checkpoint(tmp_path_factory):
     data = tmp_path_factory.mktemp("data")
     sr.synthetic().make_synthetic_data(data, n_train=2, n_val=2, seed=5)
     out = tmp_path_factory.mktemp("sft")
-    r = run_cli("sft", "--tiny", "--data", str(data), "--sft-steps", "150", "--sft-batch", "2",
-                "--sft-lr", "3e-3", "--eval-split", "", "--out", str(out / "run"))
+    r = run_here("sft", "--tiny", "--data", str(data), "--sft-steps", "150", "--sft-batch", "2",
+                 "--sft-lr", "3e-3", "--eval-split", "", "--out", str(out / "run"))
     assert r.returncode == 0, r.stderr
     return data, out / "run" / "checkpoint"
 
 
 def test_cli_train_tiny_writes_log_and_checkpoint_and_resumes(tmp_path):
     out = tmp_path / "run"
-    r = run_cli("train", *QUICK, "--sft-steps", "2", "--steps", "1", "--out", str(out))
+    r = run_here("train", *QUICK, "--sft-steps", "2", "--steps", "1", "--out", str(out))
     assert r.returncode == 0, r.stderr
     lines = log = [json.loads(l) for l in (out / "log.jsonl").read_text().splitlines()]
     assert [(l["phase"], l["step"]) for l in lines] == [("sft", 1), ("sft", 2), ("grpo", 1)]
@@ -982,7 +1130,7 @@ def test_cli_train_tiny_writes_log_and_checkpoint_and_resumes(tmp_path):
     assert (out / "checkpoint" / "model.safetensors").exists()
     with pytest.raises(sr.SocioError, match="--resume"):                 # no silent overwrite
         sr.train(sr.Config(model="tiny", sam="grow", out=str(out), data=str(HERE / "data_sample")))
-    r = run_cli("train", *QUICK, "--sft-steps", "2", "--steps", "2", "--out", str(out), "--resume")
+    r = run_here("train", *QUICK, "--sft-steps", "2", "--steps", "2", "--out", str(out), "--resume")
     assert r.returncode == 0, r.stderr
     assert "resuming from" in r.stdout
     lines = [json.loads(l) for l in (out / "log.jsonl").read_text().splitlines()]
@@ -994,9 +1142,9 @@ def test_resumed_run_repeats_the_uninterrupted_one(sft_checkpoint, tmp_path):
     data, ckpt = sft_checkpoint
     args = ["--tiny", "--model", str(ckpt), "--data", str(data), "--sft-steps", "0", "--rollout-batch", "2",
             "--group-size", "6", "--eval-split", "", "--lr", "1e-3"]
-    assert run_cli("train", *args, "--steps", "3", "--out", str(tmp_path / "a")).returncode == 0
-    assert run_cli("train", *args, "--steps", "1", "--out", str(tmp_path / "b")).returncode == 0
-    r = run_cli("train", *args, "--steps", "3", "--out", str(tmp_path / "b"), "--resume")
+    assert run_here("train", *args, "--steps", "3", "--out", str(tmp_path / "a")).returncode == 0
+    assert run_here("train", *args, "--steps", "1", "--out", str(tmp_path / "b")).returncode == 0
+    r = run_here("train", *args, "--steps", "3", "--out", str(tmp_path / "b"), "--resume")
     assert r.returncode == 0, r.stderr
     a = [json.loads(l) for l in (tmp_path / "a" / "log.jsonl").read_text().splitlines()]
     b = [json.loads(l) for l in (tmp_path / "b" / "log.jsonl").read_text().splitlines()]
@@ -1018,7 +1166,7 @@ def test_a_run_killed_after_its_first_checkpoint_resumes_and_completes_its_log(t
     proc.kill()                                                          # SIGKILL: no cleanup of any kind
     proc.wait()
     assert sr.latest_checkpoint(out) is not None
-    r = run_cli("train", *QUICK, "--steps", "5", "--sft-steps", "3", "--out", str(out), "--resume")
+    r = run_here("train", *QUICK, "--steps", "5", "--sft-steps", "3", "--out", str(out), "--resume")
     assert r.returncode == 0, r.stderr
     steps = [(l["phase"], l["step"]) for l in sr.log_lines(out / "log.jsonl")]
     assert steps == [("sft", i) for i in range(1, 4)] + [("grpo", i) for i in range(1, 6)]
@@ -1038,7 +1186,7 @@ def test_checkpoint_and_log_survive_a_kill_mid_write(tmp_path):
 def test_cli_sft_checkpoint_is_accepted_by_infer(sft_checkpoint, tmp_path):
     data, ckpt = sft_checkpoint
     sat, mp = data / "val" / "val_0000" / "sat.png", data / "val" / "val_0000" / "map.png"
-    r = run_cli("infer", str(sat), str(mp), "school", "--tiny", "--model", str(ckpt), "--out", str(tmp_path))
+    r = run_here("infer", str(sat), str(mp), "school", "--tiny", "--model", str(ckpt), "--out", str(tmp_path))
     assert r.returncode == 0, r.stderr
     assert "--- stage 1 ---" in r.stdout and "--- stage 2 ---" in r.stdout
     mask = Image.open(tmp_path / "mask.png")
@@ -1051,7 +1199,7 @@ def test_cli_sft_checkpoint_is_accepted_by_infer(sft_checkpoint, tmp_path):
 def test_cli_infer_with_random_sam2(tmp_path):
     sat = HERE / "data_sample" / "val" / "val_0000" / "sat.png"
     mp = HERE / "data_sample" / "val" / "val_0000" / "map.png"
-    r = run_cli("infer", str(sat), str(mp), "park", "--tiny", "--sam", "tiny", "--out", str(tmp_path))
+    r = run_here("infer", str(sat), str(mp), "park", "--tiny", "--sam", "tiny", "--out", str(tmp_path))
     assert r.returncode == 0, r.stderr
     assert Image.open(tmp_path / "mask.png").size == Image.open(sat).size
     assert "untrained, random" in r.stderr and "--tiny --model runs/demo/checkpoint" in r.stderr
@@ -1062,7 +1210,7 @@ def test_cli_infer_a_folder_of_tiles_in_batches(tmp_path):
     tiles = tmp_path / "data" / "val"
     for d in tiles.iterdir():
         (d / "mask.png").unlink()                                        # no ground truth needed
-    r = run_cli("infer", str(tiles), "--tiny", "--generation-batch", "2", "--out", str(tmp_path / "out"))
+    r = run_here("infer", str(tiles), "--tiny", "--generation-batch", "2", "--out", str(tmp_path / "out"))
     assert r.returncode == 0, r.stderr
     for d in tiles.iterdir():
         target = json.loads((d / "question.json").read_text())["problem"]
@@ -1071,7 +1219,7 @@ def test_cli_infer_a_folder_of_tiles_in_batches(tmp_path):
         assert mask.size == Image.open(d / "sat.png").size
         overlay = Image.open(tmp_path / "out" / d.name / "overlay.png")
         assert overlay.size[0] == 2 * mask.size[0] and overlay.size[1] > 2 * mask.size[1]   # + text bands
-    r = run_cli("infer", str(tiles / "val_0000" / "sat.png"), "--tiny")
+    r = run_here("infer", str(tiles / "val_0000" / "sat.png"), "--tiny")
     assert r.returncode != 0 and "SAT MAP TEXT" in r.stderr and "Traceback" not in r.stderr
 
 
@@ -1079,11 +1227,11 @@ def test_cli_errors_are_one_line(tmp_path):
     r = run_cli("infer", str(tmp_path / "nope.png"), str(tmp_path / "nope.png"), "park", "--tiny")
     assert r.returncode != 0 and r.stderr.strip().count("\n") == 0
     assert "nope.png" in r.stderr and "Traceback" not in r.stderr
-    r = run_cli("train", "--tiny", "--data", str(tmp_path), "--out", str(tmp_path / "o"))
-    assert r.returncode != 0 and "no split 'train'" in r.stderr and "Traceback" not in r.stderr
-    r = run_cli("train", "--tiny", "--select", "best", "--group-size", "1")
-    assert r.returncode != 0 and "--select" in r.stderr and "--group-size" in r.stderr
-    assert "Traceback" not in r.stderr
+    # the same, in this process: what the messages say
+    msg = cli_error("train", "--tiny", "--data", str(tmp_path), "--out", str(tmp_path / "o"))
+    assert "no split 'train'" in msg
+    msg = cli_error("train", "--tiny", "--select", "best", "--group-size", "1")
+    assert "--select" in msg and "--group-size" in msg
 
 
 def cli_error(*args) -> str:
@@ -1196,6 +1344,30 @@ def test_a_big_tile_gets_a_scaled_overlay_and_a_full_size_mask(tmp_path):
     assert Image.open(tmp_path / "o" / "overlay.png").size[0] == 2048
 
 
+def test_the_overlay_of_a_big_tile_scales_boxes_points_and_mask():
+    """A 1300-pixel tile is drawn at 1024 pixels (x 1024/1300): the answers' boxes and points (model frame
+    130: x 10 to the mask frame) and the masks are scaled with it. Panel: 42-pixel text lines, two above the
+    stages, one above each stage's tiles; outlines 7 pixels wide (1024 / 150), points of radius 14."""
+    sat = Image.new("RGB", (1300, 1300), (0, 0, 255))
+    s = sr.Sample("big", "park", sat, sat.copy(), np.zeros((1300, 1300), bool))
+    box = [65.0, 32.5, 130.0, 97.5]                                  # mask frame [650, 325, 1300, 975]
+    g1 = sr.Group(1, {}, (130, 130), [None], [""], [[{"bbox_2d": box}]])
+    g2 = sr.Group(2, {}, (130, 130), [None], [""], [[{"bbox_2d": box, "points": [[97.5, 65.0]]}]])
+    coarse = np.zeros((1300, 1300), bool)
+    coarse[325:975, 650:1300] = True                                 # drawn at [256:768, 512:1024]
+    panel = np.asarray(sr.prediction_picture(s, sr.Prediction([(g1, coarse), (g2, coarse)], coarse)))
+    assert panel.shape == (2 * 42 + 2 * (42 + 1024), 2048, 3)
+    for col in (0, 1024):                                            # map, then satellite
+        for top in (126, 1192):                                      # stage 1's tiles, then stage 2's
+            px = lambda y, x: tuple(panel[top + y, col + x])
+            assert px(258, 700) == px(765, 700) == sr.BOX_RGB        # box edges at y 256 and 768 (not 325)
+            assert px(500, 515) == px(500, 1020) == sr.BOX_RGB       # at x 512 and 1024 (not 650)
+            assert px(400, 700) == (102, 0, 153) and px(200, 700) == (0, 0, 255)   # shaded inside only
+            assert px(780, 700) == (0, 0, 255)
+        assert tuple(panel[1192 + 512, col + 768]) == sr.POINT_RGB   # stage 2's point: (975, 650) scaled
+        assert tuple(panel[126 + 512, col + 768]) != sr.POINT_RGB    # stage 1 has none
+
+
 def test_hub_models_fail_fast_offline_and_leave_no_run_folder(tmp_path, monkeypatch):
     monkeypatch.setattr(sr, "hub_problem", lambda: "no answer from the hub (a test)")   # never asks the hub
     t0 = time.time()
@@ -1218,14 +1390,142 @@ def test_recovery_hints(tmp_path, monkeypatch):
     assert sr.command_config("sft", True, {"out": "x"}).out == "x"
 
 
+BAD_VALUES = dict(select="best", group_size=1, rollout_batch=0, micro_batch=0, sft_batch=0, max_new_tokens=0,
+                  save_every=0, steps=-1, sft_steps=-1, eval_limit=-1, generation_batch=-1, seed=-1,
+                  infer_top_k=-1, temperature=0.0, infer_temperature=-0.5, infer_top_p=1.5, sft_points=0)
+
+
+def test_check_config_names_each_bad_flag_in_one_line():
+    """Each value that would fail deep inside a library is refused naming its flag; all at once, one line."""
+    sr.check_config(sr.Config())
+    flag = lambda name: "--" + name.replace("_", "-")
+    for name, value in BAD_VALUES.items():
+        with pytest.raises(sr.SocioError) as e:
+            sr.check_config(sr.Config(**{name: value}))
+        assert str(e.value).startswith(flag(name)) and "\n" not in str(e.value), name
+    with pytest.raises(sr.SocioError, match="--single-stage and --stage1-only"):
+        sr.check_config(sr.Config(single_stage=True, stage1_only=True))
+    with pytest.raises(sr.SocioError) as e:
+        sr.check_config(sr.Config(**BAD_VALUES))
+    assert all(flag(name) in str(e.value) for name in BAD_VALUES) and "\n" not in str(e.value)
+    # every command checks its config before loading anything, eval and infer included
+    assert "--infer-top-p" in cli_error("eval", "--tiny", "--infer-top-p", "2")
+    msg = cli_error("infer", "a.png", "b.png", "park", "--tiny", "--max-new-tokens", "0")
+    assert "--max-new-tokens" in msg
+    assert "--micro-batch" in cli_error("bench", "--tiny", "--micro-batch", "0")
+
+
+def test_resumed_config_takes_the_flags_given_again_but_keeps_the_runs_own():
+    saved = dataclasses.asdict(sr.Config(model="m0", seed=3, prompts="p.json", steps=10, lr=1e-5, out="o"))
+    given = {"model": "m1", "seed": 9, "prompts": "", "steps": 20, "out": "o"}
+    cfg = sr.command_config("train", False, given)
+    again = sr.resumed_config(saved, cfg, set(given))
+    assert (again.steps, again.lr, again.resume) == (20, 1e-5, True)            # given again; saved; resumed
+    assert (again.model, again.seed, again.prompts) == ("m0", 3, "p.json")     # RUN_FIELDS stay as saved
+    everything = sr.resumed_config(saved, cfg, None)                           # None: every field given
+    assert (everything.steps, everything.lr, everything.model) == (20, 1e-6, "m0")
+
+
+def test_make_data_writes_the_splits_it_is_asked_for(tmp_path):
+    r = run_here("make-data", "--out", tmp_path, "--train", "2", "--val", "1", "--size", "64", "--seed", "3")
+    assert r.returncode == 0 and f"wrote 2 train and 1 val samples to {tmp_path}" in r.stdout
+    refs = sr.list_split(tmp_path, "train", need_foreground=True) + sr.list_split(tmp_path, "val")
+    assert [ref.size for ref in refs] == [(64, 64)] * 3
+
+
+def test_bench_runs_and_reports_each_kind_of_work(tmp_path):
+    sr.synthetic().make_synthetic_data(tmp_path, n_train=2, n_val=0, seed=1)
+    r = run_here("bench", "--tiny", "--data", tmp_path, "--bench-steps", "1", "--rollout-batch", "1",
+                 "--group-size", "2", "--generation-batch", "2", "--max-new-tokens", "4",
+                 "--micro-batch", "2", "--grad-checkpointing", "--freeze-vision")
+    assert r.returncode == 0, r.stderr
+    for words in ("generation", "segmentation", "rewards", "policy forward/backward", "reference forward",
+                  "optimizer", "SAM image encodings per sample per step: 1.00", "peak memory",
+                  "median of 3", "--generation-batch 2 ", "peak", "with 8; ratio"):
+        assert words in r.stdout, words
+    assert r.stdout.count("--generation-batch") == 1            # --generation-batch = G: one setting, timed
+
+
+def test_bench_generation_reports_the_median_of_each_settings_own_runs(monkeypatch, capsys):
+    """Three alternated runs of each setting, each setting's median; one setting when they are equal."""
+    times, asked = iter([5.0, 1.0, 3.0, 2.0, 4.0, 6.0]), []
+    def timed_call(generate, batch):
+        asked.append(batch)
+        return next(times), 100
+    monkeypatch.setattr(sr, "timed_call", timed_call)
+    sr.bench_generation([], 1, sr.Config(group_size=4, generation_batch=8))
+    assert asked == [4, 8] * 3                                     # 4: runs 5, 3, 4 -> 4; 8: 1, 2, 6 -> 2
+    out = capsys.readouterr().out
+    assert "--generation-batch 4    (1 prompt(s) per call): 4.000 s per step, 25 tokens/s" in out
+    assert "--generation-batch 8    (2 prompt(s) per call): 2.000 s per step, 50 tokens/s  2.00x" in out
+    times, asked = iter([5.0, 1.0, 3.0]), []
+    sr.bench_generation([], 1, sr.Config(group_size=4, generation_batch=4))
+    out = capsys.readouterr().out
+    assert asked == [4] * 3 and out.count("--generation-batch") == 1 and "3.000 s per step" in out
+
+
+def test_grad_checkpointing_recomputes_activations_for_the_same_gradient(policy, sample):
+    texts = ["<think>a</think><answer>[]</answer>", "junk"]
+    rows = _rows(policy, [sample] * 2, texts)
+    grads, forwards = [], []
+    for on in (False, True):
+        pol = dataclasses.replace(policy, model=copy.deepcopy(policy.model))
+        sr.prepare_policy(pol, sr.Config(grad_checkpointing=on))
+        pol.model.train()
+        attention = pol.model.model.language_model.layers[0].self_attn     # inside a checkpointed layer
+        calls = []
+        hook = attention.register_forward_pre_hook(lambda *a: calls.append(1))
+        sr.accumulate_grpo_gradients(pol, policy.model, rows, torch.tensor([1.0, -1.0]), sr.Config())
+        hook.remove()
+        forwards.append(len(calls))
+        grads.append(torch.cat([p.grad.flatten() for p in pol.model.parameters() if p.grad is not None]))
+    assert forwards == [1, 2]                       # checkpointed: the layer runs again in backward
+    assert torch.allclose(grads[0], grads[1], atol=1e-6)
+
+
+def test_a_run_is_asked_in_its_own_wording_through_warm_up_resume_and_report(policy, tmp_path, monkeypatch):
+    """--prompts travels with the run (checkpoint/ and warmup/ carry prompts.json): a resumed run, its KL
+    reference and its held-out report are asked in the run's wording even when the file given at the start
+    has changed since. Also the default end of a --tiny run, the report, and --freeze-vision."""
+    sr.synthetic().make_synthetic_data(tmp_path / "data", n_train=2, n_val=1, seed=4)
+    wording = {"stage1": "Boxes for {target}, please.", "stage2": "Refine {target}; first try: {boxes}."}
+    (tmp_path / "p.json").write_text(json.dumps(wording))
+    seen, sample_completions = [], sr.sample_completions
+    def recording(pol, prompts, n, **sampling):
+        seen.extend(pol.processor.tokenizer.decode(p["input_ids"][0]) for p in prompts)
+        return sample_completions(pol, prompts, n, **sampling)
+    monkeypatch.setattr(sr, "sample_completions", recording)
+    out = tmp_path / "run"
+    args = ["--tiny", "--data", tmp_path / "data", "--sft-steps", "1", "--rollout-batch", "1",
+            "--group-size", "2", "--max-new-tokens", "4", "--out", out]
+    r = run_here("train", *args, "--steps", "1", "--eval-split", "", "--prompts", tmp_path / "p.json",
+                 "--freeze-vision")
+    assert r.returncode == 0, r.stderr
+    (tmp_path / "p.json").write_text(json.dumps({"stage1": "Something else: {target}."}))
+    r = run_here("train", *args, "--steps", "2", "--eval-split", "val", "--resume")   # then the report
+    assert r.returncode == 0, r.stderr
+    assert len(seen) == 2 + 2 + 4 * 2 and all(t.count("Boxes for") + t.count("Refine") == 1 for t in seen)
+    for folder in ("warmup", "checkpoint"):
+        assert sr.load_policy(str(out / folder), CPU).prompts == {**sr.DEFAULT_PROMPTS, **wording}
+    rows = json.loads((out / "eval.json").read_text())
+    assert list(rows) == ["start of GRPO", "after GRPO", "after GRPO, blank tiles",
+                          "after GRPO, shuffled tiles", "blind: mean training box"]
+    assert all(row["n"] == 1 for row in rows.values())
+    assert "held-out" in r.stdout and "blind: mean training box" in r.stdout
+    trained = sr.load_policy(str(out / "checkpoint"), CPU).model        # --freeze-vision: the ViT as built
+    assert all(torch.equal(a, b) for a, b in zip(trained.model.visual.parameters(),
+                                                 policy.model.model.visual.parameters()))
+    assert not torch.equal(trained.lm_head.weight, policy.model.lm_head.weight)
+
+
 # ------------------------------------------------------------------------------------------------------------
 # §5: evaluation, and the paper's ablations as switches
 # ------------------------------------------------------------------------------------------------------------
 
 def test_cli_eval_metrics_agree_with_the_written_masks(sft_checkpoint, tmp_path):
     data, ckpt = sft_checkpoint
-    r = run_cli("eval", "--tiny", "--model", str(ckpt), "--data", str(data), "--split", "train", "--pictures",
-                "--out", str(tmp_path))
+    r = run_here("eval", "--tiny", "--model", str(ckpt), "--data", str(data), "--split", "train",
+                 "--pictures", "--out", str(tmp_path))
     assert r.returncode == 0, r.stderr
     assert "cIoU" in r.stdout and "s per sample" in r.stdout and "stage-1 mask kept" in r.stdout
     m = json.loads((tmp_path / "metrics.json").read_text())
@@ -1266,23 +1566,96 @@ def test_evaluate_batches_like_one_sample_at_a_time_and_counts_stage2_fallbacks(
     assert [g.texts for p in one for g, _ in p.stages] == [g.texts for p in batched for g, _ in p.stages]
 
 
-@pytest.mark.parametrize("images", ["blank", "shuffled"])
-def test_blank_and_shuffled_tiles_change_only_what_the_policy_sees(policy, images):
-    refs = sr.list_split(HERE / "data_sample", "val")[:2]
+def test_evaluate_delivers_the_stage1_mask_when_stage2_is_malformed(policy, tmp_path, monkeypatch):
+    """Scripted answers on a 224-pixel tile (model frame 112: x / 2, y / 2) whose target is [32, 32, 96, 96]:
+    stage 1 boxes its left half (IoU 1/2). A malformed stage-2 answer delivers that stage-1 mask (counted as
+    a fallback); a well-formed empty one delivers an empty mask: the two cannot be told apart by an empty
+    final mask."""
+    _write_rect_sample(tmp_path / "val" / "a", (224, 224), (32, 32, 96, 96))
+    refs = sr.list_split(tmp_path, "val")
+    half = answer([{"bbox_2d": [16, 16, 32, 48]}])
+    for stage2, final_iou, fallbacks in (("junk", 0.5, 1), (answer([]), 0.0, 0)):
+        monkeypatch.setattr(sr, "sample_completions", ScriptedSampler({1: [half], 2: [stage2]}))
+        m = sr.evaluate(policy, BoxFiller(), refs, sr.Config(), out=tmp_path / "out")
+        assert m["stage1_gIoU"] == pytest.approx(50.0) and m["gIoU"] == pytest.approx(100 * final_iou)
+        assert m["stage2_fallbacks"] == fallbacks and m["n"] == 1
+        written = np.asarray(Image.open(tmp_path / "out" / "masks" / "a.png")) > 0
+        assert written.sum() == fallbacks * 32 * 64 and written[32:96, 32:64].all() == bool(fallbacks)
+
+
+def test_nothing_to_evaluate_is_one_line_and_writes_no_metrics(policy, tmp_path, monkeypatch):
+    with pytest.raises(sr.SocioError, match="nothing to evaluate"):
+        sr.evaluate(policy, BoxFiller(), [], sr.Config())
+    assert "--limit cannot be negative" in cli_error("eval", "--tiny", "--limit", "-1")   # not "all but one"
+    monkeypatch.setattr(sr, "list_split", lambda *args, **kwargs: [])
+    assert "nothing to evaluate" in cli_error("eval", "--tiny", "--out", str(tmp_path))
+    assert not (tmp_path / "metrics.json").exists()
+
+
+@pytest.mark.parametrize("images", ["real", "blank", "shuffled"])
+def test_blank_and_shuffled_tiles_change_only_what_the_policy_sees(images, monkeypatch):
+    """The held-out report's controls: the policy is shown grey tiles, or the next sample's (across batches,
+    the last sample the first's); the segmenter, the target and the ground truth stay the sample's own."""
+    refs = sr.list_split(HERE / "data_sample", "val")[:3]
+    real = [sr.read_sample(r) for r in refs]
+    shown = []
+    def predict_batch(policy, segmenter, samples, cfg, encodings):      # what the policy would be shown
+        shown.extend(samples)
+        return [sr.Prediction([(None, s.mask)], s.mask) for s in samples]
+    monkeypatch.setattr(sr, "predict_batch", predict_batch)
     seg = TileRecorder()
-    sr.evaluate(policy, seg, refs, sr.Config(max_new_tokens=4, stage1_only=True), images=images)
-    real = [np.asarray(sr.read_sample(r).sat) for r in refs]
-    assert len(seg.calls) == 2 and all(np.array_equal(a, b) for a, b in zip(seg.calls, real))
+    m = sr.evaluate(None, seg, refs, sr.Config(generation_batch=2), images=images)
+    assert m["gIoU"] == 100.0                                           # scored against each one's own mask
+    assert len(seg.calls) == 3 and all(np.array_equal(a, np.asarray(s.sat)) for a, s in zip(seg.calls, real))
+    assert len(shown) == 3
+    for k, (seen, own) in enumerate(zip(shown, real)):
+        assert (seen.id, seen.text) == (own.id, own.text) and np.array_equal(seen.mask, own.mask)
+        source = own if images == "real" else real[(k + 1) % 3]
+        for tile in ("sat", "map"):
+            pixels = np.asarray(getattr(seen, tile))
+            assert pixels.shape == np.asarray(own.sat).shape
+            if images == "blank":
+                assert (pixels == 128).all()
+            else:
+                assert np.array_equal(pixels, np.asarray(getattr(source, tile)))
 
 
-def test_ablation_single_stage_trains_and_predicts_with_one_answer(sample):
+def test_held_out_report_rows_controls_blind_baseline_and_eval_json(policy, tmp_path, monkeypatch, capsys):
+    """After training: the start of GRPO, the trained policy on real, blank and shuffled tiles, and the
+    blind baseline: the training split's mean relative box, here [0.25, 0.25, 0.75, 0.75] of two 40-pixel
+    tiles, which on the 80-pixel held-out tile is exactly its target [20, 20, 60, 60]."""
+    _write_rect_sample(tmp_path / "train" / "a", (40, 40), (0, 0, 20, 20))
+    _write_rect_sample(tmp_path / "train" / "b", (40, 40), (20, 20, 40, 40))
+    _write_rect_sample(tmp_path / "val" / "c", (80, 80), (20, 20, 60, 60))
+    train_refs, refs = sr.list_split(tmp_path, "train"), sr.list_split(tmp_path, "val")
+    # the policies answer [20, 20, 60, 60] x 84 / 80 in stage 1 (IoU 1), junk in stage 2 (a fallback)
+    sampler = ScriptedSampler({1: [answer([{"bbox_2d": [21, 21, 63, 63]}])], 2: ["junk"]})
+    monkeypatch.setattr(sr, "sample_completions", sampler)
+    cfg = sr.Config(out=str(tmp_path), data=str(tmp_path), eval_split="val")
+    start = dataclasses.replace(policy)
+    sr.held_out_report(cfg, train_refs, refs, policy, start, BoxFiller())
+    rows = json.loads((tmp_path / "eval.json").read_text())
+    names = ["start of GRPO", "after GRPO", "after GRPO, blank tiles", "after GRPO, shuffled tiles",
+             "blind: mean training box"]
+    assert list(rows) == names
+    assert rows["blind: mean training box"] == {"cIoU": 100.0, "gIoU": 100.0, "F1": 100.0, "n": 1}
+    assert all(rows[name]["gIoU"] == 100.0 and rows[name]["stage2_fallbacks"] == 1 for name in names[:4])
+    assert sampler.calls[0]["policy"] is start and sampler.calls[2]["policy"] is policy   # the first row
+    table = capsys.readouterr().out
+    assert "held-out" in table and all(name in table for name in names) and "1 of 1" in table
+    sr.held_out_report(cfg, train_refs, refs, policy, None, BoxFiller())        # no GRPO steps: after SFT
+    rows = json.loads((tmp_path / "eval.json").read_text())
+    assert list(rows)[:2] == ["after SFT", "after SFT, blank tiles"]
+
+
+def test_ablation_single_stage_trains_and_predicts_with_one_answer(sample, policy, fresh_policy):
     """'w/o reflection': one prompt, boxes and points in one answer, rewarded like stage 2."""
     cfg = sr.Config(group_size=3, max_new_tokens=6, micro_batch=3, lr=1e-3, single_stage=True,
                     infer_top_k=0, infer_top_p=1.0)
-    pol = sr.build_tiny_policy(seed=0)
+    pol = fresh_policy
     opt = torch.optim.AdamW(pol.model.parameters(), lr=cfg.lr, weight_decay=0.0)
     refs = sr.list_split(HERE / "data_sample", "train")[:2]
-    stats = sr.train_step(0, refs, pol, sr.build_tiny_policy(seed=0).model, opt, BoxFiller(), cfg)
+    stats = sr.train_step(0, refs, pol, policy.model, opt, BoxFiller(), cfg)
     assert "reward2" in stats and "reward1" not in stats
     rows = sr.sft_examples(pol, BoxFiller(), sample, 3, np.random.default_rng(0), single_stage=True)
     assert len(rows) == 1 and sr.parse_answer(sr.decode(pol, rows[0][1]), 2)
@@ -1308,16 +1681,16 @@ def test_ablation_points_mu_moves_the_peak_of_the_length_reward():
 
 
 def test_cli_ablation_flags_run_end_to_end(tmp_path):
-    r = run_cli("train", *QUICK, "--sft-steps", "2", "--steps", "1", "--single-stage", "--select", "sample",
-                "--points-mu", "1", "--out", str(tmp_path / "single"))
+    r = run_here("train", *QUICK, "--sft-steps", "2", "--steps", "1", "--single-stage", "--select", "sample",
+                 "--points-mu", "1", "--out", str(tmp_path / "single"))
     assert r.returncode == 0, r.stderr
     state = torch.load(tmp_path / "single" / "checkpoint" / "trainer_state.pt", weights_only=True)
     assert state["config"]["single_stage"] and state["config"]["points_mu"] == 1.0
     sat = HERE / "data_sample" / "val" / "val_0001" / "sat.png"
     mp = HERE / "data_sample" / "val" / "val_0001" / "map.png"
-    r = run_cli("infer", str(sat), str(mp), "park", "--tiny", "--stage1-only", "--out", str(tmp_path / "i"))
+    r = run_here("infer", str(sat), str(mp), "park", "--tiny", "--stage1-only", "--out", str(tmp_path / "i"))
     assert r.returncode == 0, r.stderr
     assert "--- stage 1 ---" in r.stdout and "--- stage 2 ---" not in r.stdout
-    r = run_cli("eval", "--tiny", "--single-stage", "--limit", "2", "--out", str(tmp_path / "e"))
+    r = run_here("eval", "--tiny", "--single-stage", "--limit", "2", "--out", str(tmp_path / "e"))
     assert r.returncode == 0, r.stderr
     assert json.loads((tmp_path / "e" / "metrics.json").read_text())["method"] == "w/o reflection"
