@@ -3,6 +3,8 @@
 Run:  python -m pytest -q test_socioreasoner.py
 Nothing here downloads anything: the VLM and SAM 2 are tiny random models built from their configs.
 On a GPU:  SOCIOREASONER_TEST_DEVICE=cuda python -m pytest -q test_socioreasoner.py
+(SOCIOREASONER_TEST_DEVICE=meta: the tiny models on the stand-in GPU of the last section; slow, for a check of
+where each tensor lives on a machine without a GPU.)
 """
 
 import contextlib
@@ -39,9 +41,12 @@ torch.backends.cudnn.allow_tf32 = False
 
 @pytest.fixture(scope="session", autouse=True)
 def say_where_the_tests_run(request):
+    """Said once, before the first test; SOCIOREASONER_TEST_DEVICE=meta sets the stand-in up for the run."""
     capture = request.config.pluginmanager.get_plugin("capturemanager")       # past pytest's output capture
     with capture.global_and_fixture_disabled() if capture else contextlib.nullcontext():
         print(f"\ntiny models on {DEVICE} (SOCIOREASONER_TEST_DEVICE)")
+    with working_on(DEVICE) if DEVICE.type == "meta" else contextlib.nullcontext():
+        yield
 
 
 @pytest.fixture(autouse=True)
@@ -1294,13 +1299,15 @@ def test_cli_ablation_flags_run_end_to_end(tmp_path):
 # The GPU path on a machine without one: a stand-in device
 # ------------------------------------------------------------------------------------------------------------
 # On a GPU the usual failure is a tensor there meeting one left on the CPU ("Expected all tensors to be on the
-# same device"), which no CPU run can show. Under `stand_in_device()`, torch.device("meta") plays the GPU: a
-# tensor made on it or moved to it is an OffCpu tensor, which reports device meta and keeps real values in a
-# CPU tensor. Each operation checks CUDA's rule on devices, then computes on the CPU exactly what the CPU
+# same device"), which no CPU run can show. Inside `working_on(STAND_IN)`, torch.device("meta") plays the GPU:
+# a tensor made on it or moved to it is an OffCpu tensor, which reports device meta and keeps real values in
+# a CPU tensor. Each operation checks CUDA's rule on devices, then computes on the CPU exactly what the CPU
 # would, so whole paths run (.item(), get_rope_index, generate, backward, AdamW) and can be compared with it.
 # Why not the alternatives: torch's FakeTensorMode and plain meta tensors check the rule but hold no values
 # (.item(), nonzero and tolist raise); a tensor claiming "cuda" cannot go through backward without a driver
 # (autograd asks its device for a CUDA stream); meta is the one other device torch runs without hardware.
+# Where the stand-in is not a GPU: no autocast (a test below uses the CPU's); CPU scalars may meet it in
+# every operation (CUDA: most); transformers' generate does not move a CPU prompt to a meta model for you.
 
 STAND_IN = torch.device("meta")
 aten = torch.ops.aten
@@ -1348,7 +1355,7 @@ def check_one_device(func, args, tensors):
 def run_on_stand_in(func, args, kwargs):
     """One aten operation; its results are on STAND_IN if asked for (device=) or if an input is there."""
     tensors = [t for t in tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor)]
-    if any(t.is_meta and not isinstance(t, OffCpu) for t in tensors):
+    if any(t.is_meta and not isinstance(t, OffCpu) for t in tensors):   # made where StandInData missed it
         raise RuntimeError(f"a meta tensor without values reached {func}")
     check_one_device(func, args, tensors)
     if kwargs.get("device") is None:
@@ -1397,7 +1404,8 @@ def cpu_index(index):
 
 @contextlib.contextmanager
 def working_on(device):
-    """Code in this block may use STAND_IN; a real device needs nothing."""
+    """Code in this block may use STAND_IN; a real device needs nothing. Attention runs torch's plain kernel
+    on both: the CPU's fused one is chosen by device type, and the stand-in would differ by rounding."""
     from torch.nn.attention import SDPBackend, sdpa_kernel
     with sdpa_kernel(SDPBackend.MATH):
         if device != STAND_IN:
@@ -1423,6 +1431,7 @@ def test_the_stand_in_device_computes_real_values_and_refuses_what_cuda_refuses(
         assert (x * torch.tensor(2.0)).tolist() == [[0, 2, 4], [6, 8, 10]]   # a CPU scalar may meet it
         x[torch.tensor([1])] = -1.0                                          # and CPU indices
         assert x.cpu().tolist() == [[0, 1, 2], [-1, -1, -1]] and x.cpu().device == CPU
+        assert x[..., [0, 2]].tolist() == [[0, 2], [-1, -1]]
         for mixed in (lambda: x * torch.ones(3), lambda: torch.cat([x, torch.zeros(1, 3)])):
             with pytest.raises(RuntimeError, match="Expected all tensors to be on the same device"):
                 mixed()
@@ -1558,3 +1567,28 @@ def test_a_checkpoint_written_on_a_gpu_resumes_on_a_cpu(sample, tmp_path, monkey
     saved, loaded = opt.state_dict()["state"], run.optimizer.state_dict()["state"]
     assert len(loaded) == len(saved) > 0
     assert all(torch.equal(loaded[k][m], saved[k][m]) for k in saved for m in ("exp_avg", "exp_avg_sq"))
+
+
+def test_logprobs_under_autocast_are_a_float32_softmax_of_the_last_hidden_state(policy, sample, monkeypatch):
+    """On a GPU the forward runs under bf16 autocast, but lm_head and the log-softmax run in float32: bf16
+    logits would already be rounded (by up to 0.06 at |logit| 16-32) before any log-softmax."""
+    if DEVICE.type == "meta":
+        pytest.skip("no autocast on the stand-in device")
+    monkeypatch.setattr(sr, "_autocast", lambda device: torch.autocast(device.type, dtype=torch.bfloat16))
+    inputs, _ = sr.policy_inputs(policy, [sample.map, sample.sat], sr.STAGE1_PROMPT, sample.text)
+    c = torch.tensor([60, 61, 62])
+    hidden = []
+    def keep(module, args, out):                             # the last hidden states, (1, L, D), and the mode
+        hidden.extend([out[0], torch.is_autocast_enabled(DEVICE.type)])
+    hook = policy.model.model.language_model.norm.register_forward_hook(keep)
+    try:
+        logp, _ = sr.completion_logprobs(policy, policy.model, [(inputs, c)], 1.0)
+    finally:
+        hook.remove()
+    P = inputs["input_ids"].shape[1]
+    states = hidden[0][P - 1:P - 1 + len(c)].float()                       # (3, D): they predict c
+    logits = torch.nn.functional.linear(states, policy.model.lm_head.weight.float())
+    logits[..., policy.vision_ids] = float("-inf")
+    expected = logits.log_softmax(-1).gather(-1, c.to(DEVICE)[:, None]).squeeze(-1)
+    assert hidden[1] and logp.dtype == torch.float32                               # autocast did act
+    assert torch.allclose(logp[0], expected, rtol=0, atol=1e-6)
