@@ -1495,7 +1495,7 @@ def test_gradient_accumulation_runs_on_a_gpu(sample, monkeypatch):
     assert grads[CPU].abs().max() > 0 and torch.equal(grads[STAND_IN], grads[CPU])
     devices = []                                               # where bench's accumulations get them
     monkeypatch.setattr(sr, "accumulate_grpo_gradients", lambda *args: devices.append(args[3].device))
-    with working_on(STAND_IN):
+    with working_on(STAND_IN):                                 # pol, rows: the stand-in's, from the loop
         sampling = dict(temperature=1.0, top_p=1.0, top_k=0, max_new_tokens=2)
         sr.bench_accumulation(pol, None, sr.new_optimizer(pol, 1e-3), ((pol, [rows[0][0]], 2), sampling),
                               sr.Config(micro_batch=1))
@@ -1578,7 +1578,7 @@ def test_logprobs_under_autocast_are_a_float32_softmax_of_the_last_hidden_state(
     inputs, _ = sr.policy_inputs(policy, [sample.map, sample.sat], sr.STAGE1_PROMPT, sample.text)
     c = torch.tensor([60, 61, 62])
     hidden = []
-    def keep(module, args, out):                             # the last hidden states, (1, L, D), and the mode
+    def keep(module, args, out):                   # the row's last hidden states (L, D), and autocast's state
         hidden.extend([out[0], torch.is_autocast_enabled(DEVICE.type)])
     hook = policy.model.model.language_model.norm.register_forward_hook(keep)
     try:
