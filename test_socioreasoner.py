@@ -2,6 +2,9 @@
 
 Run:  python -m pytest -q test_socioreasoner.py
 Nothing here downloads anything: the VLM and SAM 2 are tiny random models built from their configs.
+On a GPU:  SOCIOREASONER_TEST_DEVICE=cuda python -m pytest -q test_socioreasoner.py
+(SOCIOREASONER_TEST_DEVICE=meta: the tiny models on the stand-in GPU of the last section; slow, for a check of
+where each tensor lives on a machine without a GPU.)
 """
 
 import contextlib
@@ -23,10 +26,36 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from torch.overrides import TorchFunctionMode
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves, tree_map
 
 import socioreasoner as sr
 
 HERE = Path(__file__).resolve().parent
+
+# Where the tests' tiny models run (the command-line tests run where socioreasoner.py chooses). Tests compare
+# numbers, so a GPU computes in float32 too: no TF32 matmuls, and no bf16 autocast unless a test asks for it.
+DEVICE = torch.device(os.environ.get("SOCIOREASONER_TEST_DEVICE", "cpu"))
+torch.backends.cuda.matmul.allow_tf32 = False
+torch.backends.cudnn.allow_tf32 = False
+
+
+@pytest.fixture(scope="session", autouse=True)
+def say_where_the_tests_run(request):
+    """Said once, before the first test; SOCIOREASONER_TEST_DEVICE=meta sets the stand-in up for the run."""
+    capture = request.config.pluginmanager.get_plugin("capturemanager")       # past pytest's output capture
+    with capture.global_and_fixture_disabled() if capture else contextlib.nullcontext():
+        print(f"\ntiny models on {DEVICE} (SOCIOREASONER_TEST_DEVICE)")
+    with working_on(DEVICE) if DEVICE.type == "meta" else contextlib.nullcontext():
+        yield
+
+
+@pytest.fixture(autouse=True)
+def float32_unless_asked(monkeypatch):
+    """socioreasoner runs forward passes on a GPU under bf16 autocast: a test that wants it patches it in."""
+    if DEVICE.type == "cuda":
+        monkeypatch.setattr(sr, "_autocast", lambda device: contextlib.nullcontext())
 
 
 def answer(items, think="look at the map"):
@@ -595,7 +624,7 @@ CPU = torch.device("cpu")
 
 @pytest.fixture(scope="module")
 def policy():
-    return sr.build_tiny_policy(seed=0)
+    return sr.build_tiny_policy(seed=0, device=DEVICE)
 
 
 @pytest.fixture(scope="module")
@@ -613,7 +642,7 @@ def fresh_policy(policy):
 @pytest.fixture(scope="module")
 def tiny_sam():
     """One random small SAM 2 for the tests that need the real segmenter's plumbing."""
-    return sr.load_segmenter(sr.Config(sam="tiny"), CPU)
+    return sr.load_segmenter(sr.Config(sam="tiny"), DEVICE)
 
 
 def test_model_frame_is_the_processors_resized_frame(policy, sample):
@@ -638,7 +667,7 @@ def test_logprobs_from_one_forward_match_generates_logits(policy, sample, monkey
     logits, generate = [], policy.model.generate
     def spy(**kw):                                    # sample_completions' own call, with the logits kept
         out = generate(**kw, output_logits=True, return_dict_in_generate=True)
-        logits.append(torch.stack(out.logits, 1).float())                    # (k n, T, V) per call
+        logits.append(torch.stack(out.logits, 1).float().cpu())              # (k n, T, V) per call
         return out.sequences
     monkeypatch.setattr(policy.model, "generate", spy)
     torch.manual_seed(3)
@@ -659,7 +688,7 @@ def test_logprobs_from_one_forward_match_generates_logits(policy, sample, monkey
     for i, (_, c) in enumerate(rows):
         expected = raw[i, :len(c)].log_softmax(-1).gather(-1, c[:, None]).squeeze(-1)
         assert mask[i].sum() == len(c)
-        assert torch.allclose(logp[i, :len(c)], expected, atol=1e-5)
+        assert torch.allclose(logp[i, :len(c)].cpu(), expected, atol=1e-5)
 
 
 def test_vision_tower_runs_once_per_distinct_prompt_when_scoring(policy, sample):
@@ -709,11 +738,11 @@ def test_accumulated_gradient_equals_full_batch_gradient():
     """Micro-batching must not change the gradient (token mean per row, mean over rows)."""
     refs = sr.list_split(HERE / "data_sample", "train")[:3]
     samples = [sr.read_sample(r) for r in refs] * 2
-    pol = sr.build_tiny_policy(seed=1)
-    reference = sr.build_tiny_policy(seed=2).model                  # differs, so the KL term has a gradient
+    pol = sr.build_tiny_policy(seed=1, device=DEVICE)
+    reference = sr.build_tiny_policy(seed=2, device=DEVICE).model      # differs: the KL term has a gradient
     texts = ["<think>a</think><answer>[]</answer>", "x" * 9, "<think>bb</think>", "y", "zz" * 7, "<answer>"]
     rows = _rows(pol, samples, texts)
-    adv = torch.tensor([0.5, -1.0, 2.0, 0.0, -0.3, 0.7])
+    adv = torch.tensor([0.5, -1.0, 2.0, 0.0, -0.3, 0.7], device=DEVICE)       # where the log-probs are
     grads = []
     for micro in (6, 4, 1):
         cfg = sr.Config(micro_batch=micro, kl_beta=0.3)
@@ -845,7 +874,7 @@ def test_random_3b_samples_and_scores_with_fewer_layers():
 def test_tiny_policy_saves_and_loads_through_the_real_loading_path(policy, sample, tmp_path):
     policy.model.save_pretrained(tmp_path)
     policy.processor.save_pretrained(tmp_path)
-    loaded = sr.load_policy(str(tmp_path), CPU)
+    loaded = sr.load_policy(str(tmp_path), DEVICE)
     assert loaded.eos_ids == policy.eos_ids and loaded.vision_ids == policy.vision_ids
     inputs, _ = sr.policy_inputs(policy, [sample.map, sample.sat], sr.STAGE1_PROMPT, sample.text)
     inputs2, _ = sr.policy_inputs(loaded, [sample.map, sample.sat], sr.STAGE1_PROMPT, sample.text)
@@ -1287,7 +1316,7 @@ def test_custom_prompts_reach_the_model_and_travel_with_the_checkpoint(sample, t
     wording = {"stage1": "Boxes for {target}, please.", "stage2": "Refine {target}; first try: {boxes_json}."}
     (tmp_path / "p.json").write_text(json.dumps(wording))
     cfg = sr.Config(model="tiny", prompts=str(tmp_path / "p.json"), max_new_tokens=4)
-    pol = sr.load_or_build_policy(cfg, CPU)
+    pol = sr.load_or_build_policy(cfg, DEVICE)
     text = lambda inputs: pol.processor.tokenizer.decode(inputs["input_ids"][0])
     g1, = sr.rollout(pol, 1, [sr.stage1_prompt(pol, sample)], 1,
                      dict(temperature=1.0, top_p=1.0, top_k=0, max_new_tokens=4))
@@ -1694,3 +1723,302 @@ def test_cli_ablation_flags_run_end_to_end(tmp_path):
     r = run_here("eval", "--tiny", "--single-stage", "--limit", "2", "--out", str(tmp_path / "e"))
     assert r.returncode == 0, r.stderr
     assert json.loads((tmp_path / "e" / "metrics.json").read_text())["method"] == "w/o reflection"
+
+
+# ------------------------------------------------------------------------------------------------------------
+# The GPU path on a machine without one: a stand-in device
+# ------------------------------------------------------------------------------------------------------------
+# On a GPU the usual failure is a tensor there meeting one left on the CPU ("Expected all tensors to be on the
+# same device"), which no CPU run can show. Inside `working_on(STAND_IN)`, torch.device("meta") plays the GPU:
+# a tensor made on it or moved to it is an OffCpu tensor, which reports device meta and keeps real values in
+# a CPU tensor. Each operation checks CUDA's rule on devices, then computes on the CPU exactly what the CPU
+# would, so whole paths run (.item(), get_rope_index, generate, backward, AdamW) and can be compared with it.
+# Why not the alternatives: torch's FakeTensorMode and plain meta tensors check the rule but hold no values
+# (.item(), nonzero and tolist raise); a tensor claiming "cuda" cannot go through backward without a driver
+# (autograd asks its device for a CUDA stream); meta is the one other device torch runs without hardware.
+# Where the stand-in is not a GPU: no autocast (a test below uses the CPU's); CPU scalars may meet it in
+# every operation (CUDA: most); transformers' generate does not move a CPU prompt to a meta model for you.
+
+STAND_IN = torch.device("meta")
+aten = torch.ops.aten
+MAY_MIX = {aten.copy_.default, aten._to_copy.default}               # the copies between devices themselves
+INDEXING = {aten.index.Tensor, aten.index_put.default, aten.index_put_.default, aten._index_put_impl_.default}
+
+
+class OffCpu(torch.Tensor):
+    """A tensor on STAND_IN whose values are the CPU tensor `.values` (same shape, strides and dtype)."""
+
+    @staticmethod
+    def __new__(cls, values):
+        return torch.Tensor._make_wrapper_subclass(cls, values.shape, strides=values.stride(),
+                                                   storage_offset=values.storage_offset(),
+                                                   dtype=values.dtype, device=STAND_IN)
+
+    def __init__(self, values):
+        self.values = values
+
+    def tolist(self):                                       # the one read that torch does not dispatch
+        return self.values.tolist()
+
+    @classmethod
+    def __torch_dispatch__(cls, func, types, args=(), kwargs=None):
+        return run_on_stand_in(func, args, kwargs or {})
+
+
+def values_of(t):
+    return t.values if isinstance(t, OffCpu) else t
+
+
+def check_one_device(func, args, tensors):
+    """CUDA's rule: a GPU tensor meets a CPU one only as a 0-dim scalar, in a copy between the two, or as an
+    index of an indexing op (CUDA moves the index over)."""
+    if func in MAY_MIX or not any(isinstance(t, OffCpu) for t in tensors):
+        return
+    indices = args[1] if func in INDEXING else []
+    on_cpu = [t for t in tensors
+              if not isinstance(t, OffCpu) and t.dim() > 0 and not any(t is i for i in indices)]
+    if on_cpu:
+        raise RuntimeError(f"Expected all tensors to be on the same device, but found at least two devices, "
+                           f"{STAND_IN.type} and cpu! ({func})")
+
+
+def run_on_stand_in(func, args, kwargs):
+    """One aten operation; its results are on STAND_IN if asked for (device=) or if an input is there."""
+    tensors = [t for t in tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor)]
+    if any(t.is_meta and not isinstance(t, OffCpu) for t in tensors):   # made where StandInData missed it
+        raise RuntimeError(f"a meta tensor without values reached {func}")
+    check_one_device(func, args, tensors)
+    if kwargs.get("device") is None:
+        off_cpu = any(isinstance(t, OffCpu) for t in tensors)
+    else:
+        off_cpu = torch.device(kwargs["device"]).type == STAND_IN.type
+        kwargs = {**kwargs, "device": CPU}
+    given = {id(values_of(t)): t for t in tensors}
+    out = func(*tree_map(values_of, args), **tree_map(values_of, kwargs))
+
+    def placed(t):
+        if isinstance(t, torch.Tensor) and id(t) in given:    # in place (add_, copy_, out=): the input itself
+            return given[id(t)]
+        return OffCpu(t) if isinstance(t, torch.Tensor) and off_cpu else t
+    return tree_map(placed, out)
+
+
+class StandInOperations(TorchDispatchMode):
+    """Every aten operation, factories and .to() of CPU tensors included."""
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        return run_on_stand_in(func, args, kwargs or {})
+
+
+class StandInData(TorchFunctionMode):
+    """What torch builds from Python data below any dispatch, as a meta tensor without values, is built on
+    the CPU instead: torch.tensor(data, device=meta) and its kin (then moved; stand-in scalars in the data
+    are read), and the index tensor of x[..., [1, 2]] (a CPU index, which CUDA takes too)."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func in (torch.Tensor.__getitem__, torch.Tensor.__setitem__):
+            args = (args[0], cpu_index(args[1]), *args[2:])
+        elif func in (torch.tensor, torch.as_tensor, torch.asarray):
+            data = args[0]
+            device = kwargs.get("device") or (data.device if isinstance(data, torch.Tensor) else CPU)
+            return func(*tree_map(values_of, args), **{**kwargs, "device": CPU}).to(device)
+        return func(*args, **kwargs)
+
+
+def cpu_index(index):
+    if isinstance(index, tuple):
+        return tuple(cpu_index(i) for i in index)
+    return torch.tensor(index) if isinstance(index, list) else index
+
+
+@contextlib.contextmanager
+def working_on(device):
+    """Code in this block may use STAND_IN; a real device needs nothing. Attention runs torch's plain kernel
+    on both: the CPU's fused one is chosen by device type, and the stand-in would differ by rounding."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    with sdpa_kernel(SDPBackend.MATH):
+        if device != STAND_IN:
+            yield
+            return
+        with StandInData(), StandInOperations():
+            yield
+
+
+def moved(policy, device):
+    """A tiny policy moved by socioreasoner's own make_policy (built on the CPU: slow on the stand-in)."""
+    return sr.make_policy(policy.model, policy.processor, device)
+
+
+def prompts_on_the_cpu(inputs: dict) -> bool:
+    return all(v.device == CPU for v in inputs.values())
+
+
+def test_the_stand_in_device_computes_real_values_and_refuses_what_cuda_refuses():
+    with working_on(STAND_IN):
+        x = torch.arange(6.0).view(2, 3).to(STAND_IN)                      # (2, 3)
+        assert x.device == STAND_IN and x.sum().item() == 15.0
+        assert (x * torch.tensor(2.0)).tolist() == [[0, 2, 4], [6, 8, 10]]   # a CPU scalar may meet it
+        x[torch.tensor([1])] = -1.0                                          # and CPU indices
+        assert x.cpu().tolist() == [[0, 1, 2], [-1, -1, -1]] and x.cpu().device == CPU
+        assert x[..., [0, 2]].tolist() == [[0, 2], [-1, -1]]
+        for mixed in (lambda: x * torch.ones(3), lambda: torch.cat([x, torch.zeros(1, 3)])):
+            with pytest.raises(RuntimeError, match="Expected all tensors to be on the same device"):
+                mixed()
+        assert torch.tensor([1.5], device=STAND_IN).tolist() == [1.5]
+        layer = torch.nn.Linear(3, 1).to(STAND_IN)
+        layer(x).sum().backward()
+        assert layer.weight.grad.device == STAND_IN
+        assert layer.weight.grad.tolist() == [[-1.0, 0.0, 1.0]]
+
+
+
+def test_a_grpo_update_runs_on_a_gpu_and_moves_the_weights_as_on_the_cpu(sample):
+    """Eq. 6 multiplies the advantages, (B*G, 1), with log-probs on the policy's device: made anywhere else,
+    they end a GPU run at its first update. The prompt tensors stay on the CPU, moved when scored."""
+    texts = ["<think>a</think><answer>[]</answer>", "junk", "more junk", "<think>"]
+    weights, kls = {}, {}
+    for device in (CPU, STAND_IN):
+        built, reference = sr.build_tiny_policy(seed=0), sr.build_tiny_policy(seed=1).model
+        with working_on(device):
+            pol = moved(built, device)
+            rows = _rows(pol, [sample] * 4, texts)
+            group = sr.Group(1, rows[0][0], (112, 112), [c for _, c in rows], texts, [None] * 4,
+                             rewards=[{"total": r} for r in (3.0, 0.0, 1.0, 0.0)])
+            opt = torch.optim.AdamW(pol.model.parameters(), lr=1e-3, weight_decay=0.0)
+            stats = sr.grpo_update(pol, reference.to(device), opt, [group], sr.Config(micro_batch=3))
+            assert not stats["skipped"] and prompts_on_the_cpu(group.inputs)
+            weights[device] = [p.detach().cpu() for p in pol.model.parameters()]
+            kls[device] = stats["kl"]
+    assert kls[STAND_IN] == kls[CPU] > 0
+    assert all(torch.equal(a, b) for a, b in zip(weights[CPU], weights[STAND_IN]))
+
+
+def test_an_sft_step_runs_on_a_gpu_with_its_prompts_kept_on_the_cpu(sample):
+    """A prompt's pixel_values (~27 MB at 756 px) stay in host memory: the SFT step moves what it scores."""
+    losses = {}
+    for device in (CPU, STAND_IN):
+        built = sr.build_tiny_policy(seed=0)
+        with working_on(device):
+            pol = moved(built, device)
+            rows = sr.sft_examples(pol, sr.GrowSegmenter(), sample, 3, np.random.default_rng(0))
+            assert all(prompts_on_the_cpu(inputs) for inputs, _ in rows)
+            opt = torch.optim.AdamW(pol.model.parameters(), lr=3e-3, weight_decay=0.0)
+            losses[device] = [sr.sft_step(pol, opt, rows, micro_batch=1) for _ in range(2)]
+    assert losses[STAND_IN] == losses[CPU] and losses[CPU][1] < losses[CPU][0]
+
+
+def test_gradient_accumulation_runs_on_a_gpu(sample, monkeypatch):
+    """Advantages on the policy's device: accumulated over micro-batches there, the gradient is the CPU's.
+    bench's accumulation check draws its own advantages: there too."""
+    texts = ["<think>a</think><answer>[]</answer>", "x" * 9, "<think>bb</think>", "y"]
+    grads = {}
+    for device in (CPU, STAND_IN):
+        built, reference = sr.build_tiny_policy(seed=0), sr.build_tiny_policy(seed=1).model
+        with working_on(device):
+            pol = moved(built, device)
+            rows = _rows(pol, [sample] * 4, texts)
+            adv = torch.tensor([0.5, -1.0, 2.0, -1.5], device=device)
+            sr.accumulate_grpo_gradients(pol, reference.to(device), rows, adv,
+                                         sr.Config(micro_batch=3, kl_beta=0.3))
+            grads[device] = torch.cat([p.grad.flatten().cpu() for p in pol.model.parameters()])
+    assert grads[CPU].abs().max() > 0 and torch.equal(grads[STAND_IN], grads[CPU])
+    devices = []                                               # where bench's accumulations get them
+    monkeypatch.setattr(sr, "accumulate_grpo_gradients", lambda *args: devices.append(args[3].device))
+    with working_on(STAND_IN):                                 # pol, rows: the stand-in's, from the loop
+        sampling = dict(temperature=1.0, top_p=1.0, top_k=0, max_new_tokens=2)
+        sr.bench_accumulation(pol, None, sr.new_optimizer(pol, 1e-3), ((pol, [rows[0][0]], 2), sampling),
+                              sr.Config(micro_batch=1))
+    assert devices == [STAND_IN, STAND_IN]
+
+
+def test_evaluation_runs_on_a_gpu_like_on_the_cpu(monkeypatch):
+    """Both stages sampled, segmented and scored with the policy on the device, its prompts on the CPU."""
+    refs = sr.list_split(HERE / "data_sample", "val")[:2]
+    predict_batch, predictions = sr.predict_batch, []
+    def recorded(*args, **kwargs):                                       # what evaluate predicted
+        predictions.extend(predict_batch(*args, **kwargs))
+        return predictions[-len(args[2]):]
+    monkeypatch.setattr(sr, "predict_batch", recorded)
+    metrics, texts = {}, {}
+    for device in (CPU, STAND_IN):
+        built = sr.build_tiny_policy(seed=0)
+        predictions.clear()
+        with working_on(device):
+            torch.manual_seed(0)
+            pol = moved(built, device)
+            metrics[device] = sr.evaluate(pol, BoxFiller(), refs, sr.Config(max_new_tokens=6))
+        metrics[device].pop("seconds_per_sample")
+        assert len(predictions) == 2
+        assert all(prompts_on_the_cpu(g.inputs) for p in predictions for g, _ in p.stages)
+        texts[device] = [g.texts for p in predictions for g, _ in p.stages]
+    assert metrics[STAND_IN] == metrics[CPU] and texts[STAND_IN] == texts[CPU]
+
+
+def test_the_bf16_reference_keeps_float32_rotary_frequencies(monkeypatch):
+    """On a GPU the KL reference holds bf16 parameters, but its rotary inv_freq buffers (text and vision)
+    stay float32: rounded to bf16 they would give every position another angle, and pi_ref another model."""
+    to, moves = torch.nn.Module.to, []
+    def no_gpu_here(module, *args, **kwargs):                 # the last step, the move to the GPU, is noted
+        if args and isinstance(args[0], torch.device) and args[0].type == "cuda":
+            moves.append(args[0])
+            return module
+        return to(module, *args, **kwargs)
+    monkeypatch.setattr(torch.nn.Module, "to", no_gpu_here)
+    reference = sr.load_reference(sr.Config(model="tiny"), "tiny", torch.device("cuda"))
+    assert moves[-1].type == "cuda" and {p.dtype for p in reference.parameters()} == {torch.bfloat16}
+    exact = {name: b for name, b in sr.build_tiny_policy(seed=0).model.named_buffers() if "inv_freq" in name}
+    assert any("visual" in name for name in exact) and any("language" in name for name in exact)
+    kept = dict(reference.named_buffers())
+    assert all(kept[name].dtype == torch.float32 and torch.equal(kept[name], b) for name, b in exact.items())
+    # what casting the whole module does instead
+    rounded = dict(sr.build_tiny_policy(seed=0).model.to(torch.bfloat16).named_buffers())
+    assert all(rounded[name].dtype == torch.bfloat16 for name in exact)
+    assert not all(torch.equal(rounded[name].float(), b) for name, b in exact.items())
+
+
+def test_a_checkpoint_written_on_a_gpu_resumes_on_a_cpu(sample, tmp_path, monkeypatch):
+    """A GPU run's trainer_state.pt holds CUDA tensors (AdamW's moments, the RNG state): a plain torch.load
+    fails on a machine without a GPU; the run resumes there all the same, moments and random draws intact."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)       # a machine without a GPU, even here
+    pol = sr.build_tiny_policy(seed=0)
+    opt = sr.new_optimizer(pol, 1e-3)
+    sr.sft_step(pol, opt, sr.sft_examples(pol, sr.GrowSegmenter(), sample, 3, np.random.default_rng(0)), 2)
+    cfg = sr.Config(model="tiny", sam="grow", data=str(HERE / "data_sample"), out=str(tmp_path), steps=1)
+    with monkeypatch.context() as m:
+        m.setattr(torch.serialization, "location_tag", lambda storage: "cuda:0")   # saved as if from a GPU
+        sr.save_checkpoint(tmp_path, pol, opt, {"phase": "grpo", "step": 0, "reference": "tiny"}, cfg)
+    rng = torch.get_rng_state()
+    with pytest.raises(RuntimeError, match="CUDA"):
+        torch.load(tmp_path / "checkpoint" / "trainer_state.pt", weights_only=True)
+    torch.manual_seed(123)
+    run = sr.open_run(dataclasses.replace(cfg, resume=True), set())
+    assert torch.equal(torch.get_rng_state(), rng) and run.policy.device == CPU
+    saved, loaded = opt.state_dict()["state"], run.optimizer.state_dict()["state"]
+    assert len(loaded) == len(saved) > 0
+    assert all(torch.equal(loaded[k][m], saved[k][m]) for k in saved for m in ("exp_avg", "exp_avg_sq"))
+
+
+def test_logprobs_under_autocast_are_a_float32_softmax_of_the_last_hidden_state(policy, sample, monkeypatch):
+    """On a GPU the forward runs under bf16 autocast, but lm_head and the log-softmax run in float32: bf16
+    logits would already be rounded (by up to 0.06 at |logit| 16-32) before any log-softmax."""
+    if DEVICE.type == "meta":
+        pytest.skip("no autocast on the stand-in device")
+    monkeypatch.setattr(sr, "_autocast", lambda device: torch.autocast(device.type, dtype=torch.bfloat16))
+    inputs, _ = sr.policy_inputs(policy, [sample.map, sample.sat], sr.STAGE1_PROMPT, sample.text)
+    c = torch.tensor([60, 61, 62])
+    hidden = []
+    def keep(module, args, out):                   # the row's last hidden states (L, D), and autocast's state
+        hidden.extend([out[0], torch.is_autocast_enabled(DEVICE.type)])
+    hook = policy.model.model.language_model.norm.register_forward_hook(keep)
+    try:
+        logp, _ = sr.completion_logprobs(policy, policy.model, [(inputs, c)], 1.0)
+    finally:
+        hook.remove()
+    P = inputs["input_ids"].shape[1]
+    states = hidden[0][P - 1:P - 1 + len(c)].float()                       # (3, D): they predict c
+    logits = torch.nn.functional.linear(states, policy.model.lm_head.weight.float())
+    logits[..., policy.vision_ids] = float("-inf")
+    expected = logits.log_softmax(-1).gather(-1, c.to(DEVICE)[:, None]).squeeze(-1)
+    assert hidden[1] and logp.dtype == torch.float32                               # autocast did act
+    assert torch.allclose(logp[0], expected, rtol=0, atol=1e-6)
