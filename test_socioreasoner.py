@@ -663,12 +663,14 @@ def test_accumulated_gradient_equals_full_batch_gradient():
 
 def _groups(policy, sizes, seed=0):
     """Rows of groups sharing their prompt (same inputs object), prompts and completions of different
-    lengths: a stage-1 prompt, a longer stage-2 one, another target; sizes: completions per group."""
+    lengths: a stage-1 prompt, a longer stage-2 one, another target on smaller tiles (fewer image tokens,
+    so other M-RoPE deltas); sizes: completions per group."""
     samples = [sr.read_sample(r) for r in sr.list_split(HERE / "data_sample", "train")[:3]]
+    small = [image.resize((224, 112)) for image in (samples[2].map, samples[2].sat)]
     prompts = [sr.stage1_prompt(policy, samples[0])[0],
                sr.stage2_inputs(policy, samples[1], np.array([[10, 20, 30, 40]]), (112, 112), samples[1].mask),
-               sr.stage1_prompt(policy, samples[2])[0]]
-    assert len({p["input_ids"].shape[1] for p in prompts}) >= 2
+               sr.policy_inputs(policy, small, sr.STAGE1_PROMPT, samples[2].text)[0]]
+    assert len({p["input_ids"].shape[1] for p in prompts}) == 3
     g = torch.Generator().manual_seed(seed)
     return [(p, torch.randint(300, 520, (int(torch.randint(1, 13, (), generator=g)),), generator=g))
             for p, n in zip(prompts, sizes) for _ in range(n)]
