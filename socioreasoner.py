@@ -818,7 +818,8 @@ def completion_logprobs(policy: Policy, model, rows: list, temperature: float, s
         hidden, index = (packed_hidden if shared_prompt else plain_hidden)(policy, model, rows)  # (N,D) (B,T)
     # 4. Logits only where a completion token is predicted (no lm_head over the prompts), and in float32
     #    outside autocast: under it lm_head returns bf16 logits, already rounded by up to 0.06 at |logit|
-    #    16-32 before any log-softmax. (The bf16 reference's lm_head is upcast for this: a transient 1.2 GB at 3B.)
+    #    16-32 before any log-softmax. (The bf16 reference's lm_head is upcast for this: a transient 1.2 GB
+    #    at 3B.)
     weight = model.get_output_embeddings().weight.float()                        # (V, D)
     logits = torch.nn.functional.linear(hidden[index].float(), weight)          # (B, T, V) float32
     # 6. The sampled distribution: divided by the temperature, vision tokens removed as at sampling time.
@@ -1828,6 +1829,9 @@ def peak_memory_mb(device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 def bench(cfg: Config, steps: int):
+    """`steps` training steps each way, shared prompts and one row per completion (--no-shared-prompt), in
+    alternation (step 1 shared then plain, step 2 plain then shared, ...), so that a drift of the machine's
+    speed and whatever memory one leaves behind hit both alike; then generation and accumulation alone."""
     check_config(cfg)
     device = pick_device()
     torch.manual_seed(cfg.seed)
@@ -1835,32 +1839,60 @@ def bench(cfg: Config, steps: int):
     prepare_policy(policy, cfg)
     reference = load_reference(cfg, cfg.model, device)
     segmenter, optimizer = load_segmenter(cfg, device), new_optimizer(policy, cfg.lr)
-    print(f"bench: {steps} steps x {cfg.rollout_batch} prompts x G={cfg.group_size}, micro-batch "
+    print(f"bench: {steps} steps each way x {cfg.rollout_batch} prompts x G={cfg.group_size}, micro-batch "
           f"{cfg.micro_batch}, max {cfg.max_new_tokens} new tokens, device {device}")
-    reset_peak_memory(device)
-    records = []
+    records = {True: [], False: []}                             # shared_prompt -> one record per step
     for step in range(steps):
         batch = [refs[i] for i in batch_indices(step, len(refs), cfg.rollout_batch, cfg.seed)]
-        times, calls = {}, []
-        with timed_functions(times, calls):
-            seconds, stats = timed_call(train_step, step, batch, policy, reference, optimizer, segmenter, cfg)
-        times["policy forward/backward"] -= times.get("reference forward", 0.0)
-        times["encodings"] = sum(len(args[1]) for name, args, _ in calls if name == "encode_tiles")
-        records.append({**stats, **times, "seconds": seconds})
-        print(f"  step {step + 1}: {seconds:.2f}s", flush=True)
-    peak, mean = peak_memory_mb(device), lambda key: float(np.mean([r.get(key, 0.0) for r in records]))
-    print(f"\n{'seconds per step':28s} {'mean':>8s} {'share':>7s}")
-    for key in ("generation", "segmentation", "rewards", "policy forward/backward", "reference forward",
-                "optimizer"):
-        print(f"  {key:26s} {mean(key):8.3f} {100 * mean(key) / mean('seconds'):6.1f}%")
-    print(f"  {'total':26s} {mean('seconds'):8.3f}")
-    print(f"SAM image encodings per sample per step: {mean('encodings') / cfg.rollout_batch:.2f}")
-    print(f"tokens generated per second: {mean('tokens') / mean('generation'):.1f}")
-    what = "GPU allocated" if device.type == "cuda" else "process RSS"
-    print(f"peak memory over the steps: {peak:.0f} MB ({what})")
-    generation = [(args, kwargs) for name, args, kwargs in calls if name == "sample_completions"]  # last step
+        for shared in ((True, False) if step % 2 == 0 else (False, True)):
+            # the same seed both ways: the same batch sampled with the same random numbers (the weights
+            # differ only by the other way's update of this step)
+            torch.manual_seed(cfg.seed * 100_003 + step)
+            way = dataclasses.replace(cfg, shared_prompt=shared)
+            records[shared].append(bench_step(step, batch, policy, reference, optimizer, segmenter, way))
+            way_name = "shared" if shared else "plain "
+            print(f"  step {step + 1} {way_name}: {records[shared][-1]['seconds']:.2f}s", flush=True)
+    print_bench(records, cfg, device)
+    calls = records[cfg.shared_prompt][-1]["calls"]                 # the last step of the flag's way
+    generation = [(args, kwargs) for name, args, kwargs in calls if name == "sample_completions"]
     bench_generation(generation, len(batch), cfg)
     bench_accumulation(policy, reference, optimizer, generation[0], cfg)
+
+def bench_step(step: int, batch: list, policy: Policy, reference, optimizer, segmenter, cfg: Config) -> dict:
+    """One timed training step -> seconds by kind of work, SAM encodings, prompt and completion tokens,
+    peak memory, and the calls of encode_tiles and sample_completions."""
+    times, calls = {}, []
+    reset_peak_memory(policy.device)
+    with timed_functions(times, calls):
+        seconds, stats = timed_call(train_step, step, batch, policy, reference, optimizer, segmenter, cfg)
+    times["policy forward/backward"] -= times.get("reference forward", 0.0)
+    times["scoring"] = times["policy forward/backward"] + times.get("reference forward", 0.0)
+    prompts = [p for name, args, _ in calls if name == "sample_completions" for p in args[1]]
+    return {**stats, **times, "seconds": seconds, "calls": calls, "peak": peak_memory_mb(policy.device),
+            "encodings": sum(len(args[1]) for name, args, _ in calls if name == "encode_tiles"),
+            "prompt_tokens": float(np.mean([p["input_ids"].shape[1] for p in prompts])),
+            "completions": len(prompts) * cfg.group_size}
+
+def print_bench(records: dict, cfg: Config, device):
+    """Mean seconds per step by kind of work, shared prompts against one row per completion, the ratio."""
+    mean = lambda shared, key: float(np.mean([r.get(key, 0.0) for r in records[shared]]))
+    print(f"\n{'seconds per step':42s} {'shared':>8s} {'plain':>8s} {'ratio':>6s} {'share':>6s}")
+    for key in ("generation", "segmentation", "rewards", "policy forward/backward", "reference forward",
+                "optimizer", "scoring", "seconds"):
+        name = {"scoring": "scoring (policy fwd/bwd + reference fwd)", "seconds": "total (the whole step)"}
+        ratio = mean(True, key) / max(mean(False, key), 1e-9)
+        print(f"  {name.get(key, key):40s} {mean(True, key):8.3f} {mean(False, key):8.3f} {ratio:6.2f} "
+              f"{100 * mean(False, key) / mean(False, 'seconds'):5.1f}%")
+    what = "GPU allocated" if device.type == "cuda" else "process RSS"
+    peaks = {shared: max(r["peak"] for r in records[shared]) for shared in records}
+    print(f"  {'peak memory, MB (' + what + ')':40s} {peaks[True]:8.0f} {peaks[False]:8.0f} "
+          f"{peaks[True] / peaks[False]:6.2f}")
+    for shared in (True, False):
+        tokens = mean(shared, "tokens") / mean(shared, "completions")
+        print(f"{'shared' if shared else 'plain'}: prompts of {mean(shared, 'prompt_tokens'):.0f} tokens, "
+              f"completions of {tokens:.1f} tokens on average (cap {cfg.max_new_tokens}), "
+              f"{mean(shared, 'tokens') / mean(shared, 'generation'):.0f} tokens generated per second")
+    print(f"SAM image encodings per sample per step: {mean(True, 'encodings') / cfg.rollout_batch:.2f}")
 
 def bench_generation(generation: list, n_prompts: int, cfg: Config):
     """Generation alone, with the same weights: a step's sample_completions calls [(args, kwargs)] (both
