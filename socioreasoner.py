@@ -822,7 +822,7 @@ def completion_logprobs(policy: Policy, model, rows: list, temperature: float, s
     #    at 3B.)
     weight = model.get_output_embeddings().weight.float()                        # (V, D)
     logits = torch.nn.functional.linear(hidden[index].float(), weight)          # (B, T, V) float32
-    # 6. The sampled distribution: divided by the temperature, vision tokens removed as at sampling time.
+    # 5. The sampled distribution: divided by the temperature, vision tokens removed as at sampling time.
     logits = logits / temperature
     logits[..., policy.vision_ids] = float("-inf")
     comps = [c.to(policy.device) for _, c in rows]
@@ -869,25 +869,29 @@ def plain_hidden(policy: Policy, model, rows: list) -> tuple:
     positions, _ = model.model.get_rope_index(ids, mm_types, image_grid_thw=grids, attention_mask=attn)
     hidden = model.model(inputs_embeds=embeds, attention_mask=attn, position_ids=positions,
                          use_cache=False).last_hidden_state                      # (B, L, D)
-    # 5. The hidden state at j predicts token j + 1: completion token t of row i is predicted at P_i - 1 + t.
-    #    Past a short row's end that index can leave the sequence: the clamp keeps it in, the mask zeroes it.
+    # The hidden state at j predicts token j + 1: completion token t of row i is predicted at P_i - 1 + t.
+    # Past a short row's end that index can leave the sequence: the clamp keeps it in, the mask zeroes it.
     t = torch.arange(T, device=device)
     row_start = L * torch.arange(len(rows), device=device)[:, None]              # (B, 1) in the flattened
     index = (P[:, None] - 1 + t[None, :]).clamp(max=L - 1) + row_start
     return hidden.reshape(-1, hidden.shape[-1]), index
 
-# Shared prompts in scoring. Today's rows repeat a group's prompt G times (at 3B ~1,650 of a row's ~1,900
-# tokens), and the reference forward, the policy forward and its backward each compute it G times. Packed,
-# a group is one sequence [prompt, completion 1, ..., completion G]: P + G T tokens instead of G (P + T), at
+# Shared prompts in scoring. Plain rows repeat a group's prompt G times (at 3B ~1,650 of a row's ~1,900
+# tokens), so the reference forward, the policy forward and its backward each compute it G times. Packed, a
+# group is one sequence [prompt, completion 1, ..., completion G]: P + G T tokens instead of G (P + T), at
 # the paper's shapes 3,650 instead of 15,200. It is exact because attention is causal: a prompt token never
-# sees a completion, so the prompt's hidden states are the same whatever follows it, and a completion that
+# sees a completion, so the prompt's hidden states are the same whatever follows it; and a completion that
 # sees the prompt and its own earlier tokens, at the positions it was sampled at, is computed as in its own
-# row. Two things make that so, and both are where one goes wrong: (1) the attention mask is 4-D, per query
+# row. Two things make that so, and both are where one goes wrong. (1) The attention mask is 4-D, per query
 # and key (`prefix_sharing_mask`), and additive float (0 or the most negative number): eager attention adds
-# the mask to the scores, so a bool mask there runs and is wrong; (2) the positions are explicit: completion
-# token t sits at the prompt's largest M-RoPE position + 1 + t on all three axes, whatever lies between it
-# and the prompt in the packed sequence. (Computing the prompt first and giving the completions its KV cache
-# would also be exact, but transformers' gradient checkpointing drops a passed-in cache in train mode.)
+# the mask to its scores, so a bool mask there runs and is wrong (flash-attention kernels take no such mask:
+# sdpa, the default, or eager). (2) The positions are explicit: completion token t sits at the prompt's
+# largest M-RoPE position + 1 + t on all three axes, wherever it lies in the packed sequence; positions
+# counted along the packed sequence would place completion 2 after completion 1. The price: attention is
+# computed over the whole (P + G T)^2 grid, masked, so with long completions and a short prompt (the tiny
+# demo's untrained policy) it can cost more than it saves; with P >> T (the paper's) the grid is smaller
+# than the plain rows'. (Computing the prompt once and giving the completions its KV cache would also be
+# exact, but transformers' gradient checkpointing drops a passed-in cache in train mode.)
 def packed_hidden(policy: Policy, model, rows: list) -> tuple:
     """One sequence per distinct prompt (by identity), [prompt, its rows' completions] -> last hidden states
     (S L, D) and index (B, T): where in them completion token t of row i is predicted."""
@@ -1058,7 +1062,10 @@ def select_carried(rewards: list, how: str, rng: np.random.Generator) -> int:
 # the frozen reference is a bf16 copy (7.5 GB saved; its log-probs differ from the policy's by rounding, so
 # the logged KL starts at a small floor on a GPU). A stage's rows (rollout_batch x G) are cut into
 # micro-batches whose gradients are accumulated, each weighted by its share of the rows: the accumulated
-# gradient is the full-batch gradient however the batch is cut (a test checks this).
+# gradient is the full-batch gradient however the batch is cut (a test checks this). A micro-batch counts
+# rows (completions), with or without shared prompts: its logits, (rows, T, V) float32, are what fills memory
+# at 3B, and the loss is a mean over rows. A group cut by a micro-batch's edge is packed once in each part
+# (its prompt computed once per part): a --micro-batch that is a multiple of G gets the whole saving.
 
 def accumulate_grpo_gradients(policy: Policy, reference, rows: list, advantages: torch.Tensor,
                               cfg: Config) -> dict:
