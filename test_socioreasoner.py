@@ -680,13 +680,13 @@ def _groups(policy, sizes, seed=0):
 def test_shared_prompt_scoring_equals_one_row_per_completion(attention, checkpointing):
     """A group packed as [prompt, completion 1, ..., completion G] (prefix-sharing mask, the positions
     each completion was sampled at) gives the plain path's log-probs and GRPO gradients, however the rows
-    are cut into micro-batches (groups split across them too), with gradient checkpointing on and with
-    eager attention (which adds the mask to the scores)."""
+    are cut into micro-batches (groups split across them too), with gradient checkpointing on (and the
+    vision tower frozen) and with eager attention (which adds the mask to the scores)."""
     pol = sr.build_tiny_policy(seed=1)
     reference = sr.build_tiny_policy(seed=2).model                  # differs, so the KL term has a gradient
     pol.model.set_attn_implementation(attention)
     reference.set_attn_implementation(attention)
-    sr.prepare_policy(pol, sr.Config(grad_checkpointing=checkpointing))
+    sr.prepare_policy(pol, sr.Config(grad_checkpointing=checkpointing, freeze_vision=checkpointing))
     pol.model.train()
     rows = _groups(pol, [3, 2, 4])
     plain, mask = sr.completion_logprobs(pol, pol.model, rows, 1.3, shared_prompt=False)
