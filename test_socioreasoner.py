@@ -728,6 +728,7 @@ def test_shared_prompt_sampling_keeps_generates_distribution(policy, monkeypatch
         assert [[c.tolist() for c in cs] for cs in runs[False, top_k]] == \
             [[c.tolist() for c in cs] for cs in runs[True, top_k]]
     assert (logits[2] - logits[0]).abs().max() < 1e-5                       # sampled: shared vs plain
+    assert (logits[3] - logits[1]).abs().max() < 1e-5                       # greedy
     raw = logits[2] / 1.3
     raw[..., policy.vision_ids] = float("-inf")
     rows = [(p, c) for p, cs in zip(prompts, runs[True, 0]) for c in cs]
