@@ -66,6 +66,9 @@ class Config:
     micro_batch: int = param(4, "rows (prompt x completion) per forward/backward; gradients are accumulated")
     generation_batch: int = param(64, "sequences (prompts x G) per generate call, whole prompts; 0 = all at "
                                   "once. infer/eval: tiles per batch (KV cache: README, Performance)")
+    shared_prompt: bool = param(True, "GRPO computes each group's prompt once, in generation (one prefill, "
+                                "its KV cache repeated G times) and scoring (one packed sequence per group); "
+                                "this flag turns that off: one row per completion, the same numbers")
     grad_checkpointing: bool = param(False, "recompute activations in backward: less memory, ~30% slower")
     freeze_vision: bool = param(False, "train the language model only; the vision tower stays as loaded")
     sft_steps: int = param(0, "supervised steps before GRPO (0 = none); the sft command's length")
@@ -111,7 +114,8 @@ def resumed_config(saved: dict, cfg: Config, given: Optional[set]) -> Config:
 # stage1_only is an inference ablation: training always trains both stages, so train does not take it
 TRAIN_FIELDS = [f.name for f in dataclasses.fields(Config)
                 if not f.name.startswith("infer_") and f.name != "stage1_only"]
-GRPO_ONLY = "steps rollout_batch group_size lr clip_eps kl_beta temperature select points_mu".split()
+GRPO_ONLY = ("steps rollout_batch group_size lr clip_eps kl_beta temperature select points_mu "
+             "shared_prompt").split()
 INFER_FIELDS = ["model", "sam", "sam_config", "prompts", "out", "seed", "max_new_tokens", "single_stage",
                 "stage1_only", "infer_temperature", "infer_top_p", "infer_top_k", "generation_batch"]
 COMMANDS = {  # command: (what it does, the Config fields it takes as flags)
@@ -137,7 +141,9 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate("--split", default="val", help="split to evaluate (default val)")
     evaluate("--limit", type=int, default=0, help="evaluate the first N samples only (default all)")
     evaluate("--pictures", action="store_true", help="also write a Fig.-3-style picture per sample")
-    bench("--bench-steps", type=int, default=3, help="training steps to time (default 3)")
+    bench("--bench-steps", type=int, default=3, help="training steps to time each way (default 3)")
+    bench("--no-replays", action="store_true", help="only the steps: skip timing generation one prompt per "
+          "call and the accumulation check (minutes at 3B)")
     flag, shown = lambda name: "--" + name.replace("_", "-"), lambda value: "''" if value == "" else value
     for name, (_, names) in COMMANDS.items():
         add, tiny = p[name].add_argument, command_config(name, True, {})     # tiny: the values --tiny gives
@@ -149,9 +155,12 @@ def build_parser() -> argparse.ArgumentParser:
         for f in (f for f in dataclasses.fields(Config) if f.name in names):
             doc = OUT_DOCS[name] if f.name == "out" and name in OUT_DOCS else f.metadata["doc"]
             default = shown(COMMAND_DEFAULTS.get(name, {}).get(f.name, f.default))
-            kind = dict(action="store_true") if f.type == "bool" else dict(type=type(f.default))
+            on = f.type == "bool" and f.default             # a switch on by default: --no-NAME turns it off
+            kind = dict(action="store_false" if on else "store_true") if f.type == "bool" else \
+                dict(type=type(f.default))
             text = doc if f.type == "bool" else f"{doc} (default {default})"
-            add(flag(f.name), default=None, **kind, help=text.replace("%", "%%"))   # %: escaped for argparse
+            option = "--no-" + flag(f.name)[2:] if on else flag(f.name)
+            add(option, dest=f.name, default=None, **kind, help=text.replace("%", "%%"))   # %: for argparse
     m = sub.add_parser("make-data", help="write synthetic SocioSeg-style train/ and val/ splits")
     m.add_argument("--out", default="data_sample", help="folder for train/ and val/ (default data_sample)")
     for arg, what in [("--train", "training tiles"), ("--val", "held-out tiles"), ("--size", "tile side in "
@@ -755,12 +764,16 @@ def _autocast(device):
 
 @torch.no_grad()
 def sample_completions(policy: Policy, prompts: list, n: int, temperature: float, top_p: float, top_k: int,
-                       max_new_tokens: int, batch: int = 0) -> list:
+                       max_new_tokens: int, batch: int = 0, shared_prompt: bool = True) -> list:
     """n sampled completions of each prompt -> per prompt, n LongTensors (T_g,) on the CPU, through the first
     EOS. Decoding a few sequences leaves a GPU idle, so whole prompts are sampled together, at most `batch`
     sequences (prompts x n) per generate call (0 = all; at least one prompt); with one prompt per call this
-    is exactly one-prompt-at-a-time sampling. generate encodes a prompt's images once for its n rows."""
+    is exactly one-prompt-at-a-time sampling. shared_prompt: each prompt is prefilled once for its n samples
+    (`generate_samples`); with n = 1 there is nothing to share."""
     per_call, completions = max(1, batch // n if batch else len(prompts)), []
+    options = dict(do_sample=True, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
+                   top_k=top_k, min_p=None, typical_p=1.0, repetition_penalty=1.0, no_repeat_ngram_size=0,
+                   suppress_tokens=policy.vision_ids, eos_token_id=policy.eos_ids, pad_token_id=policy.pad_id)
     for start in range(0, len(prompts), per_call):
         # Left-padded to the longest prompt P, so that every row's next token is at column P. M-RoPE positions
         # skip the padding (get_rope_index reads the attention mask): each prompt is positioned as if alone.
@@ -772,24 +785,81 @@ def sample_completions(policy: Policy, prompts: list, n: int, temperature: float
                   **{k: torch.cat([p[k] for p in part]) for k in ("pixel_values", "image_grid_thw")}}
         inputs = on_device(inputs, policy.device)                   # this call's prompts only, then freed
         with _autocast(policy.device):
-            out = policy.model.generate(
-                **inputs, do_sample=True, num_return_sequences=n, max_new_tokens=max_new_tokens,
-                temperature=temperature, top_p=top_p, top_k=top_k, min_p=None, typical_p=1.0,
-                repetition_penalty=1.0, no_repeat_ngram_size=0, suppress_tokens=policy.vision_ids,
-                eos_token_id=policy.eos_ids, pad_token_id=policy.pad_id)
+            out = generate_samples(policy, inputs, n, shared_prompt and n > 1, options)
         for seq in out[:, P:].cpu():                                          # (k n, T_max), prompt-major
             ends = torch.isin(seq, torch.tensor(policy.eos_ids)).nonzero()
             completions.append(seq[: int(ends[0]) + 1] if len(ends) else seq)   # keep the EOS itself
     return [completions[i * n:(i + 1) * n] for i in range(len(prompts))]
+
+# Shared prompts in generation. generate(num_return_sequences=n) repeats each prompt's row n times *before*
+# its prefill, so a prompt (~1,650 tokens at 3B) is prefilled n times. Here it is prefilled once: the model
+# runs over the prompts without their last token, with the images, keeping its KV cache; the cache's rows are
+# repeated n times, and generate continues from the repeated prompts: it finds their first P-1 columns cached,
+# feeds only the last prompt token and samples on, without the images (given again, they would be encoded
+# and inserted a second time). The subtle part is M-RoPE: Qwen2.5-VL computes the 3-D positions of a prompt at
+# its prefill and keeps per prompt only `rope_deltas` (its largest position + 1 minus its length), from which
+# every later position is made; these must be repeated like the cache rows. Left unrepeated they give a
+# shape error or (broadcast) positions of another prompt: logits off by ~1e-2 whose greedy output can still
+# look right. The repeated cache is a full copy per sample: what is saved is the prefill's compute and its
+# activation memory (n-fold), not the KV cache's size.
+def generate_samples(policy: Policy, inputs: dict, n: int, shared_prompt: bool, options: dict):
+    """n samples of each of the k left-padded prompts in inputs (on the device) -> (k n, P + T_max) ids,
+    prompt-major (the n samples of prompt 0 first), as generate(num_return_sequences=n) returns them."""
+    if not shared_prompt:
+        return policy.model.generate(**inputs, num_return_sequences=n, **options)
+    head = {k: inputs[k][:, :-1] for k in ("input_ids", "attention_mask", "mm_token_type_ids")}   # (k, P-1)
+    vlm = policy.model.model
+    cache = vlm(**head, pixel_values=inputs["pixel_values"], image_grid_thw=inputs["image_grid_thw"],
+                use_cache=True).cache                       # the prompt's last token is always text
+    cache.batch_repeat_interleave(n)                        # (k, ...) -> (k n, ...), prompt-major
+    vlm.rope_deltas = vlm.rope_deltas.repeat_interleave(n, dim=0)                          # (k n, 1)
+    repeated = {k: inputs[k].repeat_interleave(n, dim=0) for k in ("input_ids", "attention_mask")}
+    return policy.model.generate(**repeated, cache=cache, **options)
 
 def decode(policy: Policy, completion: torch.Tensor) -> str:
     """Text of a completion without its final EOS (special tokens inside are kept, and fail the format)."""
     ids = completion[:-1] if len(completion) and int(completion[-1]) in policy.eos_ids else completion
     return policy.processor.tokenizer.decode(ids, skip_special_tokens=False)
 
-def completion_logprobs(policy: Policy, model, rows: list, temperature: float) -> tuple:
-    """log pi(y_t | y_<t, x) of every completion token, from one forward pass over prompt + completion.
-    rows: [(prompt inputs, completion ids (T_i,))] -> logp (B, T) float32 and mask (B, T), T = max T_i."""
+def completion_logprobs(policy: Policy, model, rows: list, temperature: float, shared_prompt: bool = True):
+    """log pi(y_t | y_<t, x) of every completion token, from one forward pass over prompts and completions.
+    rows: [(prompt inputs, completion ids (T_i,))] -> logp (B, T) float32 and mask (B, T), T = max T_i.
+    shared_prompt: the rows of one prompt are packed into one sequence (`packed_hidden`), else each row is
+    its prompt + its completion (`plain_hidden`): the same numbers up to float rounding (a test checks)."""
+    with _autocast(policy.device):
+        hidden, index = (packed_hidden if shared_prompt else plain_hidden)(policy, model, rows)  # (N,D) (B,T)
+    # 4. Logits only where a completion token is predicted (no lm_head over the prompts), and in float32
+    #    outside autocast: under it lm_head returns bf16 logits, already rounded by up to 0.06 at |logit|
+    #    16-32 before any log-softmax. (The bf16 reference's lm_head is upcast for this: a transient 1.2 GB
+    #    at 3B.)
+    weight = model.get_output_embeddings().weight.float()                        # (V, D)
+    logits = torch.nn.functional.linear(hidden[index].float(), weight)          # (B, T, V) float32
+    # 5. The sampled distribution: divided by the temperature, vision tokens removed as at sampling time.
+    logits = logits / temperature
+    logits[..., policy.vision_ids] = float("-inf")
+    comps = [c.to(policy.device) for _, c in rows]
+    T = index.shape[1]
+    targets = torch.stack([torch.nn.functional.pad(c, (0, T - len(c)), value=policy.pad_id) for c in comps])
+    logp = logits.log_softmax(-1).gather(-1, targets[..., None]).squeeze(-1)     # (B, T) float32
+    lengths = torch.tensor([len(c) for c in comps], device=policy.device)        # (B,)
+    mask = (torch.arange(T, device=policy.device)[None, :] < lengths[:, None]).float()   # (B, T)
+    return logp * mask, mask
+
+def embed_with_images(model, ids: torch.Tensor, prompts: list) -> torch.Tensor:
+    """Token embeddings of ids (S, L) on the device, the image slots of sequence s filled with the features
+    of prompts[s]'s tiles. The vision tower runs once per distinct prompt (the G rows of a group share it)."""
+    device = ids.device
+    distinct = {id(inp): inp for inp in prompts}
+    vision = lambda inp: torch.cat(model.model.get_image_features(
+        inp["pixel_values"].to(device), inp["image_grid_thw"].to(device), return_dict=True).pooler_output)
+    features = {key: vision(inp) for key, inp in distinct.items()}
+    embeds = model.get_input_embeddings()(ids)                                    # (S, L, D)
+    scattered = torch.cat([features[id(inp)] for inp in prompts]).to(embeds.dtype)
+    return embeds.masked_scatter((ids == model.config.image_token_id)[..., None], scattered)
+
+def plain_hidden(policy: Policy, model, rows: list) -> tuple:
+    """One sequence per row, prompt + completion -> last hidden states (B L, D) and index (B, T): where in
+    them completion token t of row i is predicted."""
     device, comps = policy.device, [c.to(policy.device) for _, c in rows]
     P = torch.tensor([inp["input_ids"].shape[1] for inp, _ in rows], device=device)   # (B,) prompt lengths
     Tc = torch.tensor([len(c) for c in comps], device=device)                         # (B,) their completions
@@ -804,38 +874,92 @@ def completion_logprobs(policy: Policy, model, rows: list, temperature: float) -
                 policy.pad_id)                                                    # (B, L)
     attn = (torch.arange(L, device=device) < (P + Tc)[:, None]).long()           # (B, L)
     mm_types = right([inp["mm_token_type_ids"][0].to(device) for inp, _ in rows], L, 0)  # (B, L), 1 = image
-    with _autocast(device):
-        # 2. Vision once per prompt: the G rows of a group share their prompt's two tiles, so the vision tower
-        #    runs once per distinct prompt, and its features are scattered into every row's image slots.
-        vision = lambda inp: torch.cat(model.model.get_image_features(
-            inp["pixel_values"].to(device), inp["image_grid_thw"].to(device), return_dict=True).pooler_output)
-        distinct = {id(inp): inp for inp, _ in rows}
-        features = {k: vision(inp) for k, inp in distinct.items()}
-        embeds = model.get_input_embeddings()(ids)                                # (B, L, D)
-        scattered = torch.cat([features[id(inp)] for inp, _ in rows]).to(embeds.dtype)
-        embeds = embeds.masked_scatter((ids == model.config.image_token_id)[..., None], scattered)
-        # 3. Given embeddings, the model cannot find the image tokens itself: M-RoPE positions come from here.
-        grids = torch.cat([inp["image_grid_thw"] for inp, _ in rows]).to(device)  # (2B, 3)
-        positions, _ = model.model.get_rope_index(ids, mm_types, image_grid_thw=grids, attention_mask=attn)
-        hidden = model.model(inputs_embeds=embeds, attention_mask=attn, position_ids=positions,
-                             use_cache=False).last_hidden_state                  # (B, L, D)
-    # 4. Logits only from the earliest completion start on (no lm_head over the long prompts), in float32 and
-    #    outside autocast: under it lm_head returns bf16 logits, already rounded by up to 0.06 at |logit|
-    #    16-32 before any log-softmax. (The bf16 reference's lm_head is upcast for this: 1.2 GB at 3B.)
-    keep = L - int(P.min()) + 1                                                   # T + P_max - P_min
-    weight = model.get_output_embeddings().weight.float()                         # (V, D)
-    logits = torch.nn.functional.linear(hidden[:, L - keep:].float(), weight)    # (B, keep, V) float32
-    # 5. The logit at position j predicts token j + 1: completion token t of row i is predicted at P_i-1+t.
-    #    Past a short row's end that index can leave the sequence: the clamp keeps it in, the mask zeroes it.
+    # 2. Vision once per prompt, its features scattered into every row's image slots.
+    embeds = embed_with_images(model, ids, [inp for inp, _ in rows])             # (B, L, D)
+    # 3. Given embeddings, the model cannot find the image tokens itself: M-RoPE positions come from here.
+    grids = torch.cat([inp["image_grid_thw"] for inp, _ in rows]).to(device)      # (2B, 3)
+    positions, _ = model.model.get_rope_index(ids, mm_types, image_grid_thw=grids, attention_mask=attn)
+    hidden = model.model(inputs_embeds=embeds, attention_mask=attn, position_ids=positions,
+                         use_cache=False).last_hidden_state                      # (B, L, D)
+    # The hidden state at j predicts token j + 1: completion token t of row i is predicted at P_i - 1 + t.
+    # Past a short row's end that index can leave the sequence: the clamp keeps it in, the mask zeroes it.
     t = torch.arange(T, device=device)
-    pos = (P[:, None] - 1 + t[None, :]).clamp(max=L - 1) - (L - keep)            # (B, T) into kept logits
-    # 6. The sampled distribution: divided by the temperature, vision tokens removed as at sampling time.
-    logits = logits.gather(1, pos[..., None].expand(-1, -1, logits.shape[-1])) / temperature
-    logits[..., policy.vision_ids] = float("-inf")
-    targets = right(comps, T, policy.pad_id)                                     # (B, T)
-    logp = logits.log_softmax(-1).gather(-1, targets[..., None]).squeeze(-1)     # (B, T) float32
-    mask = (t[None, :] < Tc[:, None]).float()                                    # (B, T)
-    return logp * mask, mask
+    row_start = L * torch.arange(len(rows), device=device)[:, None]              # (B, 1) in the flattened
+    index = (P[:, None] - 1 + t[None, :]).clamp(max=L - 1) + row_start
+    return hidden.reshape(-1, hidden.shape[-1]), index
+
+# Shared prompts in scoring. Plain rows repeat a group's prompt G times (at 3B ~1,650 of a row's ~1,900
+# tokens), so the reference forward, the policy forward and its backward each compute it G times. Packed, a
+# group is one sequence [prompt, completion 1, ..., completion G]: P + G T tokens instead of G (P + T), at
+# the paper's shapes 3,650 instead of 15,200. It is exact because attention is causal: a prompt token never
+# sees a completion, so the prompt's hidden states are the same whatever follows it; and a completion that
+# sees the prompt and its own earlier tokens, at the positions it was sampled at, is computed as in its own
+# row. Two things make that so, and both are where one goes wrong. (1) The attention mask is 4-D, per query
+# and key (`prefix_sharing_mask`), and additive float (0 or the most negative number): eager attention adds
+# the mask to its scores, so a bool mask there runs and is wrong (flash-attention kernels take no such mask:
+# sdpa, the default, or eager). (2) The positions are explicit: completion token t sits at the prompt's
+# largest M-RoPE position + 1 + t on all three axes, wherever it lies in the packed sequence; positions
+# counted along the packed sequence would place completion 2 after completion 1. The price: attention is
+# computed over the whole (P + G T)^2 grid, masked, so with long completions and a short prompt (the tiny
+# demo's untrained policy) it can cost more than it saves; with P >> T (the paper's) the grid is smaller
+# than the plain rows'. (Computing the prompt once and giving the completions its KV cache would also be
+# exact, but transformers' gradient checkpointing drops a passed-in cache in train mode.)
+def packed_hidden(policy: Policy, model, rows: list) -> tuple:
+    """One sequence per distinct prompt (by identity), [prompt, its rows' completions] -> last hidden states
+    (S L, D) and index (B, T): where in them completion token t of row i is predicted."""
+    members = {}                          # id(prompt inputs) -> its rows' indices, prompts in order of rows
+    for i, (inp, _) in enumerate(rows):
+        members.setdefault(id(inp), []).append(i)
+    prompts = [rows[m[0]][0] for m in members.values()]
+    packed = [packed_sequence(model, inp, [rows[i][1] for i in m])
+              for inp, m in zip(prompts, members.values())]
+    L, T = max(len(p[0]) for p in packed), max(len(c) for _, c in rows)
+    right = lambda x, fill: torch.nn.functional.pad(x, (0, L - x.shape[-1]), value=fill)   # right-padded to L
+    ids = torch.stack([right(p[0], policy.pad_id) for p in packed]).to(policy.device)      # (S, L)
+    segments = torch.stack([right(p[1], -1) for p in packed]).to(policy.device)            # (S, L), -1 = pad
+    positions = torch.stack([right(p[2], 0) for p in packed], dim=1).to(policy.device)     # (3, S, L)
+    index = torch.zeros(len(rows), T, dtype=torch.long)                 # (B, T); 0 past a row's end (masked)
+    for s, (m, p) in enumerate(zip(members.values(), packed)):
+        for i, predictors in zip(m, p[3]):
+            index[i, :len(predictors)] = predictors + s * L
+    embeds = embed_with_images(model, ids, prompts)                               # (S, L, D)
+    hidden = model.model(inputs_embeds=embeds, attention_mask=prefix_sharing_mask(segments, embeds.dtype),
+                         position_ids=positions, use_cache=False).last_hidden_state      # (S, L, D)
+    return hidden.reshape(-1, hidden.shape[-1]), index.to(policy.device)
+
+def packed_sequence(model, prompt: dict, completions: list) -> tuple:
+    """[prompt, completion 1, ..., completion m] on the CPU -> ids (L,); segments (L,): 0 on the prompt, j on
+    completion j; M-RoPE positions (3, L); per completion (T_j,), where each of its tokens is predicted."""
+    P = prompt["input_ids"].shape[1]
+    prompt_positions, _ = model.model.get_rope_index(prompt["input_ids"], prompt["mm_token_type_ids"],
+                                                     image_grid_thw=prompt["image_grid_thw"])   # (3, 1, P)
+    first = prompt_positions.max() + 1                  # where every completion's first token was sampled
+    ids = [prompt["input_ids"][0]]
+    segments = [torch.zeros(P, dtype=torch.long)]
+    positions = [prompt_positions[:, 0]]
+    predictors = []
+    start = P                                           # where completion j begins in the packed sequence
+    for j, c in enumerate(completions, start=1):
+        t = torch.arange(len(c))
+        ids.append(c.cpu())
+        segments.append(torch.full((len(c),), j))
+        positions.append((first + t).expand(3, -1))    # as sampled: the same on the three axes
+        predicted_at = start - 1 + t                    # token t by completion token t - 1 ...
+        predicted_at[:1] = P - 1                        # ... and token 0 by the prompt's last token
+        predictors.append(predicted_at)
+        start += len(c)
+    return torch.cat(ids), torch.cat(segments), torch.cat(positions, dim=1), predictors
+
+def prefix_sharing_mask(segments: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """segments (S, L) -> additive attention mask (S, 1, L, L): query q sees key k <= q if k is a prompt token
+    (segment 0) or in q's own segment; else the most negative number of dtype. Padding (-1) is its own
+    segment, never seen by a real token; it sees the prompt, so no row of the mask is empty (NaN)."""
+    L = segments.shape[1]
+    causal = torch.ones(L, L, dtype=torch.bool, device=segments.device).tril()        # (L, L)
+    keys, queries = segments[:, None, :], segments[:, :, None]
+    seen = causal & ((keys == 0) | (keys == queries))                                   # (S, L, L)
+    additive = torch.zeros(seen.shape, dtype=dtype, device=segments.device)
+    return additive.masked_fill(~seen, torch.finfo(dtype).min)[:, None]
 
 # ==== §4.2, eq. (6) — GRPO ==================================================================================
 # For each prompt x, G completions y^(g) with rewards R^(g). Per completion token t:
@@ -950,7 +1074,10 @@ def select_carried(rewards: list, how: str, rng: np.random.Generator) -> int:
 # the frozen reference is a bf16 copy (7.5 GB saved; its log-probs differ from the policy's by rounding, so
 # the logged KL starts at a small floor on a GPU). A stage's rows (rollout_batch x G) are cut into
 # micro-batches whose gradients are accumulated, each weighted by its share of the rows: the accumulated
-# gradient is the full-batch gradient however the batch is cut (a test checks this).
+# gradient is the full-batch gradient however the batch is cut (a test checks this). A micro-batch counts
+# rows (completions), with or without shared prompts: its logits, (rows, T, V) float32, are what fills memory
+# at 3B, and the loss is a mean over rows. A group cut by a micro-batch's edge is packed once in each part
+# (its prompt computed once per part): a --micro-batch that is a multiple of G gets the whole saving.
 
 def accumulate_grpo_gradients(policy: Policy, reference, rows: list, advantages: torch.Tensor,
                               cfg: Config) -> dict:
@@ -959,8 +1086,8 @@ def accumulate_grpo_gradients(policy: Policy, reference, rows: list, advantages:
     for start in range(0, len(rows), cfg.micro_batch):
         part, adv = rows[start:start + cfg.micro_batch], advantages[start:start + cfg.micro_batch]
         with torch.no_grad():                                               # the reference needs no graph
-            ref_logp, _ = completion_logprobs(policy, reference, part, cfg.temperature)
-        logp, mask = completion_logprobs(policy, policy.model, part, cfg.temperature)          # (b, T)
+            ref_logp, _ = completion_logprobs(policy, reference, part, cfg.temperature, cfg.shared_prompt)
+        logp, mask = completion_logprobs(policy, policy.model, part, cfg.temperature, cfg.shared_prompt)
         # pi_old = the weights that sampled these completions = the current weights (see eq. 6)
         loss, st = grpo_loss(logp, logp.detach(), ref_logp, adv, mask, cfg.clip_eps, cfg.kl_beta)
         share = len(part) / len(rows)
@@ -999,7 +1126,7 @@ def train_step(step: int, batch_refs: list, policy: Policy, reference, optimizer
     """Algorithm 1, lines 4-27, for one batch of samples -> the step's mean rewards and update statistics."""
     rng = np.random.default_rng([cfg.seed, step])              # for g* ~ exp(R_1): any step can be replayed
     sampling = dict(temperature=cfg.temperature, top_p=1.0, top_k=0, max_new_tokens=cfg.max_new_tokens,
-                    batch=cfg.generation_batch)
+                    batch=cfg.generation_batch, shared_prompt=cfg.shared_prompt)
     samples = [read_sample(r) for r in batch_refs]
     encodings = encode_tiles(segmenter, [np.asarray(s.sat) for s in samples])   # I_s encoded once per step
     if cfg.single_stage:   # "w/o reflection": one answer with boxes and points, rewarded as in stage 2
@@ -1559,8 +1686,9 @@ def held_out_report(cfg: Config, train_refs: list, refs: list, policy: Policy, s
 def random_model_note(cfg: Config, command: str):
     if cfg.model in RANDOM_MODELS:
         print(f"note: --model {cfg.model} is an untrained, random policy: its answers are noise. To try the "
-              f"demo's trained policy, run `python socioreasoner.py train --tiny` (writes {DEMO_OUT}/) and then "
-              f"`python socioreasoner.py {command} --tiny --model {DEMO_OUT}/checkpoint`", file=sys.stderr)
+              f"demo's trained policy, run `python socioreasoner.py train --tiny` (writes {DEMO_OUT}/) and "
+              f"then `python socioreasoner.py {command} --tiny --model {DEMO_OUT}/checkpoint`",
+              file=sys.stderr)
 
 def run_eval(cfg: Config, split: str, limit: int, pictures: bool):
     """The eval command: a Table-1 row for one model on one split, with every predicted mask on disk."""
@@ -1759,7 +1887,11 @@ def peak_memory_mb(device) -> float:
     import resource
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
-def bench(cfg: Config, steps: int):
+def bench(cfg: Config, steps: int, replays: bool = True):
+    """`steps` training steps each way, shared prompts and one row per completion (--no-shared-prompt), in
+    alternation (step 1 shared then plain, step 2 plain then shared, ...), so that a drift of the machine's
+    speed and whatever memory one leaves behind hit both alike; then (replays) generation and accumulation
+    alone."""
     check_config(cfg)
     device = pick_device()
     torch.manual_seed(cfg.seed)
@@ -1767,37 +1899,70 @@ def bench(cfg: Config, steps: int):
     prepare_policy(policy, cfg)
     reference = load_reference(cfg, cfg.model, device)
     segmenter, optimizer = load_segmenter(cfg, device), new_optimizer(policy, cfg.lr)
-    print(f"bench: {steps} steps x {cfg.rollout_batch} prompts x G={cfg.group_size}, micro-batch "
+    print(f"bench: {steps} steps each way x {cfg.rollout_batch} prompts x G={cfg.group_size}, micro-batch "
           f"{cfg.micro_batch}, max {cfg.max_new_tokens} new tokens, device {device}")
-    reset_peak_memory(device)
-    records = []
+    records = {True: [], False: []}                             # shared_prompt -> one record per step
     for step in range(steps):
         batch = [refs[i] for i in batch_indices(step, len(refs), cfg.rollout_batch, cfg.seed)]
-        times, calls = {}, []
-        with timed_functions(times, calls):
-            seconds, stats = timed_call(train_step, step, batch, policy, reference, optimizer, segmenter, cfg)
-        times["policy forward/backward"] -= times.get("reference forward", 0.0)
-        times["encodings"] = sum(len(args[1]) for name, args, _ in calls if name == "encode_tiles")
-        records.append({**stats, **times, "seconds": seconds})
-        print(f"  step {step + 1}: {seconds:.2f}s", flush=True)
-    peak, mean = peak_memory_mb(device), lambda key: float(np.mean([r.get(key, 0.0) for r in records]))
-    print(f"\n{'seconds per step':28s} {'mean':>8s} {'share':>7s}")
+        for shared in ((True, False) if step % 2 == 0 else (False, True)):
+            # the same seed both ways: the same batch sampled with the same random numbers (the weights
+            # differ only by the other way's update of this step)
+            torch.manual_seed(cfg.seed * 100_003 + step)
+            way = dataclasses.replace(cfg, shared_prompt=shared)
+            records[shared].append(bench_step(step, batch, policy, reference, optimizer, segmenter, way))
+            way_name = "shared" if shared else "plain "
+            print(f"  step {step + 1} {way_name}: {records[shared][-1]['seconds']:.2f}s", flush=True)
+    print_bench(records, cfg, device)
+    if not replays:
+        return
+    calls = records[cfg.shared_prompt][-1]["calls"]                 # the last step of the flag's way
+    generation = [(args, kwargs) for name, args, kwargs in calls if name == "sample_completions"]
+    bench_generation(generation, len(batch), cfg)
+    bench_accumulation(policy, reference, optimizer, generation[0], cfg)
+
+def bench_step(step: int, batch: list, policy: Policy, reference, optimizer, segmenter, cfg: Config) -> dict:
+    """One timed training step -> seconds by kind of work, SAM encodings, prompt and completion tokens,
+    peak memory, and the calls of encode_tiles and sample_completions."""
+    times, calls = {}, []
+    reset_peak_memory(policy.device)
+    with timed_functions(times, calls):
+        seconds, stats = timed_call(train_step, step, batch, policy, reference, optimizer, segmenter, cfg)
+    times["policy forward/backward"] -= times.get("reference forward", 0.0)
+    times["scoring"] = times["policy forward/backward"] + times.get("reference forward", 0.0)
+    prompts = [p for name, args, _ in calls if name == "sample_completions" for p in args[1]]
+    return {**stats, **times, "seconds": seconds, "calls": calls, "peak": peak_memory_mb(policy.device),
+            "encodings": sum(len(args[1]) for name, args, _ in calls if name == "encode_tiles"),
+            "prompt_tokens": float(np.mean([p["input_ids"].shape[1] for p in prompts])),
+            "completions": len(prompts) * cfg.group_size}
+
+def print_bench(records: dict, cfg: Config, device):
+    """Mean seconds per step by kind of work, shared prompts against one row per completion, the ratio."""
+    mean = lambda shared, key: float(np.mean([r.get(key, 0.0) for r in records[shared]]))
+    print(f"\n{'seconds per step':42s} {'shared':>8s} {'plain':>8s} {'ratio':>6s} {'share':>6s}")
     for key in ("generation", "segmentation", "rewards", "policy forward/backward", "reference forward",
-                "optimizer"):
-        print(f"  {key:26s} {mean(key):8.3f} {100 * mean(key) / mean('seconds'):6.1f}%")
-    print(f"  {'total':26s} {mean('seconds'):8.3f}")
-    print(f"SAM image encodings per sample per step: {mean('encodings') / cfg.rollout_batch:.2f}")
-    print(f"tokens generated per second: {mean('tokens') / mean('generation'):.1f}")
+                "optimizer", "scoring", "seconds"):
+        name = {"scoring": "scoring (policy fwd/bwd + reference fwd)", "seconds": "total (the whole step)"}
+        ratio = mean(True, key) / max(mean(False, key), 1e-9)
+        print(f"  {name.get(key, key):40s} {mean(True, key):8.3f} {mean(False, key):8.3f} {ratio:6.2f} "
+              f"{100 * mean(False, key) / mean(False, 'seconds'):5.1f}%")
     what = "GPU allocated" if device.type == "cuda" else "process RSS"
-    print(f"peak memory over the steps: {peak:.0f} MB ({what})")
+    peaks = {shared: max(r["peak"] for r in records[shared]) for shared in records}
+    print(f"  {'peak memory, MB (' + what + ')':40s} {peaks[True]:8.0f} {peaks[False]:8.0f} "
+          f"{peaks[True] / peaks[False]:6.2f}")
+    for shared in (True, False):
+        tokens = mean(shared, "tokens") / mean(shared, "completions")
+        print(f"{'shared' if shared else 'plain'}: prompts of {mean(shared, 'prompt_tokens'):.0f} tokens, "
+              f"completions of {tokens:.1f} tokens on average (cap {cfg.max_new_tokens}), "
+              f"{mean(shared, 'tokens') / mean(shared, 'generation'):.0f} tokens generated per second")
+    print(f"SAM image encodings per sample per step: {mean(True, 'encodings') / cfg.rollout_batch:.2f}")
     # Every part's work is proportional to the rows (prompts x G) at a fixed --generation-batch and
     # --micro-batch, so a step of the paper's 128 prompts x G 8 costs the same per row; memory does not grow.
     scale = PAPER_ROWS / (cfg.rollout_batch * cfg.group_size)
-    print(f"extrapolated to the paper's 128 prompts x G=8 ({scale:.0f}x the rows): {mean('seconds') * scale:.0f}"
-          f" s per step, {mean('seconds') * scale * 250 / 3600:.1f} h for its 250 steps")
-    generation = [(args, kwargs) for name, args, kwargs in calls if name == "sample_completions"]  # last step
-    bench_generation(generation, len(batch), cfg)
-    bench_accumulation(policy, reference, optimizer, generation[0], cfg)
+    for shared in (True, False):
+        seconds = mean(shared, "seconds") * scale
+        way = "shared" if shared else "plain"
+        print(f"{way}, extrapolated to the paper's 128 prompts x G=8 ({scale:.0f}x the rows): "
+              f"{seconds:.0f} s per step, {seconds * 250 / 3600:.1f} h for its 250 steps")
 
 def bench_generation(generation: list, n_prompts: int, cfg: Config):
     """Generation alone, with the same weights: a step's sample_completions calls [(args, kwargs)] (both
@@ -1887,7 +2052,7 @@ def main(argv=None):
         elif args.command == "eval":
             run_eval(cfg, args.split, args.limit, args.pictures)
         else:
-            bench(cfg, args.bench_steps)
+            bench(cfg, args.bench_steps, replays=not args.no_replays)
     except SocioError as e:
         sys.exit(f"error: {e}")
     except OSError as e:      # a full disk, an --out that is a file, a folder without write permission, ...

@@ -754,6 +754,83 @@ def test_accumulated_gradient_equals_full_batch_gradient():
         assert torch.allclose(g, grads[0], atol=1e-6, rtol=1e-4)
 
 
+def _groups(policy, sizes, seed=0):
+    """Rows of groups sharing their prompt (same inputs object), prompts and completions of different
+    lengths: a stage-1 prompt, a longer stage-2 one, another target on smaller tiles (fewer image tokens,
+    so other M-RoPE deltas); sizes: completions per group."""
+    samples = [sr.read_sample(r) for r in sr.list_split(HERE / "data_sample", "train")[:3]]
+    small = [image.resize((224, 112)) for image in (samples[2].map, samples[2].sat)]
+    prompts = [sr.stage1_prompt(policy, samples[0])[0],
+               sr.stage2_inputs(policy, samples[1], np.array([[10, 20, 30, 40]]), (112, 112), samples[1].mask),
+               sr.policy_inputs(policy, small, sr.STAGE1_PROMPT, samples[2].text)[0]]
+    assert len({p["input_ids"].shape[1] for p in prompts}) == 3
+    g = torch.Generator().manual_seed(seed)
+    return [(p, torch.randint(300, 520, (int(torch.randint(1, 13, (), generator=g)),), generator=g))
+            for p, n in zip(prompts, sizes) for _ in range(n)]
+
+
+@pytest.mark.parametrize("attention, checkpointing", [("sdpa", False), ("sdpa", True), ("eager", False)])
+def test_shared_prompt_scoring_equals_one_row_per_completion(attention, checkpointing):
+    """A group packed as [prompt, completion 1, ..., completion G] (prefix-sharing mask, the positions
+    each completion was sampled at) gives the plain path's log-probs and GRPO gradients, however the rows
+    are cut into micro-batches (groups split across them too), with gradient checkpointing on (and the
+    vision tower frozen) and with eager attention (which adds the mask to the scores)."""
+    pol = sr.build_tiny_policy(seed=1, device=DEVICE)
+    reference = sr.build_tiny_policy(seed=2, device=DEVICE).model   # differs, so the KL term has a gradient
+    pol.model.set_attn_implementation(attention)
+    reference.set_attn_implementation(attention)
+    sr.prepare_policy(pol, sr.Config(grad_checkpointing=checkpointing, freeze_vision=checkpointing))
+    pol.model.train()
+    rows = _groups(pol, [3, 2, 4])
+    plain, mask = sr.completion_logprobs(pol, pol.model, rows, 1.3, shared_prompt=False)
+    shared, shared_mask = sr.completion_logprobs(pol, pol.model, rows, 1.3, shared_prompt=True)
+    assert torch.equal(mask, shared_mask) and len(set(mask.sum(1).tolist())) > 2
+    assert (shared - plain).abs().max() < 1e-5
+    adv = torch.tensor([0.5, -1.0, 2.0, 0.3, -0.3, 0.7, -1.2, 0.1, 0.4], device=DEVICE)
+    grads = {}
+    for shared_prompt, micro in ((False, 9), (True, 9), (True, 4)):              # 4: a group cut in two
+        cfg = sr.Config(micro_batch=micro, kl_beta=0.3, temperature=1.3, shared_prompt=shared_prompt)
+        pol.model.zero_grad(set_to_none=True)
+        sr.accumulate_grpo_gradients(pol, reference, rows, adv, cfg)
+        grads[shared_prompt, micro] = torch.cat([p.grad.flatten() for p in pol.model.parameters()
+                                                 if p.grad is not None])
+    expected = grads[False, 9]
+    assert expected.abs().max() > 0
+    for key in ((True, 9), (True, 4)):
+        assert (grads[key] - expected).norm() / expected.norm() < 1e-5, key
+
+
+def test_shared_prompt_sampling_keeps_generates_distribution(policy, monkeypatch):
+    """Each prompt prefilled once, its KV cache and M-RoPE deltas repeated for its n samples: the same
+    logits at every step as generate's own n-fold prefill (logits, not only tokens: unrepeated deltas can
+    leave greedy output right), the same samples for the same seed, greedy output identical, and the
+    packed scoring returns the log-probs of those logits."""
+    prompts = [p for p, _ in _groups(policy, [1, 1, 1])]
+    logits, generate = [], policy.model.generate
+    def spy(**kw):
+        out = generate(**kw, output_logits=True, return_dict_in_generate=True)
+        logits.append(torch.stack(out.logits, 1).float())                    # (k n, T, V)
+        return out.sequences
+    monkeypatch.setattr(policy.model, "generate", spy)
+    runs = {}
+    for shared, top_k in itertools.product((False, True), (0, 1)):          # top_k 1: greedy
+        torch.manual_seed(7)
+        runs[shared, top_k] = sr.sample_completions(policy, prompts, 3, 1.3, top_p=1.0, top_k=top_k,
+                                                    max_new_tokens=10, shared_prompt=shared)
+    for top_k in (0, 1):
+        assert [[c.tolist() for c in cs] for cs in runs[False, top_k]] == \
+            [[c.tolist() for c in cs] for cs in runs[True, top_k]]
+    assert (logits[2] - logits[0]).abs().max() < 1e-5                       # sampled: shared vs plain
+    assert (logits[3] - logits[1]).abs().max() < 1e-5                       # greedy
+    raw = logits[2] / 1.3
+    raw[..., policy.vision_ids] = float("-inf")
+    rows = [(p, c) for p, cs in zip(prompts, runs[True, 0]) for c in cs]
+    logp, _ = sr.completion_logprobs(policy, policy.model, rows, 1.3)
+    for i, (_, c) in enumerate(rows):
+        expected = raw[i, :len(c)].log_softmax(-1).gather(-1, c[:, None]).squeeze(-1)
+        assert torch.allclose(logp[i, :len(c)], expected, atol=1e-5)
+
+
 def test_grpo_update_moves_the_policy_only_when_rewards_differ(sample, policy, fresh_policy):
     """A stage update with unequal rewards changes the weights; with equal ones (pi = pi_ref) it cannot."""
     cfg = sr.Config(lr=1e-3, micro_batch=2)
