@@ -758,20 +758,24 @@ def _shared_rollouts():
     return pol, reference, groups, rows[1:4]
 
 
+def _weights(model) -> torch.Tensor:
+    return torch.cat([p.detach().flatten() for p in model.parameters()])
+
+
 def _grpo_then_sft(pol, reference, groups, sft_rows) -> dict:
     """One GRPO update and one SFT update by SGD (AdamW's first step is about lr * sign(g): it would hide a
     gradient of the wrong scale); the weights after each, flattened, and the logged statistics."""
     opt = torch.optim.SGD(pol.model.parameters(), lr=0.1)
-    flat = lambda: torch.cat([p.detach().flatten() for p in pol.model.parameters()])
     update = sr.grpo_update(pol, reference, opt, groups, sr.Config(micro_batch=3, kl_beta=0.3))
-    after_grpo = flat()
+    after_grpo = _weights(pol.model)
     sft_loss = sr.sft_step(pol, opt, sft_rows, micro_batch=1)
-    return {"grpo": after_grpo, "sft": flat(), "sft_loss": sft_loss, "stats": sr.step_stats({2: (groups, update)})}
+    return {"grpo": after_grpo, "sft": _weights(pol.model), "sft_loss": sft_loss,
+            "stats": sr.step_stats({2: (groups, update)})}
 
 
 def _one_of_two_processes(rank: int, store: str, out: str, rollouts: tuple):
-    """A process of a 2-process gloo group, forked with the rollouts (and models) already built: this process's
-    share of them (rank 0: one group and one SFT row, rank 1: two of each)."""
+    """A process of a 2-process gloo group, forked with the rollouts (and models) already built: this
+    process's share of them (rank 0: one group and one SFT row, rank 1: two of each)."""
     torch.set_num_threads(1)                  # no OpenMP team in a forked child
     torch.distributed.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=2)
     pol, reference, groups, sft_rows = rollouts
@@ -787,7 +791,7 @@ def test_data_parallel_updates_equal_one_process_on_the_whole_batch(tmp_path):
     rollouts = _shared_rollouts()
     torch.multiprocessing.start_processes(_one_of_two_processes, nprocs=2, start_method="fork",
                                           args=(str(tmp_path / "store"), str(tmp_path), rollouts))
-    start = torch.cat([p.detach().flatten() for p in rollouts[0].model.parameters()])
+    start = _weights(rollouts[0].model)
     alone = _grpo_then_sft(*rollouts)
     assert (alone["grpo"] - start).abs().max() > 1e-3 and (alone["sft"] - alone["grpo"]).abs().max() > 1e-3
     for rank in (0, 1):
@@ -1046,8 +1050,8 @@ def test_a_run_killed_after_its_first_checkpoint_resumes_and_completes_its_log(t
 
 
 def test_torchrun_trains_on_two_cpu_processes_to_a_checkpoint_and_resumes(sft_checkpoint, tmp_path):
-    """`torchrun --nproc-per-node 2 socioreasoner.py train`: SFT and GRPO steps over gloo, each process on half
-    of the samples; one process prints, logs and checkpoints; --resume continues the data-parallel run."""
+    """`torchrun --nproc-per-node 2 socioreasoner.py train`: SFT and GRPO steps over gloo, each process on
+    half of the samples; one process prints, logs and checkpoints; --resume continues the run."""
     data, ckpt = sft_checkpoint
     out = tmp_path / "run"
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
