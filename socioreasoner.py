@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse, contextlib, dataclasses, functools, io, json, math, os, re, shlex, shutil, string, sys, time
 from dataclasses import dataclass, field
+from datetime import timedelta
 from pathlib import Path
 from typing import Any, Optional, Protocol
 # Only the standard library up to the command-line parser: `--help` and mistyped flags are answered in a
@@ -1425,8 +1426,10 @@ class Run:                            # what a training run's phases share
 
     def checkpoint(self, step: int):
         state = {**self.state, "step": step}                      # step: steps done in this phase
-        if rank() == 0:                                           # data parallel: one process writes files
+        if rank() == 0:                                           # data parallel: one process writes files,
             save_checkpoint(Path(self.cfg.out), self.policy, self.optimizer, state, self.cfg)
+        if world_size() > 1:
+            dist.barrier()                                        # and all go on once they are complete
 
     def log(self, step: int, t0: float, **numbers) -> float:
         """Append to <out>/log.jsonl the record of this phase's step, begun at t0; its seconds."""
@@ -1516,9 +1519,7 @@ def warm_up(run: Run):
             part.save_pretrained(out / "warmup")
     run.state = {"phase": "grpo", "step": 0, "reference": "warmup"}
     run.optimizer = new_optimizer(run.policy, cfg.lr)
-    run.checkpoint(0)
-    if world_size() > 1:
-        dist.barrier()                        # warmup/ is written before any process loads it as pi_ref
+    run.checkpoint(0)                         # (data parallel: warmup/ is written when this returns)
     run.reference = load_reference(cfg, "warmup", run.policy.device) if cfg.steps else None
 
 def train(cfg: Config, given: Optional[set] = None):
@@ -1877,7 +1878,8 @@ def join_processes(command: str):
     if torch.cuda.is_available():
         device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
         torch.cuda.set_device(device)                 # from here on "cuda" is this process's GPU
-    dist.init_process_group("nccl" if device else "gloo", device_id=device)
+    # the others may wait for rank 0 to write a checkpoint (a 3B run's is ~40 GB): not a hang for an hour
+    dist.init_process_group("nccl" if device else "gloo", device_id=device, timeout=timedelta(hours=1))
     if rank() > 0:
         sys.stdout = open(os.devnull, "w")
     print(f"data parallel: {world_size()} processes over {dist.get_backend()}")
