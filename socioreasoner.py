@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse, contextlib, dataclasses, functools, io, json, math, os, re, shlex, shutil, string, sys, time
 from dataclasses import dataclass, field
+from datetime import timedelta
 from pathlib import Path
 from typing import Any, Optional, Protocol
 # Only the standard library up to the command-line parser: `--help` and mistyped flags are answered in a
@@ -207,6 +208,7 @@ if __name__ == "__main__":
 
 import numpy as np
 import torch
+import torch.distributed as dist
 from PIL import Image, ImageDraw, ImageFont
 from scipy import ndimage
 from scipy.optimize import linear_sum_assignment
@@ -1065,7 +1067,7 @@ def select_carried(rewards: list, how: str, rng: np.random.Generator) -> int:
     p = np.exp(r - r.max())
     return int(rng.choice(len(r), p=p / p.sum()))
 
-# ==== Algorithm 1 — the training step: one GRPO update per stage, on one GPU ================================
+# ==== Algorithm 1 — the training step: one GRPO update per stage, on one GPU (or N) =========================
 # Algorithm 1 as printed updates inside the loop over a batch's samples (lines 14, 27) and refreshes pi_old
 # once per step (line 29); §4.2's schedule and the authors' release update once per stage per step, on the
 # whole batch, as here: stage 1 for all samples, one update, stage 2 sampled from the updated policy, one
@@ -1108,6 +1110,49 @@ def optimizer_step(policy: Policy, optimizer, what: str, loss: float) -> bool:
     optimizer.zero_grad(set_to_none=True)
     return finite
 
+# Data parallel (`torchrun`, appendix G): N processes, each with the whole policy, reference and SAM, take
+# contiguous shares of a step's samples (whole groups: advantages are relative to the group) and accumulate
+# the gradient of their own rows as above, the mean over those rows. The update needs the mean over all rows:
+# each process scales its gradient by its share of the rows, n_r / sum_r n_r, and the scaled gradients are
+# summed (all_reduce), parameter by parameter and in place, so that no process holds more than one copy; the
+# sum is identical on every process, so their weights stay identical. Unequal shares stay exact (a test
+# checks it against one process). Without torchrun these helpers do nothing.
+
+def world_size() -> int:
+    return dist.get_world_size() if dist.is_initialized() else 1
+
+def rank() -> int:
+    return dist.get_rank() if dist.is_initialized() else 0
+
+def shard(items: list) -> list:
+    """This process's contiguous share of a step's samples (all of them alone); shares differ by at most 1."""
+    n = len(items)
+    return items[rank() * n // world_size():(rank() + 1) * n // world_size()]
+
+def gathered(values: list) -> list:
+    """Every process's values (small picklable ones), concatenated in rank order: the whole batch's."""
+    if world_size() == 1:
+        return values
+    parts = [None] * world_size()
+    dist.all_gather_object(parts, values)
+    return [v for part in parts for v in part]
+
+def combine_gradients(model, stats: dict, n_rows: int) -> dict:
+    """The gradients accumulated as means over this process's n_rows rows, and the row-mean statistics
+    `stats`, become means over all processes' rows. The loss and gradients are then the same on every process,
+    so optimizer_step's finite check agrees everywhere (a NaN on one process reaches all through the sum)."""
+    if world_size() == 1:
+        return stats
+    device = torch.device("cuda") if dist.get_backend() == "nccl" else torch.device("cpu")
+    sums = torch.tensor([n_rows] + [n_rows * v for v in stats.values()], dtype=torch.float64, device=device)
+    dist.all_reduce(sums)                                          # (1 + len(stats),): rows, weighted stats
+    share = n_rows / float(sums[0])
+    for p in model.parameters():
+        if p.grad is not None:            # every process ran the same model: the same parameters have one
+            p.grad.mul_(share)
+            dist.all_reduce(p.grad)       # in place; NCCL/gloo's own buffers only
+    return {k: float(s / sums[0]) for k, s in zip(stats, sums[1:])}
+
 def grpo_update(policy: Policy, reference, optimizer, groups: list, cfg: Config) -> dict:
     """Alg. 1 lines 12-14 (or 25-27) for all groups of one stage: advantages, eq. 6, one optimizer step."""
     rows = [(g.inputs, c) for g in groups for c in g.completions]                   # B*G rows
@@ -1117,6 +1162,7 @@ def grpo_update(policy: Policy, reference, optimizer, groups: list, cfg: Config)
     policy.model.train()        # Qwen2.5-VL has no dropout; train mode is what gradient checkpointing needs
     optimizer.zero_grad(set_to_none=True)
     stats = accumulate_grpo_gradients(policy, reference, rows, advantages, cfg)
+    stats = combine_gradients(policy.model, stats, len(rows))              # data parallel: the whole batch's
     stats["skipped"] = not optimizer_step(policy, optimizer, f"stage {groups[0].stage}", stats["loss"])
     policy.model.eval()         # back to sampling, with the KV cache
     return stats
@@ -1158,19 +1204,21 @@ def reward_stage2(groups: list, samples: list, encodings: list, segmenter: Segme
         g.rewards = [stage2_reward(a, m, s.mask, mu=cfg.points_mu) for a, m in zip(g.answers, masks)]
 
 def step_stats(stages: dict) -> dict:
-    """What the log keeps of a step, from {stage: (groups, update statistics)}."""
-    mean = lambda groups, key: float(np.mean([r[key] for g in groups for r in g.rewards]))
+    """What the log keeps of a step, from {stage: (groups, update statistics)}; of the whole batch when data
+    parallel (the update statistics already are: combine_gradients)."""
+    mean = lambda groups, key: float(np.mean(gathered([r[key] for g in groups for r in g.rewards])))
     stats, updates = {}, [update for _, update in stages.values()]
     for k, (groups, update) in stages.items():
         stats.update({f"reward{k}": mean(groups, "total"), f"format{k}": mean(groups, "format"),
                       f"loss{k}": update["loss"], **({f"kl{k}": update["kl"]} if len(stages) > 1 else {})})
     # IoU of the well-formed answers only (NaN if none): malformed ones score 0 in every term, and counting
     # those zeros would mix "cannot write" with "cannot find".
-    well_formed = [r["accuracy"] for g in stages[2][0] for r in g.rewards if r["format"]]
+    well_formed = gathered([r["accuracy"] for g in stages[2][0] for r in g.rewards if r["format"]])
     return {**stats, "iou2": float(np.mean(well_formed or [float("nan")])),
             **{k: sum(u[k] for u in updates) / len(updates) for k in ("kl", "clipped")},
             "skipped": sum(int(u["skipped"]) for u in updates),
-            "tokens": sum(len(c) for groups, _ in stages.values() for g in groups for c in g.completions)}
+            "tokens": sum(gathered([len(c) for groups, _ in stages.values() for g in groups
+                                    for c in g.completions]))}
 
 def batch_indices(step: int, n: int, batch: int, seed: int) -> list[int]:
     """Alg. 1 line 3: a step's samples, from a seeded permutation per epoch (recomputable on resume)."""
@@ -1458,6 +1506,7 @@ def sft_step(policy: Policy, optimizer, rows: list, micro_batch: int) -> float:
         loss = -((logp * mask).sum(1) / mask.sum(1)).mean()
         (loss * len(part) / len(rows)).backward()
         total += loss.item() * len(part) / len(rows)
+    total = combine_gradients(policy.model, {"loss": total}, len(rows))["loss"]     # data parallel: all rows'
     optimizer_step(policy, optimizer, "sft", total)
     policy.model.eval()
     return total
@@ -1467,7 +1516,10 @@ def sft_step(policy: Policy, optimizer, rows: list, micro_batch: int) -> float:
 # processor (save_pretrained) and trainer_state.pt (plain data for torch.load(weights_only=True)): phase,
 # step, optimizer and RNG states, the KL reference's source, the config. It is written as checkpoint.tmp/ and
 # renamed, the previous one kept as checkpoint.old/ until then: a kill at any moment leaves a complete one. As
-# data order and g* are seeded by (seed, step), on a CPU a resumed run repeats the uninterrupted one.
+# data order and g* are seeded by (seed, step), on a CPU a resumed run repeats the uninterrupted one. Under
+# torchrun the processes do the same steps on their shares; rank 0 alone writes files (log, checkpoints,
+# warmup/, the held-out report), and each process's rollouts are seeded by (seed, step, rank) at every step,
+# so that a resumed data-parallel run needs no saved random state and still repeats exactly on CPUs.
 
 def save_checkpoint(out: Path, policy: Policy, optimizer, state: dict, cfg: Config):
     tmp, final, old = out / "checkpoint.tmp", out / "checkpoint", out / "checkpoint.old"
@@ -1547,14 +1599,18 @@ class Run:                            # what a training run's phases share
 
     def checkpoint(self, step: int):
         state = {**self.state, "step": step}                      # step: steps done in this phase
-        save_checkpoint(Path(self.cfg.out), self.policy, self.optimizer, state, self.cfg)
+        if rank() == 0:                                           # data parallel: one process writes files,
+            save_checkpoint(Path(self.cfg.out), self.policy, self.optimizer, state, self.cfg)
+        if world_size() > 1:
+            dist.barrier()                                        # and all go on once they are complete
 
     def log(self, step: int, t0: float, **numbers) -> float:
         """Append to <out>/log.jsonl the record of this phase's step, begun at t0; its seconds."""
         seconds = round(time.time() - t0, 3)
         record = {"phase": self.state["phase"], "step": step, **{k: round(v, 5) for k, v in numbers.items()}}
-        with open(Path(self.cfg.out) / "log.jsonl", "a") as f:
-            f.write(json.dumps(record | {"seconds": seconds}) + "\n")
+        if rank() == 0:
+            with open(Path(self.cfg.out) / "log.jsonl", "a") as f:
+                f.write(json.dumps(record | {"seconds": seconds}) + "\n")
         return seconds
 
 def open_run(cfg: Config, given: Optional[set]) -> Run:
@@ -1572,6 +1628,10 @@ def open_run(cfg: Config, given: Optional[set]) -> Run:
     if saved:
         cfg, state = resumed_config(saved["config"], cfg, given), {k: saved[k] for k in state}
         print(f"resuming from {ckpt}: {state['phase']} step {state['step']}")
+    for name in ("rollout_batch", "sft_batch"):            # torchrun: whole samples on every process
+        if getattr(cfg, name) < world_size():
+            raise SocioError(f"--{name.replace('_', '-')} must be at least the number of processes, "
+                             f"{world_size()}")
     refs = list_split(cfg.data, cfg.split, need_foreground=True, skip_bad=cfg.skip_bad)   # all checked now
     try:
         eval_refs = list_split(cfg.data, cfg.eval_split, skip_bad=cfg.skip_bad) if cfg.eval_split else []
@@ -1587,23 +1647,26 @@ def open_run(cfg: Config, given: Optional[set]) -> Run:
     segmenter = load_segmenter(cfg, device)
     grpo = state["phase"] == "grpo"
     reference = load_reference(cfg, state["reference"], device) if grpo and cfg.steps else None
-    Path(cfg.out).mkdir(parents=True, exist_ok=True)     # only once the models have loaded
+    if rank() == 0:                                      # data parallel: one process writes the run's files
+        Path(cfg.out).mkdir(parents=True, exist_ok=True)     # only once the models have loaded
+        restart_log(Path(cfg.out) / "log.jsonl", state if saved else None)
     lr = cfg.lr if grpo else cfg.sft_lr
     optimizer = new_optimizer(policy, lr)
     if saved and saved["optimizer"]:
         optimizer.load_state_dict(saved["optimizer"])
         optimizer.param_groups[0]["lr"] = lr       # new_optimizer's one group: a learning rate given now wins
-    # the log keeps its records up to the checkpoint continued from; a new run starts an empty one
-    log = Path(cfg.out) / "log.jsonl"
-    done = lambda r: (("sft", "grpo").index(r.get("phase", "grpo")), r["step"])     # phase, then step
-    kept = [r for r in log_lines(log) if done(r) <= done(state)] if saved else []
-    log.with_suffix(".tmp").write_text("".join(json.dumps(r) + "\n" for r in kept))
-    os.replace(log.with_suffix(".tmp"), log)
     if saved:              # the saved random draws go on, now that the models are built (a tiny one reseeds)
         torch.set_rng_state(saved["torch_rng"])
         if device.type == "cuda" and isinstance(saved.get("cuda_rng"), torch.Tensor):
             torch.cuda.set_rng_state(saved["cuda_rng"], device)
     return Run(cfg, state, refs, eval_refs[: cfg.eval_limit or None], policy, segmenter, optimizer, reference)
+
+def restart_log(log: Path, state: Optional[dict]):
+    """The log keeps its records up to the checkpoint continued from (its state); a new run starts empty."""
+    done = lambda r: (("sft", "grpo").index(r.get("phase", "grpo")), r["step"])     # phase, then step
+    kept = [r for r in log_lines(log) if done(r) <= done(state)] if state else []
+    log.with_suffix(".tmp").write_text("".join(json.dumps(r) + "\n" for r in kept))
+    os.replace(log.with_suffix(".tmp"), log)
 
 def warm_up(run: Run):
     """The supervised phase of a run (appendix B); its weights become GRPO's KL reference."""
@@ -1613,9 +1676,11 @@ def warm_up(run: Run):
     for step in range(run.state["step"], cfg.sft_steps):
         t0 = time.time()
         # Random streams of its own, never those GRPO draws from: the data order of seed + 1 (GRPO's: seed),
-        # the points and jitter of (seed, 10**6 + step) (GRPO's g*: (seed, step), step < 10**6).
-        rng = np.random.default_rng([cfg.seed, 10**6 + step])
-        rows = [row for i in batch_indices(step, len(run.refs), cfg.sft_batch, cfg.seed + 1) for row in
+        # the points and jitter of (seed, 10**6 + step) (GRPO's g*: (seed, step), step < 10**6); with
+        # torchrun, process r > 0 its own: (seed, 10**6 + step, r). Each takes its share of the samples.
+        seed = [cfg.seed, 10**6 + step]
+        rng = np.random.default_rng(seed + [rank()] if rank() else seed)
+        rows = [row for i in shard(batch_indices(step, len(run.refs), cfg.sft_batch, cfg.seed + 1)) for row in
                 sft_examples(run.policy, run.segmenter, read_sample(run.refs[i]), cfg.sft_points, rng,
                              cfg.single_stage)]
         loss = sft_step(run.policy, run.optimizer, rows, cfg.micro_batch)
@@ -1624,10 +1689,11 @@ def warm_up(run: Run):
             print(f"sft  {step + 1:4d}/{cfg.sft_steps}  loss {loss:.4f}  {seconds:.2f}s", flush=True)
         if (step + 1) % cfg.save_every == 0 and step + 1 < cfg.sft_steps:
             run.checkpoint(step + 1)
-    save_policy(run.policy, out / "warmup")
+    if rank() == 0:
+        save_policy(run.policy, out / "warmup")
     run.state = {"phase": "grpo", "step": 0, "reference": "warmup"}
     run.optimizer = new_optimizer(run.policy, cfg.lr)
-    run.checkpoint(0)
+    run.checkpoint(0)                         # (data parallel: warmup/ is written when this returns)
     run.reference = load_reference(cfg, "warmup", run.policy.device) if cfg.steps else None
 
 def train(cfg: Config, given: Optional[set] = None):
@@ -1642,7 +1708,9 @@ def train(cfg: Config, given: Optional[set] = None):
               f"{cfg.rollout_batch} prompts x G={cfg.group_size}, device {run.policy.device}")
     for step in range(run.state["step"], cfg.steps):                                   # Alg. 1 line 2
         t0 = time.time()
-        batch = [run.refs[i] for i in batch_indices(step, len(run.refs), cfg.rollout_batch, cfg.seed)]
+        if world_size() > 1:   # each process its own rollouts, seeded per step: a resume needs no saved state
+            torch.manual_seed(int(np.random.SeedSequence([cfg.seed, step, rank()]).generate_state(1)[0]))
+        batch = shard([run.refs[i] for i in batch_indices(step, len(run.refs), cfg.rollout_batch, cfg.seed)])
         stats = train_step(step, batch, run.policy, run.reference, run.optimizer, run.segmenter, cfg)
         seconds = run.log(step + 1, t0, **stats)
         r1 = f"R1 {stats['reward1']:.3f}  " if "reward1" in stats else ""
@@ -1653,7 +1721,7 @@ def train(cfg: Config, given: Optional[set] = None):
         if (step + 1) % cfg.save_every == 0 or step + 1 == cfg.steps:
             run.checkpoint(step + 1)
     print(f"checkpoint in {Path(cfg.out) / 'checkpoint'}, log in {Path(cfg.out) / 'log.jsonl'}")
-    if run.eval_refs:
+    if run.eval_refs and rank() == 0:
         run.optimizer = None                                  # AdamW's moments are not needed to evaluate
         start = make_policy(run.reference, run.policy.processor, run.policy.device) if cfg.steps else None
         if start is not None:
@@ -2017,6 +2085,24 @@ def synthetic():
 
 # ==== Appendix G — the command line =========================================================================
 
+def join_processes(command: str):
+    """Under `torchrun` (one process per GPU, or per share of the CPUs, with RANK, WORLD_SIZE, LOCAL_RANK and
+    the rendezvous address in its environment): join the others, over NCCL between GPUs and gloo between
+    CPUs. Only rank 0 prints; the others' errors still reach stderr."""
+    if int(os.environ.get("WORLD_SIZE", "1")) == 1:
+        return
+    if command not in ("train", "sft"):
+        raise SocioError(f"{command} runs in one process: under torchrun only train and sft (data parallel)")
+    device = None
+    if torch.cuda.is_available():
+        device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
+        torch.cuda.set_device(device)                 # from here on "cuda" is this process's GPU
+    # the others may wait for rank 0 to write a checkpoint (a 3B run's is ~40 GB): not a hang for an hour
+    dist.init_process_group("nccl" if device else "gloo", device_id=device, timeout=timedelta(hours=1))
+    if rank() > 0:
+        sys.stdout = open(os.devnull, "w")
+    print(f"data parallel: {world_size()} processes over {dist.get_backend()}")
+
 def main(argv=None):
     """Run a command: argv is a list of arguments (sys.argv[1:] when None) or an already parsed namespace."""
     args = argv if isinstance(argv, argparse.Namespace) else build_parser().parse_args(argv)
@@ -2045,6 +2131,7 @@ def main(argv=None):
         load_prompts(cfg.prompts)                 # a bad prompts file stops here, before any model is loaded
         if args.command == "sft" and cfg.sft_steps < 1:
             raise SocioError("sft: --sft-steps must be at least 1")
+        join_processes(args.command)
         if args.command in ("train", "sft"):
             train(cfg, set(given))
         elif args.command == "infer":
@@ -2064,6 +2151,9 @@ def main(argv=None):
         sys.exit("interrupted before the first checkpoint: nothing to resume; run the command again (without "
                  "--resume)" if ckpt is None else f"interrupted: continue from {ckpt} with the same command "
                  "and --resume")
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
 
 if __name__ == "__main__":
     main(ARGS)

@@ -948,6 +948,68 @@ def test_random_3b_samples_and_scores_with_fewer_layers():
     assert bool(torch.isfinite(logp).all()) and float(logp.detach().max()) < 0
 
 
+def _shared_rollouts():
+    """Hand-written rollouts of one stage, 3 groups of G = 2 (prompts of different lengths, unequal rewards),
+    and 3 supervised rows; a policy and a different reference (so that the KL term has a gradient)."""
+    samples = [sr.read_sample(r) for r in sr.list_split(HERE / "data_sample", "train")[:3]]
+    pol = sr.build_tiny_policy(seed=1)
+    reference = sr.build_tiny_policy(seed=2).model
+    texts = ["<think>a</think><answer>[]</answer>", "x" * 9, "<think>bb</think>", "y", "zz" * 7, "<answer>"]
+    rows = _rows(pol, [s for s in samples for _ in range(2)], texts)
+    rewards = [[3.0, 0.0], [1.0, 2.5], [0.5, 0.0]]
+    groups = [sr.Group(2, rows[2 * i][0], (112, 112), [c for _, c in rows[2 * i:2 * i + 2]],
+                       texts[2 * i:2 * i + 2], [None] * 2,
+                       rewards=[{"total": r, "format": float(r > 0), "accuracy": r / 3} for r in rewards[i]])
+              for i in range(3)]
+    return pol, reference, groups, rows[1:4]
+
+
+def _weights(model) -> torch.Tensor:
+    return torch.cat([p.detach().flatten() for p in model.parameters()])
+
+
+def _grpo_then_sft(pol, reference, groups, sft_rows) -> dict:
+    """One GRPO update and one SFT update by SGD (AdamW's first step is about lr * sign(g): it would hide a
+    gradient of the wrong scale); the weights after each, flattened, and the logged statistics."""
+    opt = torch.optim.SGD(pol.model.parameters(), lr=0.1)
+    update = sr.grpo_update(pol, reference, opt, groups, sr.Config(micro_batch=3, kl_beta=0.3))
+    after_grpo = _weights(pol.model)
+    sft_loss = sr.sft_step(pol, opt, sft_rows, micro_batch=1)
+    return {"grpo": after_grpo, "sft": _weights(pol.model), "sft_loss": sft_loss,
+            "stats": sr.step_stats({2: (groups, update)})}
+
+
+def _one_of_two_processes(rank: int, store: str, out: str, rollouts: tuple):
+    """A process of a 2-process gloo group, forked with the rollouts (and models) already built: this
+    process's share of them (rank 0: one group and one SFT row, rank 1: two of each)."""
+    torch.set_num_threads(1)                  # no OpenMP team in a forked child
+    torch.distributed.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=2)
+    pol, reference, groups, sft_rows = rollouts
+    result = _grpo_then_sft(pol, reference, sr.shard(groups), sr.shard(sft_rows))
+    torch.save(result, f"{out}/rank{rank}.pt")
+    torch.distributed.destroy_process_group()
+
+
+def test_data_parallel_updates_equal_one_process_on_the_whole_batch(tmp_path):
+    """torchrun's data parallelism: 2 processes with unequal shares of the same rollouts make the update one
+    process makes on all of them (the loss normalised over the whole batch's completions), GRPO and SFT,
+    and log the whole batch's statistics."""
+    rollouts = _shared_rollouts()
+    torch.multiprocessing.start_processes(_one_of_two_processes, nprocs=2, start_method="fork",
+                                          args=(str(tmp_path / "store"), str(tmp_path), rollouts))
+    start = _weights(rollouts[0].model)
+    alone = _grpo_then_sft(*rollouts)
+    assert (alone["grpo"] - start).abs().max() > 1e-3 and (alone["sft"] - alone["grpo"]).abs().max() > 1e-3
+    for rank in (0, 1):
+        both = torch.load(tmp_path / f"rank{rank}.pt", weights_only=False)
+        for key in ("grpo", "sft"):
+            assert (both[key] - alone[key]).abs().max() < 1e-6, (rank, key)
+        assert both["sft_loss"] == pytest.approx(alone["sft_loss"], abs=1e-6)
+        assert both["stats"].keys() == alone["stats"].keys()
+        for k, v in alone["stats"].items():
+            assert both["stats"][k] == pytest.approx(v, abs=1e-6), k
+
+
 def test_tiny_policy_saves_and_loads_through_the_real_loading_path(policy, sample, tmp_path):
     policy.model.save_pretrained(tmp_path)
     policy.processor.save_pretrained(tmp_path)
@@ -1276,6 +1338,54 @@ def test_a_run_killed_after_its_first_checkpoint_resumes_and_completes_its_log(t
     assert r.returncode == 0, r.stderr
     steps = [(l["phase"], l["step"]) for l in sr.log_lines(out / "log.jsonl")]
     assert steps == [("sft", i) for i in range(1, 4)] + [("grpo", i) for i in range(1, 6)]
+
+
+def test_torchrun_trains_on_two_cpu_processes_to_a_checkpoint_and_resumes(sft_checkpoint, tmp_path):
+    """`torchrun --nproc-per-node 2 socioreasoner.py train`: SFT and GRPO steps over gloo, each process on
+    half of the samples; one process prints, logs and checkpoints; --resume continues the run."""
+    data, ckpt = sft_checkpoint
+    out = tmp_path / "run"
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+                str(HERE / "socioreasoner.py"), "train", "--tiny", "--model", str(ckpt), "--data", str(data),
+                "--sft-steps", "2", "--sft-batch", "2", "--rollout-batch", "2", "--group-size", "4",
+                "--lr", "1e-3", "--eval-split", "", "--out", str(out)]
+    for steps in ("1", "2 --resume"):
+        r = subprocess.run(torchrun + ["--steps", *steps.split()], cwd=HERE, capture_output=True, text=True,
+                           timeout=600)
+        assert r.returncode == 0, r.stderr
+        assert r.stdout.count(f"step    {steps[0]}/{steps[0]}") == 1              # printed by rank 0 only
+    assert "resuming from" in r.stdout
+    log = sr.log_lines(out / "log.jsonl")
+    assert [(x["phase"], x["step"]) for x in log] == [("sft", 1), ("sft", 2), ("grpo", 1), ("grpo", 2)]
+    state = torch.load(out / "checkpoint" / "trainer_state.pt", weights_only=True)
+    assert (state["phase"], state["step"]) == ("grpo", 2)
+    assert log[-1]["kl"] > 0                     # step 1's combined update moved the policy away from pi_ref
+
+
+def _train_as_one_of_two_processes(rank: int, store: str, runs: list):
+    torch.set_num_threads(1)                  # no OpenMP team in a forked child
+    torch.distributed.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=2)
+    for cfg in runs:
+        sr.train(cfg)
+    torch.distributed.destroy_process_group()
+
+
+def test_resumed_data_parallel_run_repeats_the_uninterrupted_one(sft_checkpoint, tmp_path):
+    """2 processes (forked, gloo): 2 GRPO steps in one go, and 1 step then --resume, log the same numbers:
+    each process's rollouts are seeded by (seed, step, rank), so no random state needs saving."""
+    data, ckpt = sft_checkpoint
+    given = dict(model=str(ckpt), data=str(data), sft_steps=1, sft_batch=2, rollout_batch=2, group_size=4,
+                 lr=1e-3, eval_split="")
+    runs = [sr.command_config("train", True, {**given, "steps": 2, "out": str(tmp_path / "a")}),
+            sr.command_config("train", True, {**given, "steps": 1, "out": str(tmp_path / "b")}),
+            sr.command_config("train", True, {**given, "steps": 2, "out": str(tmp_path / "b"), "resume": True})]
+    torch.multiprocessing.start_processes(_train_as_one_of_two_processes, nprocs=2, start_method="fork",
+                                          args=(str(tmp_path / "store"), runs))
+    a, b = [sr.log_lines(tmp_path / run / "log.jsonl") for run in ("a", "b")]
+    keys = ["loss", "reward1", "reward2", "loss1", "loss2", "kl", "tokens"]
+    assert [[x.get(k) for k in keys] for x in a] == [[x.get(k) for k in keys] for x in b]
+    assert [(x["phase"], x["step"]) for x in b] == [("sft", 1), ("grpo", 1), ("grpo", 2)]
+    assert a[-1]["kl"] > 0                       # the policy really was updated: the check is not vacuous
 
 
 def test_checkpoint_and_log_survive_a_kill_mid_write(tmp_path):
