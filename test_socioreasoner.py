@@ -1542,6 +1542,14 @@ def test_eval_and_infer_refuse_bad_values_naming_the_flag(flag, value, named, tm
     assert not (tmp_path / "o").exists()
 
 
+def test_train_does_not_take_the_inference_only_stage1_ablation(capsys):
+    # training always trains both stages: --stage1-only (eval/infer's "w/o refinement") is refused, not ignored
+    with pytest.raises(SystemExit) as e:
+        sr.main(["train", "--tiny", "--stage1-only"])
+    assert e.value.code == 2 and "--stage1-only" in capsys.readouterr().err
+    assert sr.build_parser().parse_args(["eval", "--stage1-only"]).stage1_only is True     # where it belongs
+
+
 def test_an_out_that_is_a_file_is_one_line(tmp_path):
     tile = HERE / "data_sample" / "val" / "val_0000"
     (tmp_path / "taken").write_text("")
