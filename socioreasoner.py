@@ -830,13 +830,12 @@ def completion_logprobs(policy: Policy, model, rows: list, temperature: float, s
     its prompt + its completion (`plain_hidden`): the same numbers up to float rounding (a test checks)."""
     with _autocast(policy.device):
         hidden, index = (packed_hidden if shared_prompt else plain_hidden)(policy, model, rows)  # (N,D) (B,T)
-    # 4. Logits only where a completion token is predicted (no lm_head over the prompts), and in float32
-    #    outside autocast: under it lm_head returns bf16 logits, already rounded by up to 0.06 at |logit|
-    #    16-32 before any log-softmax. (The bf16 reference's lm_head is upcast for this: a transient 1.2 GB
-    #    at 3B.)
+    # Logits only where a completion token is predicted (no lm_head over the prompts), and in float32
+    # outside autocast: under it lm_head returns bf16 logits, already rounded by up to 0.06 at |logit| 16-32
+    # before any log-softmax. (The bf16 reference's lm_head is upcast for this: a transient 1.2 GB at 3B.)
     weight = model.get_output_embeddings().weight.float()                        # (V, D)
     logits = torch.nn.functional.linear(hidden[index].float(), weight)          # (B, T, V) float32
-    # 5. The sampled distribution: divided by the temperature, vision tokens removed as at sampling time.
+    # The sampled distribution: divided by the temperature, vision tokens removed as at sampling time.
     logits = logits / temperature
     logits[..., policy.vision_ids] = float("-inf")
     comps = [c.to(policy.device) for _, c in rows]
@@ -1073,9 +1072,9 @@ def select_carried(rewards: list, how: str, rng: np.random.Generator) -> int:
 # whole batch, as here: stage 1 for all samples, one update, stage 2 sampled from the updated policy, one
 # update. Memory on one GPU: the weights stay float32 (AdamW at lr 1e-6 moves a weight of ~1e-2 by ~1e-6, far
 # below bf16's resolution there: the update would round away), forward passes run under bf16 autocast, and
-# the frozen reference is a bf16 copy (7.5 GB saved; its log-probs differ from the policy's by rounding, so
-# the logged KL starts at a small floor on a GPU). A stage's rows (rollout_batch x G) are cut into
-# micro-batches whose gradients are accumulated, each weighted by its share of the rows: the accumulated
+# the frozen reference has bf16 parameters and float32 buffers (`bf16_parameters`; 7.5 GB saved; its
+# log-probs differ from the policy's by rounding, so the logged KL starts at a small floor on a GPU). A
+# stage's rows (rollout_batch x G) are cut into micro-batches whose gradients are accumulated, each weighted by its share of the rows: the accumulated
 # gradient is the full-batch gradient however the batch is cut (a test checks this). A micro-batch counts
 # rows (completions), with or without shared prompts: its logits, (rows, T, V) float32, are what fills memory
 # at 3B, and the loss is a mean over rows. A group cut by a micro-batch's edge is packed once in each part
