@@ -1071,14 +1071,15 @@ def select_carried(rewards: list, how: str, rng: np.random.Generator) -> int:
 # once per step (line 29); §4.2's schedule and the authors' release update once per stage per step, on the
 # whole batch, as here: stage 1 for all samples, one update, stage 2 sampled from the updated policy, one
 # update. Memory on one GPU: the weights stay float32 (AdamW at lr 1e-6 moves a weight of ~1e-2 by ~1e-6, far
-# below bf16's resolution there: the update would round away), forward passes run under bf16 autocast, and
-# the frozen reference has bf16 parameters and float32 buffers (`bf16_parameters`; 7.5 GB saved; its
-# log-probs differ from the policy's by rounding, so the logged KL starts at a small floor on a GPU). A
-# stage's rows (rollout_batch x G) are cut into micro-batches whose gradients are accumulated, each weighted by its share of the rows: the accumulated
-# gradient is the full-batch gradient however the batch is cut (a test checks this). A micro-batch counts
-# rows (completions), with or without shared prompts: its logits, (rows, T, V) float32, are what fills memory
-# at 3B, and the loss is a mean over rows. A group cut by a micro-batch's edge is packed once in each part
-# (its prompt computed once per part): a --micro-batch that is a multiple of G gets the whole saving.
+# below bf16's resolution there: the update would round away), forward passes run under bf16 autocast, and the
+# frozen reference has bf16 parameters and float32 buffers (`bf16_parameters`; 7.5 GB saved; its log-probs
+# differ from the policy's by rounding, so the logged KL starts at a small floor on a GPU). A stage's rows
+# (rollout_batch x G) are cut into micro-batches whose gradients are accumulated, each weighted by its share
+# of the rows: the accumulated gradient is the full-batch gradient however the batch is cut (a test checks
+# this). A micro-batch counts rows (completions), with or without shared prompts: its logits, (rows, T, V)
+# float32, are what fills memory at 3B, and the loss is a mean over rows. A group cut by a micro-batch's edge
+# is packed once in each part (its prompt computed once per part): a --micro-batch that is a multiple of G
+# gets the whole saving.
 
 def accumulate_grpo_gradients(policy: Policy, reference, rows: list, advantages: torch.Tensor,
                               cfg: Config) -> dict:
