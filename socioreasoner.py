@@ -72,6 +72,10 @@ class Config:
     sft_lr: float = param(1e-5, "AdamW learning rate of the supervised steps (not given in the paper)")
     sft_batch: int = param(8, "samples per supervised step, each giving a stage-1 and a stage-2 example")
     sft_points: int = param(3, "points per ground-truth region in stage-2 targets (A.2.3: three)")
+    sft_curriculum: int = param(0, "the first N supervised steps show each tile with its target as the only "
+                                "place on it (synthetic two-kind tiles only; 0 = none)")
+    sft_stage1_only: int = param(0, "the first N supervised steps train stage 1 alone, on twice the samples "
+                                 "(the same number of rows)")
     eval_split: str = param("", "after training, compare warm-up and trained policy on this split ('' = no)")
     eval_limit: int = param(0, "evaluate at most this many samples (0 = all)")
     infer_temperature: float = param(1.0, "inference sampling temperature (the authors' release)")
@@ -1128,12 +1132,15 @@ def evaluate(policy: Policy, segmenter: Segmenter, refs: list, cfg: Config, imag
     gIoU, seconds per sample, and "stage2_fallbacks" (malformed stage-2 answers, stage-1 mask kept). out:
     writes <out>/masks/<id>.png (and <out>/pictures/<id>.png), so anyone can recompute the metrics. images
     "blank" shows the policy grey tiles, "shuffled" the next sample's; the segmenter still gets the real
-    satellite tile, so a drop measures what the *policy* reads."""
+    satellite tile, so a drop measures what the *policy* reads. "other kind": the same tiles, the text naming
+    the tile's other kind of place (synthetic tiles: synthetic.py's other_kind), scored against that place;
+    "original_gIoU" scores the same masks against the tile's own target (a policy that reads the text
+    misses it)."""
     if not refs:
         raise SocioError("nothing to evaluate: no samples given")
     for folder in [] if out is None else ["masks"] + ["pictures"] * pictures:
         (out / folder).mkdir(parents=True, exist_ok=True)
-    finals, firsts, gts, seconds, fallbacks = [], [], [], 0.0, 0
+    finals, firsts, gts, originals, seconds, fallbacks = [], [], [], [], 0.0, 0
     per_batch = cfg.generation_batch or max(1, len(refs))
     for start in range(0, len(refs), per_batch):
         chunk = refs[start:start + per_batch]
@@ -1145,13 +1152,16 @@ def evaluate(policy: Policy, segmenter: Segmenter, refs: list, cfg: Config, imag
             elif images == "shuffled":
                 other = read_sample(refs[(k + 1) % len(refs)])
                 s = dataclasses.replace(s, sat=other.sat.resize(s.sat.size), map=other.map.resize(s.sat.size))
+            elif images == "other kind":
+                s = other_kind_named(s)
             seen.append(s)
         t0 = time.time()
         encodings = encode_tiles(segmenter, [np.asarray(s.sat) for s in real])
         preds = predict_batch(policy, segmenter, seen, cfg, encodings)
         seconds += time.time() - t0
-        for ref, s, pred in zip(chunk, seen, preds):
+        for ref, r, s, pred in zip(chunk, real, seen, preds):
             finals.append(pred.final), firsts.append(pred.stages[0][1]), gts.append(s.mask)
+            originals.append(r.mask)
             fallbacks += pred.fallback
             if out is not None:
                 save_mask(pred.final, out / "masks" / f"{ref.id}.png")
@@ -1162,8 +1172,18 @@ def evaluate(policy: Policy, segmenter: Segmenter, refs: list, cfg: Config, imag
             print(f"\reval {done}/{len(refs)}  {seconds / done:.2f} s/sample  "
                   f"ETA {seconds / done * (len(refs) - done):.0f}s ", end="" if done < len(refs) else "\n",
                   flush=True)
+    named = images == "other kind"            # and the same masks against the tile's own target
+    original = {"original_gIoU": segmentation_metrics(finals, originals)["gIoU"]} if named else {}
     return {**segmentation_metrics(finals, gts), "stage1_gIoU": segmentation_metrics(firsts, gts)["gIoU"],
-            "seconds_per_sample": seconds / max(1, len(refs)), "stage2_fallbacks": fallbacks}
+            **original, "seconds_per_sample": seconds / max(1, len(refs)), "stage2_fallbacks": fallbacks}
+
+def other_kind_named(sample: Sample) -> Sample:
+    """The tile with its text naming the other kind of place on it, whose mask becomes the target."""
+    named = synthetic().other_kind(sample.text, sample.map)
+    if named is None:
+        raise SocioError(f"sample {sample.id}: no other kind of place to name (the demo's two-kind tiles "
+                         "have one)")
+    return dataclasses.replace(sample, text=named[0], mask=named[1])
 
 # ==== Appendix A — the offline demo: a tiny random Qwen2.5-VL and a weights-free stand-in for SAM ===========
 
@@ -1294,9 +1314,15 @@ def format_answer(items: list) -> str:
     return f"<think></think><answer>{json.dumps(out)}</answer>"
 
 def sft_examples(policy: Policy, segmenter: Segmenter, sample: Sample, n_points: int,
-                 rng: np.random.Generator, single_stage: bool = False) -> list:
-    """One sample's supervised rows (prompt inputs, target ids): stage 1 and 2, or the single-stage one."""
+                 rng: np.random.Generator, single_stage: bool = False, stage1_only: bool = False) -> list:
+    """One sample's supervised rows (prompt inputs, target ids): stage 1 and 2, stage 1 alone, or the
+    single-stage one."""
     mask_hw, model_hw = sample.mask.shape, model_frame(policy, sample.sat.size)
+    tok = policy.processor.tokenizer                         # a target ends the turn: <|im_end|>, the eos
+    tokens = lambda items: torch.tensor(tok(format_answer(items))["input_ids"] + [tok.eos_token_id])
+    boxes_model = to_frame(mask_to_boxes(sample.mask), mask_hw, model_hw)
+    if stage1_only:
+        return [(stage1_prompt(policy, sample)[0], tokens([{"bbox_2d": b} for b in boxes_model]))]
     labels, n_regions = ndimage.label(sample.mask, structure=EIGHT)    # region j: row j - 1 of mask_to_boxes
     # Candidate points: the model frame's pixel grid (the model writes whole pixels), kept where they land on
     # the region back in the mask frame (a point drawn in the mask frame, then rounded, could fall off a thin
@@ -1308,9 +1334,6 @@ def sft_examples(policy: Policy, segmenter: Segmenter, sample: Sample, n_points:
     candidates = [grid[on_label == j] if np.any(on_label == j) else        # under one model pixel: its centre
                   np.floor(to_frame([centre(j)], mask_hw, model_hw)) for j in range(1, n_regions + 1)]
     points = [c[rng.choice(len(c), size=n_points, replace=len(c) < n_points)] for c in candidates]
-    boxes_model = to_frame(mask_to_boxes(sample.mask), mask_hw, model_hw)
-    tok = policy.processor.tokenizer                         # a target ends the turn: <|im_end|>, the eos
-    tokens = lambda items: torch.tensor(tok(format_answer(items))["input_ids"] + [tok.eos_token_id])
     target2 = tokens([{"bbox_2d": b, "points": p} for b, p in zip(boxes_model, points)])
     if single_stage:       # the paper's SFT baseline proper: one prompt, boxes and points
         return [(stage1_prompt(policy, sample, "single")[0], target2)]
@@ -1482,16 +1505,11 @@ def warm_up(run: Run):
     """The supervised phase of a run (appendix B); its weights become GRPO's KL reference."""
     cfg, out = run.cfg, Path(run.cfg.out)
     print(f"SFT on {len(run.refs)} samples: {cfg.sft_steps} steps x {cfg.sft_batch} samples x "
-          f"{1 if cfg.single_stage else 2} stage(s)")
+          f"{1 if cfg.single_stage else 2} stage(s); the first {cfg.sft_stage1_only} steps stage 1 alone "
+          f"on twice the samples, the first {cfg.sft_curriculum} with the target alone on each tile")
     for step in range(run.state["step"], cfg.sft_steps):
         t0 = time.time()
-        # Random streams of its own, never those GRPO draws from: the data order of seed + 1 (GRPO's: seed),
-        # the points and jitter of (seed, 10**6 + step) (GRPO's g*: (seed, step), step < 10**6).
-        rng = np.random.default_rng([cfg.seed, 10**6 + step])
-        rows = [row for i in batch_indices(step, len(run.refs), cfg.sft_batch, cfg.seed + 1) for row in
-                sft_examples(run.policy, run.segmenter, read_sample(run.refs[i]), cfg.sft_points, rng,
-                             cfg.single_stage)]
-        loss = sft_step(run.policy, run.optimizer, rows, cfg.micro_batch)
+        loss = sft_step(run.policy, run.optimizer, warm_up_rows(run, step), cfg.micro_batch)
         seconds = run.log(step + 1, t0, loss=loss)
         if (step + 1) % 25 == 0 or step + 1 == cfg.sft_steps:
             print(f"sft  {step + 1:4d}/{cfg.sft_steps}  loss {loss:.4f}  {seconds:.2f}s", flush=True)
@@ -1502,6 +1520,33 @@ def warm_up(run: Run):
     run.optimizer = new_optimizer(run.policy, cfg.lr)
     run.checkpoint(0)
     run.reference = load_reference(cfg, "warmup", run.policy.device) if cfg.steps else None
+
+def warm_up_rows(run: Run, step: int) -> list:
+    """A supervised step's rows: sft_batch samples' stage-1 and stage-2 examples; for the first
+    sft_stage1_only steps twice as many samples' stage-1 examples alone; for the first sft_curriculum steps
+    with the target alone on each tile."""
+    cfg = run.cfg
+    stage1_only = step < cfg.sft_stage1_only and not cfg.single_stage
+    # Random streams of its own, never those GRPO draws from: the data order of seed + 1 (GRPO's: seed),
+    # the points and jitter of (seed, 10**6 + step) (GRPO's g*: (seed, step), step < 10**6). The stage-1-only
+    # steps count double in the data order, so that each sample is still seen once per epoch.
+    rng = np.random.default_rng([cfg.seed, 10**6 + step])
+    position = step + min(step, cfg.sft_stage1_only)                      # in steps of sft_batch samples
+    picked = [i for k in range(1 + stage1_only) for i in batch_indices(position + k, len(run.refs),
+                                                                         cfg.sft_batch, cfg.seed + 1)]
+    samples = [read_sample(run.refs[i]) for i in picked]
+    if step < cfg.sft_curriculum:
+        samples = [target_alone(s) for s in samples]
+    return [row for s in samples for row in
+            sft_examples(run.policy, run.segmenter, s, cfg.sft_points, rng, cfg.single_stage, stage1_only)]
+
+def target_alone(sample: Sample) -> Sample:
+    """A synthetic tile with its other kind of place taken away (synthetic.py's target_alone)."""
+    tiles = synthetic().target_alone(sample.text, sample.sat, sample.map)
+    if tiles is None:
+        raise SocioError(f"--sft-curriculum: sample {sample.id} is not a tile with two kinds of place "
+                         "(make-data's); give --sft-curriculum 0")
+    return dataclasses.replace(sample, sat=tiles[0], map=tiles[1])
 
 def train(cfg: Config, given: Optional[set] = None):
     """Optional SFT warm-up, then T steps of two-stage GRPO (Algorithm 1), logged and checkpointed. given:
@@ -1537,13 +1582,16 @@ def train(cfg: Config, given: Optional[set] = None):
 
 def held_out_report(cfg: Config, train_refs: list, refs: list, policy: Policy, start, segmenter: Segmenter):
     """After training, on held-out tiles: the starting policy (if GRPO ran), the trained one given real, blank
-    and shuffled tiles, and a blind baseline that always answers the training split's mean (relative) box."""
+    and shuffled tiles and (tiles with two kinds of place) the text naming the other kind, and a blind
+    baseline that always answers the training split's mean (relative) box."""
     torch.manual_seed(cfg.seed)
     trained = "after GRPO" if start is not None else "after SFT"
     rows = {"start of GRPO": evaluate(start, segmenter, refs, cfg)} if start is not None else {}
     rows.update({trained: evaluate(policy, segmenter, refs, cfg),
                  f"{trained}, blank tiles": evaluate(policy, segmenter, refs, cfg, images="blank"),
                  f"{trained}, shuffled tiles": evaluate(policy, segmenter, refs, cfg, images="shuffled")})
+    if all(synthetic().other_kind(r.text, read_sample(r).map) for r in refs):
+        rows[f"{trained}, other kind named"] = evaluate(policy, segmenter, refs, cfg, images="other kind")
     relative = [mask_to_boxes(read_sample(r).mask) / np.tile(r.size, 2) for r in train_refs]
     mean_box = np.concatenate(relative).mean(axis=0)                            # (4,) in [0, 1]
     blind = [segmenter.segment(segmenter.encode(np.asarray(s.sat)), (mean_box * np.tile(s.sat.size, 2))[None])
@@ -1554,6 +1602,10 @@ def held_out_report(cfg: Config, train_refs: list, refs: list, policy: Policy, s
     for name, m in rows.items():   # fallbacks: malformed stage-2 answers, whose stage-1 mask was delivered
         s1 = f"{m['stage1_gIoU']:8.1f}{m['stage2_fallbacks']:9d} of {m['n']}" if "stage1_gIoU" in m else ""
         print(f"{name:30s} {m['cIoU']:6.1f} {m['gIoU']:6.1f} {m['F1']:6.1f}  {s1}")
+    named = rows.get(f"{trained}, other kind named")
+    if named:
+        print(f"(other kind named: scored against the other kind's place; against the tile's own target, "
+              f"gIoU {named['original_gIoU']:.1f})")
     (Path(cfg.out) / "eval.json").write_text(json.dumps(rows, indent=1) + "\n")
 
 def random_model_note(cfg: Config, command: str):
