@@ -161,7 +161,7 @@ def test_shipped_data_sample_is_valid_and_is_what_the_generator_makes(tmp_path):
         assert len(refs) == n and all(sr.read_sample(r).mask.any() for r in refs)
     texts = [r.text for r in sr.list_split(HERE / "data_sample", "val")]
     assert {"school", "educational", "park", "green space"} == set(texts)    # the text picks either kind
-    for ref in sr.list_split(HERE / "data_sample", "val")[:8]:      # two places a tile, the mask the named one
+    for ref in sr.list_split(HERE / "data_sample", "val")[:8]:     # two places a tile, the mask the named one
         s = sr.read_sample(ref)
         fill = gen.PLACE_KINDS[s.text if s.text in gen.PLACE_KINDS else {"educational": "school",
                                                                           "green space": "park"}[s.text]][1]
@@ -1513,7 +1513,7 @@ def test_a_run_is_asked_in_its_own_wording_through_warm_up_resume_and_report(pol
     (tmp_path / "p.json").write_text(json.dumps({"stage1": "Something else: {target}."}))
     r = run_here("train", *args, "--steps", "2", "--eval-split", "val", "--resume")   # then the report
     assert r.returncode == 0, r.stderr
-    assert len(seen) == 2 + 2 + 4 * 2 and all(t.count("Boxes for") + t.count("Refine") == 1 for t in seen)
+    assert len(seen) == 2 + 2 + 5 * 2 and all(t.count("Boxes for") + t.count("Refine") == 1 for t in seen)
     for folder in ("warmup", "checkpoint"):
         assert sr.load_policy(str(out / folder), CPU).prompts == {**sr.DEFAULT_PROMPTS, **wording}
     rows = json.loads((out / "eval.json").read_text())
@@ -1650,7 +1650,7 @@ def test_other_kind_named_is_scored_against_the_other_place_and_against_the_tile
         assert seen.text == pairs[own.text] and np.array_equal(np.asarray(seen.map), np.asarray(own.map))
         assert seen.mask.any() and not (seen.mask & own.mask).any()
     _write_rect_sample(tmp_path / "val" / "a", (40, 40), (0, 0, 20, 20))     # one place, not ours: refused
-    with pytest.raises(sr.SocioError, match="sample a: no other kind of place"):
+    with pytest.raises(sr.SocioError, match="sample a is not a tile with two kinds of place"):
         sr.evaluate(None, BoxFiller(), sr.list_split(tmp_path, "val"), sr.Config(), images="other kind")
 
 
@@ -1670,23 +1670,35 @@ def test_target_alone_takes_the_other_place_off_both_tiles():
 
 
 def test_warm_up_curriculum_shows_the_target_alone_for_its_first_steps(tmp_path, monkeypatch):
-    """--sft-curriculum 1: the first supervised step trains on the tiles with the target alone on them, the
-    second on the tiles as they are; tiles with no other kind of place are refused with the flag named."""
+    """--sft-curriculum 1: every tile is asked about both of its places, by name; in the first supervised
+    step with the place asked about alone on the tile, in the second on the tile as it is. --sft-stage1-only
+    1: the first step has stage-1 rows alone. Tiles with no other kind of place are refused, with the flag
+    that trains without."""
     sr.synthetic().make_synthetic_data(tmp_path / "data", n_train=2, n_val=0, seed=3)
-    seen, sft_examples = [], sr.sft_examples
+    seen, sizes, sft_examples, sft_step = [], [], sr.sft_examples, sr.sft_step
     def recording(policy, segmenter, sample, *args):
         seen.append(sample)
         return sft_examples(policy, segmenter, sample, *args)
+    def counting(policy, optimizer, rows, micro_batch):
+        sizes.append(len(rows))
+        return sft_step(policy, optimizer, rows, micro_batch)
     monkeypatch.setattr(sr, "sft_examples", recording)
+    monkeypatch.setattr(sr, "sft_step", counting)
     args = ["sft", "--tiny", "--sft-steps", "2", "--sft-batch", "2", "--sft-curriculum", "1", "--eval-split",
-            ""]
+            "", "--sft-stage1-only", "1"]
     r = run_here(*args, "--data", tmp_path / "data", "--out", tmp_path / "run")
     assert r.returncode == 0, r.stderr
+    assert sizes == [4, 8]                 # 2 tiles x 2 names: stage 1 alone, then both stages
     others = [sr.synthetic().other_kind(s.text, s.map) for s in seen]
-    assert len(seen) == 4 and others[:2] == [None, None] and None not in others[2:]
+    assert len(seen) == 8 and others[:4] == [None] * 4 and None not in others[4:]
+    tiles = [sr.read_sample(r) for r in sr.list_split(tmp_path / "data", "train")]
+    asked = {(s.text, s.mask.tobytes()) for s in seen[4:]}      # each tile about both places, by name
+    assert asked == {(t, m.tobytes()) for s in tiles for t, m in [(s.text, s.mask),
+                                                                  sr.synthetic().other_kind(s.text, s.map)]}
     _write_rect_sample(tmp_path / "plain" / "train" / "a", (40, 40), (0, 0, 20, 20))
     r = run_here(*args, "--data", tmp_path / "plain", "--out", tmp_path / "run2")
-    assert r.returncode == 1 and "--sft-curriculum: sample a is not a tile with two kinds" in r.stderr
+    assert r.returncode == 1 and "sample a is not a tile with two kinds" in r.stderr
+    assert "--sft-curriculum 0" in r.stderr
 
 
 def test_held_out_report_rows_controls_blind_baseline_and_eval_json(policy, tmp_path, monkeypatch, capsys):

@@ -13,10 +13,13 @@ from scipy import ndimage
 DATA_SAMPLE_SIZES = (512, 64)       # train, val tiles in data_sample/
 
 # SocioSeg itself cannot be downloaded on every machine, and tests must never download anything, so the
-# project ships a few tiles made by this seeded generator, in the raw-file layout. The digital map shows each
-# place as a flat block in its kind's colour; the satellite image shows the ground, grey speckle with the
-# place's ground tinted (what the stand-in segmenter grows into). The target text names the place as a class
-# ("school") or a function ("educational"); the mask is that place.
+# project ships a few tiles made by this seeded generator, in the raw-file layout. Each tile holds two kinds
+# of place, a school and a park: the digital map shows each as a flat shape in its kind's colour (the school
+# a rectangular block, the park an oval), the satellite image shows the ground, grey speckle with each
+# place's ground tinted (what the stand-in segmenter grows into). The target text names one place, as a
+# class ("school", "park") or a function ("educational", "green space"); the mask is that place. So the text
+# decides: on the same tile "park" and "school" are different targets. The park's oval fills ~79 % of its
+# box: a box alone (stage 1) cannot cover it exactly, points that grow into its tinted ground (stage 2) can.
 #
 # Why the map's background is a colour gradient (red grows left to right, green top to bottom). Qwen2.5-VL
 # has no absolute position embedding: where an image token lies enters only through rotary positions inside
@@ -29,13 +32,13 @@ DATA_SAMPLE_SIZES = (512, 64)       # train, val tiles in data_sample/
 # tell where they are. Real SocioSeg maps need no such thing; the report's blank tiles remove it too.
 # What else was tried and learnt more slowly or not at all within the demo's budget: irregular polygons,
 # textured satellite ground (probably because the satellite's place draws attention and carries no
-# position),
-# a fixed 2-D position code added to the vision tower's output, and two kinds of place per tile.
+# position), and a fixed 2-D position code added to the vision tower's output. Two kinds of place a tile
+# are learnt only with the warm-up's curriculum (socioreasoner.py, TINY_DEFAULTS), which uses target_alone
+# and other_kind below; the held-out report names the other kind too, to show that the text is read.
 #
-# kinds: the world holds the first `kinds` kinds of PLACE_KINDS, one place of each per tile, and the text
-# names one of them. kinds=1 (the demo's world): one school per tile, named "school" or "educational"; the
-# model has to find it. kinds=2: a school and a park in every tile; the text decides which one is the target.
-# Regenerate data_sample/ with:  python socioreasoner.py make-data --out data_sample
+# kinds=2 (the demo's world): a school and a park on every tile. kinds=1: one place a tile, of either kind.
+# 512 training tiles (the warm-up sees each ~13 times) with 4 x 4-pixel satellite grains keep data_sample/
+# at ~4 MB. Regenerate it with:  python socioreasoner.py make-data --out data_sample
 
 PLACE_KINDS = {
     # class     function        map colour        satellite tint     shape
