@@ -188,6 +188,15 @@ def test_shipped_data_sample_is_valid_and_is_what_the_generator_makes(tmp_path):
     for split, n in zip(("train", "val"), gen.DATA_SAMPLE_SIZES):
         refs = sr.list_split(HERE / "data_sample", split, need_foreground=True)
         assert len(refs) == n and all(sr.read_sample(r).mask.any() for r in refs)
+    texts = [r.text for r in sr.list_split(HERE / "data_sample", "val")]
+    assert {"school", "educational", "park", "green space"} == set(texts)    # the text picks either kind
+    for ref in sr.list_split(HERE / "data_sample", "val")[:8]:     # two places a tile, the mask the named one
+        s = sr.read_sample(ref)
+        fill = gen.PLACE_KINDS[s.text if s.text in gen.PLACE_KINDS else {"educational": "school",
+                                                                          "green space": "park"}[s.text]][1]
+        assert np.array_equal((np.asarray(s.map) == fill).all(-1), s.mask)
+        other_text, other_mask = gen.other_kind(s.text, s.map)
+        assert other_text != s.text and other_mask.any() and not (other_mask & s.mask).any()
     gen.make_synthetic_data(tmp_path, n_train=3, n_val=0, seed=0)
     for ref in sr.list_split(tmp_path, "train"):
         made, shipped = sr.read_sample(ref), sr.read_sample(sr.list_split(HERE / "data_sample", "train")[
@@ -1728,12 +1737,14 @@ def test_a_run_is_asked_in_its_own_wording_through_warm_up_resume_and_report(pol
     (tmp_path / "p.json").write_text(json.dumps({"stage1": "Something else: {target}."}))
     r = run_here("train", *args, "--steps", "2", "--eval-split", "val", "--resume")   # then the report
     assert r.returncode == 0, r.stderr
-    assert len(seen) == 2 + 2 + 4 * 2 and all(t.count("Boxes for") + t.count("Refine") == 1 for t in seen)
+    assert len(seen) == 2 + 2 + 5 * 2 and all(t.count("Boxes for") + t.count("Refine") == 1 for t in seen)
     for folder in ("warmup", "checkpoint"):
         assert sr.load_policy(str(out / folder), CPU).prompts == {**sr.DEFAULT_PROMPTS, **wording}
     rows = json.loads((out / "eval.json").read_text())
     assert list(rows) == ["start of GRPO", "after GRPO", "after GRPO, blank tiles",
-                          "after GRPO, shuffled tiles", "blind: mean training box"]
+                          "after GRPO, shuffled tiles", "after GRPO, other kind named",
+                          "blind: mean training box"]
+    assert 0 <= rows["after GRPO, other kind named"]["original_gIoU"] <= 100
     assert all(row["n"] == 1 for row in rows.values())
     assert "held-out" in r.stdout and "blind: mean training box" in r.stdout
     trained = sr.load_policy(str(out / "checkpoint"), CPU).model        # --freeze-vision: the ViT as built
@@ -1842,6 +1853,76 @@ def test_blank_and_shuffled_tiles_change_only_what_the_policy_sees(images, monke
                 assert (pixels == 128).all()
             else:
                 assert np.array_equal(pixels, np.asarray(getattr(source, tile)))
+
+
+def test_other_kind_named_is_scored_against_the_other_place_and_against_the_tiles_own_target(monkeypatch,
+                                                                                           tmp_path):
+    """The control that shows the text is read: the same tiles, the text naming the tile's other kind of
+    place in the same form (class for class, function for function). A policy that finds what it is asked
+    scores 100 against the other kind's place and 0 against the tile's own target (places never overlap)."""
+    refs = sr.list_split(HERE / "data_sample", "val")[:4]
+    real = [sr.read_sample(r) for r in refs]
+    shown = []
+    def predict_batch(policy, segmenter, samples, cfg, encodings):      # finds exactly what it is asked
+        shown.extend(samples)
+        return [sr.Prediction([(None, s.mask)], s.mask) for s in samples]
+    monkeypatch.setattr(sr, "predict_batch", predict_batch)
+    m = sr.evaluate(None, BoxFiller(), refs, sr.Config(), images="other kind")
+    assert m["gIoU"] == 100.0 and m["original_gIoU"] == 0.0
+    pairs = {"school": "park", "park": "school", "educational": "green space", "green space": "educational"}
+    for seen, own in zip(shown, real):
+        assert seen.text == pairs[own.text] and np.array_equal(np.asarray(seen.map), np.asarray(own.map))
+        assert seen.mask.any() and not (seen.mask & own.mask).any()
+    _write_rect_sample(tmp_path / "val" / "a", (40, 40), (0, 0, 20, 20))     # one place, not ours: refused
+    with pytest.raises(sr.SocioError, match="sample a is not a tile with two kinds of place"):
+        sr.evaluate(None, BoxFiller(), sr.list_split(tmp_path, "val"), sr.Config(), images="other kind")
+
+
+def test_target_alone_takes_the_other_place_off_both_tiles():
+    """The warm-up's curriculum tile: the other kind's place painted over with the map's background and its
+    satellite tint removed; every other pixel, the text and the mask as they were."""
+    gen = sr.synthetic()
+    sat, map_img, mask, text = gen.make_synthetic_sample(np.random.default_rng(11))
+    other = gen.other_kind(text, map_img)[1]
+    alone_sat, alone_map = gen.target_alone(text, sat, map_img)
+    assert gen.other_kind(text, alone_map) is None and gen.other_kind(text, map_img) is not None
+    assert np.array_equal(np.asarray(alone_map)[other], gen._map_background(224)[other])
+    assert np.array_equal(np.asarray(alone_map)[~other], np.asarray(map_img)[~other])
+    assert np.array_equal(np.asarray(alone_sat)[~other], np.asarray(sat)[~other])
+    ground = np.asarray(alone_sat)[other].astype(int)                      # grey speckle again: r = g = b
+    assert (ground[:, 0] == ground[:, 1]).all() and (ground[:, 1] == ground[:, 2]).all()
+
+
+def test_warm_up_curriculum_shows_the_target_alone_for_its_first_steps(tmp_path, monkeypatch):
+    """--sft-curriculum 1: every tile is asked about both of its places, by name; in the first supervised
+    step with the place asked about alone on the tile, in the second on the tile as it is. --sft-stage1-only
+    1: the first step has stage-1 rows alone. Tiles with no other kind of place are refused, with the flag
+    that trains without."""
+    sr.synthetic().make_synthetic_data(tmp_path / "data", n_train=2, n_val=0, seed=3)
+    seen, sizes, sft_examples, sft_step = [], [], sr.sft_examples, sr.sft_step
+    def recording(policy, segmenter, sample, *args):
+        seen.append(sample)
+        return sft_examples(policy, segmenter, sample, *args)
+    def counting(policy, optimizer, rows, micro_batch):
+        sizes.append(len(rows))
+        return sft_step(policy, optimizer, rows, micro_batch)
+    monkeypatch.setattr(sr, "sft_examples", recording)
+    monkeypatch.setattr(sr, "sft_step", counting)
+    args = ["sft", "--tiny", "--sft-steps", "2", "--sft-batch", "2", "--sft-curriculum", "1", "--eval-split",
+            "", "--sft-stage1-only", "1"]
+    r = run_here(*args, "--data", tmp_path / "data", "--out", tmp_path / "run")
+    assert r.returncode == 0, r.stderr
+    assert sizes == [4, 8]                 # 2 tiles x 2 names: stage 1 alone, then both stages
+    others = [sr.synthetic().other_kind(s.text, s.map) for s in seen]
+    assert len(seen) == 8 and others[:4] == [None] * 4 and None not in others[4:]
+    tiles = [sr.read_sample(r) for r in sr.list_split(tmp_path / "data", "train")]
+    asked = {(s.text, s.mask.tobytes()) for s in seen[4:]}      # each tile about both places, by name
+    assert asked == {(t, m.tobytes()) for s in tiles for t, m in [(s.text, s.mask),
+                                                                  sr.synthetic().other_kind(s.text, s.map)]}
+    _write_rect_sample(tmp_path / "plain" / "train" / "a", (40, 40), (0, 0, 20, 20))
+    r = run_here(*args, "--data", tmp_path / "plain", "--out", tmp_path / "run2")
+    assert r.returncode == 1 and "sample a is not a tile with two kinds" in r.stderr
+    assert "--sft-curriculum 0" in r.stderr
 
 
 def test_held_out_report_rows_controls_blind_baseline_and_eval_json(policy, tmp_path, monkeypatch, capsys):
