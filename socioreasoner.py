@@ -1711,9 +1711,10 @@ def warm_up(run: Run):
     print(f"SFT on {len(run.refs)} samples: {cfg.sft_steps} steps x {cfg.sft_batch} samples x "
           f"{1 if cfg.single_stage else 2} stage(s) (stage 1 alone for the first {cfg.sft_stage1_only})"
           f"{curriculum if cfg.sft_curriculum else ''}", flush=True)
+    stage1_rows = {}
     for step in range(run.state["step"], cfg.sft_steps):
         t0 = time.time()
-        loss = sft_step(run.policy, run.optimizer, warm_up_rows(run, step), cfg.micro_batch)
+        loss = sft_step(run.policy, run.optimizer, warm_up_rows(run, step, stage1_rows), cfg.micro_batch)
         seconds = run.log(step + 1, t0, loss=loss)
         if (step + 1) % 25 == 0 or step + 1 == cfg.sft_steps:
             print(f"sft  {step + 1:4d}/{cfg.sft_steps}  loss {loss:.4f}  {seconds:.2f}s", flush=True)
@@ -1726,24 +1727,38 @@ def warm_up(run: Run):
     run.checkpoint(0)                         # (data parallel: warmup/ is written when this returns)
     run.reference = load_reference(cfg, "warmup", run.policy.device) if cfg.steps else None
 
-def warm_up_rows(run: Run, step: int) -> list:
+def warm_up_rows(run: Run, step: int, stage1_rows: dict) -> list:
     """A supervised step's rows: of sft_batch tiles, stage-1 and stage-2 examples (the first sft_stage1_only
     steps stage 1 alone). With a curriculum each tile is asked about both of its places, and for the first
-    sft_curriculum steps the place asked about is alone on the tile."""
+    sft_curriculum steps the place asked about is alone on the tile. stage1_rows: a tile's stage-1-only rows
+    by tile index, kept while they stay the same (they draw nothing at random): reading, rendering and
+    processing a tile costs a third of the step that learns from it."""
     cfg = run.cfg
     # Random streams of its own, never those GRPO draws from: the data order of seed + 1 (GRPO's: seed),
     # the points and jitter of (seed, 10**6 + step) (GRPO's g*: (seed, step), step < 10**6); with
     # torchrun, process r > 0 its own: (seed, 10**6 + step, r). Each takes its share of the samples.
     seed = [cfg.seed, 10**6 + step]
     rng = np.random.default_rng(seed + [rank()] if rank() else seed)
-    picked = shard(batch_indices(step, len(run.refs), cfg.sft_batch, cfg.seed + 1))
-    tiles = [read_sample(run.refs[i]) for i in picked]
-    samples = [s for tile in tiles for s in (tile, other_kind_named(tile))] if cfg.sft_curriculum else tiles
-    if step < cfg.sft_curriculum:
-        samples = [target_alone(s) for s in samples]
     stage1_only = step < cfg.sft_stage1_only and not cfg.single_stage
-    return [row for s in samples for row in
-            sft_examples(run.policy, run.segmenter, s, cfg.sft_points, rng, cfg.single_stage, stage1_only)]
+    alone = step < cfg.sft_curriculum
+    rows = []
+    for i in shard(batch_indices(step, len(run.refs), cfg.sft_batch, cfg.seed + 1)):
+        kept = stage1_rows.get(i)
+        if stage1_only and kept is not None and kept[0] == alone:
+            rows += kept[1]
+            continue
+        tile = read_sample(run.refs[i])
+        samples = [tile, other_kind_named(tile)] if cfg.sft_curriculum else [tile]
+        if alone:
+            samples = [target_alone(s) for s in samples]
+        tile_rows = []
+        for s in samples:
+            tile_rows += sft_examples(run.policy, run.segmenter, s, cfg.sft_points, rng, cfg.single_stage,
+                                      stage1_only)
+        if stage1_only:
+            stage1_rows[i] = (alone, tile_rows)
+        rows += tile_rows
+    return rows
 
 def target_alone(sample: Sample) -> Sample:
     """A synthetic tile with its other kind of place taken away (synthetic.py's target_alone)."""

@@ -1925,6 +1925,27 @@ def test_warm_up_curriculum_shows_the_target_alone_for_its_first_steps(tmp_path,
     assert "--sft-curriculum 0" in r.stderr
 
 
+def test_warm_up_keeps_a_tiles_stage1_rows_and_learns_exactly_as_when_it_rebuilds_them(tmp_path, monkeypatch):
+    """A tile's stage-1-only rows draw nothing at random, so the warm-up keeps them: 2 tiles seen in 6 steps
+    (3 alone, 3 as they are) are made twice (once per curriculum phase), and the losses equal those of a
+    warm-up that rebuilds every row."""
+    sr.synthetic().make_synthetic_data(tmp_path / "data", n_train=2, n_val=0, seed=3)
+    args = ["sft", "--tiny", "--sft-steps", "6", "--sft-batch", "2", "--sft-curriculum", "3", "--eval-split",
+            "", "--sft-stage1-only", "6", "--data", tmp_path / "data"]
+    made, sft_examples, warm_up_rows = [], sr.sft_examples, sr.warm_up_rows
+    def counting(*args):
+        made.append(1)
+        return sft_examples(*args)
+    monkeypatch.setattr(sr, "sft_examples", counting)
+    assert run_here(*args, "--out", tmp_path / "kept").returncode == 0
+    assert len(made) == 2 * 2 * 2                  # tiles x names x phases
+    monkeypatch.setattr(sr, "warm_up_rows", lambda run, step, kept: warm_up_rows(run, step, {}))
+    assert run_here(*args, "--out", tmp_path / "rebuilt").returncode == 0
+    assert len(made) == 8 + 6 * 2 * 2
+    losses = [[r["loss"] for r in sr.log_lines(tmp_path / out / "log.jsonl")] for out in ("kept", "rebuilt")]
+    assert len(losses[0]) == 6 and losses[0] == losses[1]
+
+
 def test_held_out_report_rows_controls_blind_baseline_and_eval_json(policy, tmp_path, monkeypatch, capsys):
     """After training: the start of GRPO, the trained policy on real, blank and shuffled tiles, and the
     blind baseline: the training split's mean relative box, here [0.25, 0.25, 0.75, 0.75] of two 40-pixel
