@@ -7,13 +7,13 @@ them into a coarse mask, drawn with the boxes onto both images. Stage 2: it look
 answers boxes with points inside them; SAM turns those into the final mask. Nothing in this chain is
 differentiable, so one shared policy is trained with GRPO on rewards computed from the ground truth.
 
-The sections follow the paper and the path of a sample: A.2.3 hyperparameters (and the command line's
-flags) | §3 data | §4.1 eqs. 1, 4 prompts and coordinate frames | A.2.2 parsing, the format gate | §4.1 eq. 3
-renderer D | §4.1 eqs. 2, 5 segmenter S, an answer as its prompt | A.2.2 eqs. 7-12 rewards | §4.2 policy:
-sampling, log-probs | §4.2 eq. 6 GRPO | Algorithm 1 rollout | Algorithm 1 training step | §4.1 inference |
-§5.1 metrics. Then appendices, for what serves the method: A the offline demo's tiny model and stand-in
-segmenter | B SFT (A.2.3) | C the training run, checkpoints, resume | D held-out report, eval, infer |
-E benchmark | F synthetic data | G the command line (train, sft, infer, eval, bench, make-data).
+The sections follow the paper and the path of a sample: A.2.3 hyperparameters | §3 data | §4.1 eqs. 1, 4
+prompts and coordinate frames | A.2.2 parsing, the format gate | §4.1 eq. 3 renderer D | §4.1 eqs. 2, 5
+segmenter S, an answer as its prompt | A.2.2 eqs. 7-12 rewards | §4.2 policy: sampling, log-probs | §4.2 eq. 6
+GRPO | Algorithm 1 rollout | Algorithm 1 training step | §4.1 inference | §5.1 metrics. Then appendices, for
+what serves the method: A the offline demo's tiny model and stand-in segmenter | B SFT (A.2.3) | C the
+training run, checkpoints, resume | D held-out report, eval, infer | E benchmark | F synthetic data | G the
+command line (train, sft, infer, eval, bench, make-data).
 
 Conventions. A box is [x1, y1, x2, y2] in continuous pixel coordinates: pixel (row r, column c) covers
 [c, c+1) x [r, r+1). The *mask frame* is the tiles' pixels as stored (SAM and the ground truth live there),
@@ -28,48 +28,76 @@ from dataclasses import dataclass, field
 from datetime import timedelta
 from pathlib import Path
 from typing import Any, Optional, Protocol
-# Only the standard library up to the command-line parser: `--help` and mistyped flags are answered in a
-# fraction of a second, before torch and transformers are imported.
 
-# ==== A.2.3 — hyperparameters, and where a run's values come from ===========================================
+# CPU threads. torch's idle threads busy-wait by default and fight any other process on shared cores (a demo
+# SFT step: 9-19 s, 0.6-1.5 s with them asleep); OpenMP reads OMP_WAIT_POLICY when torch is imported, so it is
+# set here (a user's value wins). The tiny models' operations are too small for more threads to pay off (50
+# demo SFT steps on 2 quiet cores: 34 s on one, 31 s on two spinning, 44 s on two asleep): --tiny uses one.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+import numpy as np
+import torch
+import torch.distributed as dist
+from PIL import Image, ImageDraw, ImageFont
+from scipy import ndimage
+from scipy.optimize import linear_sum_assignment
 
-def param(default, doc):
-    return field(default=default, metadata={"doc": doc})       # the doc is the flag's --help line
+# ==== A.2.3 — hyperparameters ===============================================================================
+# Every field is a flag (appendix G) of the commands named in its `takes`; a command's other fields keep
+# their defaults. `sft` is `train` without GRPO steps; `bench` times training steps.
+EVERY = "train sft bench infer eval"
+TRAINING = "train sft bench"
+GRPO = "train bench"
+RUN = "train sft"
+INFERENCE = "infer eval"
+
+def param(default, doc, takes=TRAINING, **docs):
+    """A field, its flag's --help line (docs: another line for a command) and the commands taking it."""
+    return field(default=default, metadata={"doc": doc, "takes": takes.split(), "docs": docs})
 
 @dataclass
 class Config:
     model: str = param("Qwen/Qwen2.5-VL-3B-Instruct", "the policy (for training, the start): hub id, local "
                        "folder such as runs/NAME/checkpoint, 'tiny' (random weights) or 'random-3b' "
-                       "(Qwen2.5-VL-3B's architecture, random weights, for timing)")
+                       "(Qwen2.5-VL-3B's architecture, random weights, for timing)", EVERY)
     sam: str = param("facebook/sam2-hiera-large", "SAM 2 (frozen): hub id, local .pt checkpoint, 'tiny' "
                      "(random weights), 'random-large' (SAM 2 large, random weights) or 'grow' (a "
-                     "weights-free stand-in)")
-    sam_config: str = param("configs/sam2/sam2_hiera_l.yaml", "sam2 config used with a local .pt checkpoint")
+                     "weights-free stand-in)", EVERY)
+    sam_config: str = param("configs/sam2/sam2_hiera_l.yaml", "sam2 config used with a local .pt checkpoint",
+                            EVERY)
     prompts: str = param("", "JSON file replacing our prompt wording: keys stage1, stage2, single (any of "
                          "them); placeholders {target} (required), {w} {h} (model-frame size), and in stage2 "
-                         "{boxes} or {boxes_json}; literal braces doubled")
+                         "{boxes} or {boxes_json}; literal braces doubled", EVERY)
     data: str = param("data_sample", "SocioSeg root: <data>/<split>/<id>/{sat,map,mask}.png + question.json, "
-                      "or <split>-*.parquet shards below it")
+                      "or <split>-*.parquet shards below it", TRAINING + " eval")
     split: str = param("train", "split to train on")
-    out: str = param("runs/train", "run folder: checkpoint/, log.jsonl (and warmup/, eval.json)")
-    steps: int = param(250, "RL steps T of Algorithm 1")
-    rollout_batch: int = param(128, "prompts per RL step (the paper's rollout batch)")
-    group_size: int = param(8, "G: completions sampled per prompt and stage")
-    lr: float = param(1e-6, "AdamW learning rate")
-    clip_eps: float = param(0.5, "PPO clip epsilon of eq. 6 (the authors' config uses 0.2)")
-    kl_beta: float = param(0.005, "KL weight beta of eq. 6")
-    temperature: float = param(1.0, "sampling temperature of the rollouts; scored logits are divided by it")
-    max_new_tokens: int = param(512, "cap on completion length; a cut-off answer fails the format gate")
-    select: str = param("argmax", "Alg. 1 line 15: rollout carried to stage 2: 'argmax' or 'sample' ~exp(R1)")
-    points_mu: float = param(2.0, "mu of the stage-2 point-count reward, eq. 11 (Table 3 ablates 1, 2, 3)")
-    single_stage: bool = param(False, "ablation 'w/o reflection' (Table 2): boxes and points in one answer")
-    stage1_only: bool = param(False, "ablation 'w/o refinement' (Table 2): infer/eval stop after stage 1")
+    out: str = param("runs/train", "run folder: checkpoint/, log.jsonl (and warmup/, eval.json)",
+                     RUN + " infer eval",
+                     infer="folder for mask.png (the final mask, the tile's size), overlay.png (both stages)",
+                     eval="folder for metrics.json and masks/<id>.png (and pictures/ with --pictures)")
+    steps: int = param(250, "RL steps T of Algorithm 1", GRPO)
+    rollout_batch: int = param(128, "prompts per RL step (the paper's rollout batch)", GRPO)
+    group_size: int = param(8, "G: completions sampled per prompt and stage", GRPO)
+    lr: float = param(1e-6, "AdamW learning rate", GRPO)
+    clip_eps: float = param(0.5, "PPO clip epsilon of eq. 6 (the authors' config uses 0.2)", GRPO)
+    kl_beta: float = param(0.005, "KL weight beta of eq. 6", GRPO)
+    temperature: float = param(1.0, "sampling temperature of the rollouts; scored logits are divided by it",
+                               GRPO)
+    max_new_tokens: int = param(512, "cap on completion length; a cut-off answer fails the format gate",
+                                EVERY)
+    select: str = param("argmax", "Alg. 1 line 15: rollout carried to stage 2: 'argmax' or 'sample' ~exp(R1)",
+                        GRPO)
+    points_mu: float = param(2.0, "mu of the stage-2 point-count reward, eq. 11 (Table 3 ablates 1, 2, 3)",
+                             GRPO)
+    single_stage: bool = param(False, "ablation 'w/o reflection' (Table 2): boxes and points in one answer",
+                               EVERY)
+    stage1_only: bool = param(False, "ablation 'w/o refinement' (Table 2): infer/eval stop after stage 1",
+                              INFERENCE)
     micro_batch: int = param(4, "rows (prompt x completion) per forward/backward; gradients are accumulated")
     generation_batch: int = param(64, "sequences (prompts x G) per generate call, whole prompts; 0 = all at "
-                                  "once. infer/eval: tiles per batch (KV cache: README, Performance)")
+                                  "once. infer/eval: tiles per batch (KV cache: README, Performance)", EVERY)
     shared_prompt: bool = param(True, "GRPO computes each group's prompt once, in generation (one prefill, "
                                 "its KV cache repeated G times) and scoring (one packed sequence per group); "
-                                "this flag turns that off: one row per completion, the same numbers")
+                                "this flag turns that off: one row per completion, the same numbers", GRPO)
     grad_checkpointing: bool = param(False, "recompute activations in backward: less memory, ~30% slower")
     freeze_vision: bool = param(False, "train the language model only; the vision tower stays as loaded")
     sft_steps: int = param(0, "supervised steps before GRPO (0 = none); the sft command's length")
@@ -80,153 +108,20 @@ class Config:
                                 "the rows), the first N supervised steps with the place asked about alone on "
                                 "it (0 = no curriculum)")
     sft_stage1_only: int = param(0, "the first N supervised steps train stage 1 alone (half the rows)")
-    eval_split: str = param("", "after training, compare warm-up and trained policy on this split ('' = no)")
-    eval_limit: int = param(0, "evaluate at most this many samples (0 = all)")
-    infer_temperature: float = param(1.0, "inference sampling temperature (the authors' release)")
-    infer_top_p: float = param(0.8, "inference nucleus sampling")
-    infer_top_k: int = param(100, "inference top-k sampling")
-    seed: int = param(0, "seeds data order, sampling and the tiny models")
-    save_every: int = param(10, "write a checkpoint every N steps (and at the end of each phase)")
-    skip_bad: bool = param(False, "leave broken samples out with a warning, rather than stop before training")
-    resume: bool = param(False, "continue from <out>/checkpoint")
-
-# --tiny, the offline demo (appendix A: a tiny random Qwen2.5-VL, a weights-free SAM stand-in). Its tiles hold
-# a school and a park; the text names one (data_sample/synthetic.py). A random model does not learn to read
-# the text and find a place at once, so the warm-up is a curriculum (measured on fresh tiles, held-out
-# stage-1 gIoU, one seed each): every tile is asked about both of its places, by name, so that only the text
-# tells the two answers apart (without that, 900 steps after a one-kind curriculum left the text unread:
-# 19-22 %, and naming the other kind found the same place); the first 400 steps show the place asked about
-# alone, to find a place before choosing one (with 400: 32 % after 900 steps, 2 % against the tile's target
-# with the other kind named; with 150: 9 % after 600; with 700: 21 % after 900). Stage-2 rows cost about
-# three stage-1 rows and are learnt quickly once the boxes are, so stage 1 trains alone until step 790. A
-# 1,200-step warm-up (1,050 stage 1 alone) gave 45 % -> 48 % through GRPO but took 18.6 min: 850 fit the time.
-# A tiny model's GRPO lr.
-TINY_DEFAULTS = dict(model="tiny", sam="grow", rollout_batch=8, group_size=8, max_new_tokens=64,
-                     micro_batch=16, lr=3e-5, steps=60, sft_steps=850, sft_lr=1e-3, sft_batch=8,
-                     sft_curriculum=400, sft_stage1_only=790,
-                     eval_split="val", save_every=100, generation_batch=0)
-DEMO_OUT = "runs/demo"      # --tiny's out (runs/demo-sft, ... for other commands): never a real run's folder
-RELEASED = "vvangfaye/SocioReasoner-3B"                              # the authors' trained policy
-COMMAND_DEFAULTS = {"sft": dict(sft_steps=500, out="runs/sft"), "eval": dict(model=RELEASED, out="runs/eval"),
-                    "infer": dict(model=RELEASED, out="runs/infer")}
-# Fixed for a run's life. The wording (--prompts) travels in the run's folders as prompts.json: a resumed run
-# reads it there, never the file it was first given again (which may have changed or gone since).
-RUN_FIELDS = ("model", "sam", "sam_config", "seed", "freeze_vision", "sft_points", "prompts")
-
-# The one rule of where a run's values come from: Config's defaults, then the command's, then --tiny's, then
-# the flags given (`sft` is `train` given --steps 0). --resume: the run's saved config, then the flags given
-# again (given: their names; None: all), but RUN_FIELDS stay as saved.
-def command_config(command: str, tiny: bool, given: dict) -> Config:
-    tiny_values = {**TINY_DEFAULTS, "out": DEMO_OUT if command == "train" else f"{DEMO_OUT}-{command}"}
-    return Config(**{**COMMAND_DEFAULTS.get(command, {}), **(tiny_values if tiny else {}), **given})
-
-def resumed_config(saved: dict, cfg: Config, given: Optional[set]) -> Config:
-    again = {k: getattr(cfg, k) for k in (Config.__dataclass_fields__ if given is None else given)}
-    return Config(**{**saved, **again, "resume": True, **{k: saved[k] for k in RUN_FIELDS}})
-
-# ==== The command line's flags, and what is checked before anything runs (the commands: appendix G) =========
-
-# stage1_only is an inference ablation: training always trains both stages, so train does not take it
-TRAIN_FIELDS = [f.name for f in dataclasses.fields(Config)
-                if not f.name.startswith("infer_") and f.name != "stage1_only"]
-GRPO_ONLY = ("steps rollout_batch group_size lr clip_eps kl_beta temperature select points_mu "
-             "shared_prompt").split()
-INFER_FIELDS = ["model", "sam", "sam_config", "prompts", "out", "seed", "max_new_tokens", "single_stage",
-                "stage1_only", "infer_temperature", "infer_top_p", "infer_top_k", "generation_batch"]
-COMMANDS = {  # command: (what it does, the Config fields it takes as flags)
-    "train": ("two-stage GRPO training (Algorithm 1), after an optional SFT warm-up", TRAIN_FIELDS),
-    "sft": ("supervised steps only, no GRPO (A.2.3); with --single-stage, the paper's SFT baseline",
-            [f for f in TRAIN_FIELDS if f not in GRPO_ONLY]),
-    "infer": ("segment one place: infer SAT MAP \"school\"; tiles: infer DIR [TEXT]", INFER_FIELDS),
-    "eval": ("cIoU, gIoU, F1 and seconds per sample of a model on a split (Table 1)",
-             ["data", "skip_bad"] + INFER_FIELDS),
-    "bench": ("time and memory of a few training steps, by kind of work",
-          [f for f in TRAIN_FIELDS if f not in ("out", "resume", "save_every", "eval_split", "eval_limit")])}
-OUT_DOCS = {"infer": "folder for mask.png (the final mask, the tile's size) and overlay.png (both stages)",
-            "eval": "folder for metrics.json and masks/<id>.png (and pictures/ with --pictures)"}
-
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="socioreasoner.py", description=__doc__.split("\n")[0])
-    sub = parser.add_subparsers(dest="command", required=True)
-    p = {name: sub.add_parser(name, help=doc) for name, (doc, _) in COMMANDS.items()}
-    infer, evaluate, bench = p["infer"].add_argument, p["eval"].add_argument, p["bench"].add_argument
-    infer("sat", help="satellite tile (PNG/JPEG), or a folder DIR of <id>/{sat,map}.png tiles")
-    infer("map", nargs="?", help="digital-map tile, same size, pixel-aligned (after DIR: the TEXT)")
-    infer("text", nargs="?", help="the target, e.g. \"school\", \"a certain university\"")
-    evaluate("--split", default="val", help="split to evaluate (default val)")
-    evaluate("--limit", type=int, default=0, help="evaluate the first N samples only (default all)")
-    evaluate("--pictures", action="store_true", help="also write a Fig.-3-style picture per sample")
-    bench("--bench-steps", type=int, default=3, help="training steps to time each way (default 3)")
-    bench("--no-replays", action="store_true", help="only the steps: skip timing generation one prompt per "
-          "call and the accumulation check (minutes at 3B)")
-    flag, shown = lambda name: "--" + name.replace("_", "-"), lambda value: "''" if value == "" else value
-    for name, (_, names) in COMMANDS.items():
-        add, tiny = p[name].add_argument, command_config(name, True, {})     # tiny: the values --tiny gives
-        demo = " ".join(f"{flag(k)} {shown(getattr(tiny, k))}" for k in TINY_DEFAULTS if k in names)
-        demo += f"; --out {tiny.out}" * ("out" in names) + " (flags given still win)"
-        demo += "; unless --model is given the policy is random" * (name in ("infer", "eval"))
-        add("--tiny", action="store_true", help=f"offline demo: {demo}")
-        add("--threads", type=int, help="CPU threads for torch (default: 1 with --tiny, else one per core)")
-        for f in (f for f in dataclasses.fields(Config) if f.name in names):
-            doc = OUT_DOCS[name] if f.name == "out" and name in OUT_DOCS else f.metadata["doc"]
-            default = shown(COMMAND_DEFAULTS.get(name, {}).get(f.name, f.default))
-            on = f.type == "bool" and f.default             # a switch on by default: --no-NAME turns it off
-            kind = dict(action="store_false" if on else "store_true") if f.type == "bool" else \
-                dict(type=type(f.default))
-            text = doc if f.type == "bool" else f"{doc} (default {default})"
-            option = "--no-" + flag(f.name)[2:] if on else flag(f.name)
-            add(option, dest=f.name, default=None, **kind, help=text.replace("%", "%%"))   # %: for argparse
-    m = sub.add_parser("make-data", help="write synthetic SocioSeg-style train/ and val/ splits")
-    m.add_argument("--out", default="data_sample", help="folder for train/ and val/ (default data_sample)")
-    for arg, what in [("--train", "training tiles"), ("--val", "held-out tiles"), ("--size", "tile side in "
-                      "pixels"), ("--seed", "random seed"),
-                      ("--kinds", "2: a school and a park a tile, the text naming one; 1: one place")]:
-        m.add_argument(arg, type=int, help=f"{what} (default: data_sample/synthetic.py's)")
-    return parser
-
-def check_config(cfg: Config):
-    """Reject values that would fail later, deep inside a library (or silently do nothing), with one line
-    naming each flag. Every command checks its whole config: a flag it does not take holds its default."""
-    problems = []
-    if cfg.select not in ("argmax", "sample"):
-        problems.append(f"--select is 'argmax' or 'sample', not '{cfg.select}'")
-    if cfg.group_size < 2:
-        problems.append("--group-size must be at least 2: advantages are relative to the group")
-    for name in ("rollout_batch", "micro_batch", "sft_batch", "max_new_tokens", "save_every"):
-        if getattr(cfg, name) < 1:
-            problems.append(f"--{name.replace('_', '-')} must be at least 1")
-    for name in ("steps", "sft_steps", "eval_limit", "generation_batch", "seed", "infer_top_k"):
-        if getattr(cfg, name) < 0:
-            problems.append(f"--{name.replace('_', '-')} cannot be negative")
-    for name in ("temperature", "infer_temperature"):
-        if not getattr(cfg, name) > 0:
-            problems.append(f"--{name.replace('_', '-')} must be positive")
-    if not 0 < cfg.infer_top_p <= 1:
-        problems.append("--infer-top-p must be in (0, 1]")
-    if not 1 <= cfg.sft_points <= MAX_POINTS:
-        problems.append(f"--sft-points must be between 1 and {MAX_POINTS}")
-    if cfg.single_stage and cfg.stage1_only:
-        problems.append("--single-stage and --stage1-only are two different ablations: give one")
-    if problems:
-        raise SocioError("; ".join(problems))
+    eval_split: str = param("", "after training, compare warm-up and trained policy on this split ('' = no)",
+                            RUN)
+    eval_limit: int = param(0, "evaluate at most this many samples (0 = all)", RUN)
+    infer_temperature: float = param(1.0, "inference sampling temperature (the authors' release)", INFERENCE)
+    infer_top_p: float = param(0.8, "inference nucleus sampling", INFERENCE)
+    infer_top_k: int = param(100, "inference top-k sampling", INFERENCE)
+    seed: int = param(0, "seeds data order, sampling and the tiny models", EVERY)
+    save_every: int = param(10, "write a checkpoint every N steps (and at the end of each phase)", RUN)
+    skip_bad: bool = param(False, "leave broken samples out with a warning, rather than stop before training",
+                           TRAINING + " eval")
+    resume: bool = param(False, "continue from <out>/checkpoint", RUN)
 
 class SocioError(Exception):
     """A problem the user can fix (a bad file, a missing model): the command line prints it as one line."""
-
-# CPU threads. torch's idle threads busy-wait by default and fight any other process on shared cores (a demo
-# SFT step: 9-19 s, 0.6-1.5 s with them asleep); OpenMP reads OMP_WAIT_POLICY when torch is imported, so it is
-# set here (a user's value wins). The tiny models' operations are too small for more threads to pay off (50
-# demo SFT steps on 2 quiet cores: 34 s on one, 31 s on two spinning, 44 s on two asleep): --tiny uses one.
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-if __name__ == "__main__":
-    ARGS = build_parser().parse_args()      # --help and usage errors end here, before the imports below
-
-import numpy as np
-import torch
-import torch.distributed as dist
-from PIL import Image, ImageDraw, ImageFont
-from scipy import ndimage
-from scipy.optimize import linear_sum_assignment
 
 # ==== §3, A.1.1 — SocioSeg data =============================================================================
 # A sample: a satellite tile I_s, a digital-map tile I_m of the same place (pixel-aligned, same size), the
@@ -1649,6 +1544,16 @@ class Run:                            # what a training run's phases share
                 f.write(json.dumps(record | {"seconds": seconds}) + "\n")
         return seconds
 
+# Fixed for a run's life. The wording (--prompts) travels in the run's folders as prompts.json: a resumed run
+# reads it there, never the file it was first given again (which may have changed or gone since).
+RUN_FIELDS = ("model", "sam", "sam_config", "seed", "freeze_vision", "sft_points", "prompts")
+
+def resumed_config(saved: dict, cfg: Config, given: Optional[set]) -> Config:
+    """--resume: the run's saved config, then the flags given again (given: their names; None: all), but
+    RUN_FIELDS stay as saved."""
+    again = {k: getattr(cfg, k) for k in (Config.__dataclass_fields__ if given is None else given)}
+    return Config(**{**saved, **again, "resume": True, **{k: saved[k] for k in RUN_FIELDS}})
+
 def open_run(cfg: Config, given: Optional[set]) -> Run:
     """A new run in cfg.out, or (--resume) the one there: its config, data, models, optimizer and log."""
     check_config(cfg)
@@ -2145,6 +2050,139 @@ def synthetic():
     return module
 
 # ==== Appendix G — the command line =========================================================================
+# Every command's flags are Config's fields that take it (`param`); where a command's values come from is one
+# rule: Config's defaults, then the command's, then --tiny's, then the flags given (`sft` is `train` given
+# --steps 0). --help costs torch's import (a second or three): the method comes first in this file.
+
+COMMANDS = {
+    "train": "two-stage GRPO training (Algorithm 1), after an optional SFT warm-up",
+    "sft": "supervised steps only, no GRPO (A.2.3); with --single-stage, the paper's SFT baseline",
+    "infer": "segment one place: infer SAT MAP \"school\"; tiles: infer DIR [TEXT]",
+    "eval": "cIoU, gIoU, F1 and seconds per sample of a model on a split (Table 1)",
+    "bench": "time and memory of a few training steps, by kind of work"}
+# --tiny, the offline demo (appendix A: a tiny random Qwen2.5-VL, a weights-free SAM stand-in). Its tiles hold
+# a school and a park; the text names one (data_sample/synthetic.py). A random model does not learn to read
+# the text and find a place at once, so the warm-up is a curriculum (measured on fresh tiles, held-out
+# stage-1 gIoU, one seed each): every tile is asked about both of its places, by name, so that only the text
+# tells the two answers apart (without that, 900 steps after a one-kind curriculum left the text unread:
+# 19-22 %, and naming the other kind found the same place); the first 400 steps show the place asked about
+# alone, to find a place before choosing one (with 400: 32 % after 900 steps, 2 % against the tile's target
+# with the other kind named; with 150: 9 % after 600; with 700: 21 % after 900). Stage-2 rows cost about
+# three stage-1 rows and are learnt quickly once the boxes are, so stage 1 trains alone until step 790. A
+# 1,200-step warm-up (1,050 stage 1 alone) gave 45 % -> 48 % through GRPO but took 18.6 min: 850 fit the time.
+# A tiny model's GRPO lr.
+TINY_DEFAULTS = dict(model="tiny", sam="grow", rollout_batch=8, group_size=8, max_new_tokens=64,
+                     micro_batch=16, lr=3e-5, steps=60, sft_steps=850, sft_lr=1e-3, sft_batch=8,
+                     sft_curriculum=400, sft_stage1_only=790,
+                     eval_split="val", save_every=100, generation_batch=0)
+DEMO_OUT = "runs/demo"      # --tiny's out (runs/demo-sft, ... for other commands): never a real run's folder
+DEMO_OUT = "runs/demo"      # --tiny's out (runs/demo-sft, ... for other commands): never a real run's folder
+RELEASED = "vvangfaye/SocioReasoner-3B"                              # the authors' trained policy
+COMMAND_DEFAULTS = {"sft": dict(sft_steps=500, out="runs/sft"), "eval": dict(model=RELEASED, out="runs/eval"),
+                    "infer": dict(model=RELEASED, out="runs/infer")}
+
+def command_config(command: str, tiny: bool, given: dict) -> Config:
+    tiny_values = {**TINY_DEFAULTS, "out": DEMO_OUT if command == "train" else f"{DEMO_OUT}-{command}"}
+    return Config(**{**COMMAND_DEFAULTS.get(command, {}), **(tiny_values if tiny else {}), **given})
+
+def command_fields(command: str) -> list:
+    return [f for f in dataclasses.fields(Config) if command in f.metadata["takes"]]
+
+def flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+def shown(value) -> str:
+    return "''" if value == "" else str(value)
+
+def add_flag(parser: argparse.ArgumentParser, f: dataclasses.Field, command: str):
+    """Config field f as a flag of `command`, default None (so that main tells the flags given); a switch on
+    by default is turned off by --no-NAME."""
+    doc = f.metadata["docs"].get(command, f.metadata["doc"]).replace("%", "%%")        # %: for argparse
+    if f.type != "bool":
+        default = shown(COMMAND_DEFAULTS.get(command, {}).get(f.name, f.default))
+        parser.add_argument(flag(f.name), dest=f.name, type=type(f.default),
+                            help=f"{doc} (default {default})")
+    elif f.default:
+        parser.add_argument("--no-" + f.name.replace("_", "-"), dest=f.name, default=None,
+                            action="store_false", help=doc)
+    else:
+        parser.add_argument(flag(f.name), dest=f.name, default=None, action="store_true", help=doc)
+
+def tiny_help(command: str) -> str:
+    tiny = command_config(command, True, {})                                # the values --tiny gives
+    names = [f.name for f in command_fields(command)]
+    values = " ".join(f"{flag(k)} {shown(getattr(tiny, k))}" for k in TINY_DEFAULTS if k in names)
+    if "out" in names:
+        values += f"; --out {tiny.out}"
+    note = "; unless --model is given the policy is random" if command in INFERENCE.split() else ""
+    return f"offline demo: {values} (flags given still win){note}"
+
+def add_own_arguments(p: argparse.ArgumentParser, command: str):
+    """A command's arguments that are not Config fields."""
+    if command == "infer":
+        p.add_argument("sat", help="satellite tile (PNG/JPEG), or a folder DIR of <id>/{sat,map}.png tiles")
+        p.add_argument("map", nargs="?",
+                       help="digital-map tile, same size, pixel-aligned (after DIR: the TEXT)")
+        p.add_argument("text", nargs="?", help="the target, e.g. \"school\", \"a certain university\"")
+    if command == "eval":
+        p.add_argument("--split", default="val", help="split to evaluate (default val)")
+        p.add_argument("--limit", type=int, default=0, help="evaluate the first N samples only (default all)")
+        p.add_argument("--pictures", action="store_true", help="also write a Fig.-3-style picture per sample")
+    if command == "bench":
+        p.add_argument("--bench-steps", type=int, default=3,
+                       help="training steps to time each way (default 3)")
+        p.add_argument("--no-replays", action="store_true", help="only the steps: skip timing generation one "
+                       "prompt per call and the accumulation check (minutes at 3B)")
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="socioreasoner.py", description=__doc__.split("\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    for command, doc in COMMANDS.items():
+        p = sub.add_parser(command, help=doc)
+        p.add_argument("--tiny", action="store_true", help=tiny_help(command))
+        p.add_argument("--threads", type=int,
+                       help="CPU threads for torch (default: 1 with --tiny, else one per core)")
+        for f in command_fields(command):
+            add_flag(p, f, command)
+        add_own_arguments(p, command)
+    m = sub.add_parser("make-data", help="write synthetic SocioSeg-style train/ and val/ splits")
+    m.add_argument("--out", default="data_sample", help="folder for train/ and val/ (default data_sample)")
+    for arg, what in [("--train", "training tiles"), ("--val", "held-out tiles"), ("--size", "tile side in "
+                      "pixels"), ("--seed", "random seed"),
+                      ("--kinds", "2: a school and a park a tile, the text naming one; 1: one place")]:
+        m.add_argument(arg, type=int, help=f"{what} (default: data_sample/synthetic.py's)")
+    return parser
+    for arg, what in [("--train", "training tiles"), ("--val", "held-out tiles"), ("--size", "tile side in "
+                      "pixels"), ("--seed", "random seed"),
+                      ("--kinds", "2: a school and a park a tile, the text naming one; 1: one place")]:
+        m.add_argument(arg, type=int, help=f"{what} (default: data_sample/synthetic.py's)")
+    return parser
+
+def check_config(cfg: Config):
+    """Reject values that would fail later, deep inside a library (or silently do nothing), with one line
+    naming each flag. Every command checks its whole config: a flag it does not take holds its default."""
+    problems = []
+    if cfg.select not in ("argmax", "sample"):
+        problems.append(f"--select is 'argmax' or 'sample', not '{cfg.select}'")
+    if cfg.group_size < 2:
+        problems.append("--group-size must be at least 2: advantages are relative to the group")
+    for name in ("rollout_batch", "micro_batch", "sft_batch", "max_new_tokens", "save_every"):
+        if getattr(cfg, name) < 1:
+            problems.append(f"--{name.replace('_', '-')} must be at least 1")
+    for name in ("steps", "sft_steps", "eval_limit", "generation_batch", "seed", "infer_top_k"):
+        if getattr(cfg, name) < 0:
+            problems.append(f"--{name.replace('_', '-')} cannot be negative")
+    for name in ("temperature", "infer_temperature"):
+        if not getattr(cfg, name) > 0:
+            problems.append(f"--{name.replace('_', '-')} must be positive")
+    if not 0 < cfg.infer_top_p <= 1:
+        problems.append("--infer-top-p must be in (0, 1]")
+    if not 1 <= cfg.sft_points <= MAX_POINTS:
+        problems.append(f"--sft-points must be between 1 and {MAX_POINTS}")
+    if cfg.single_stage and cfg.stage1_only:
+        problems.append("--single-stage and --stage1-only are two different ablations: give one")
+    if problems:
+        raise SocioError("; ".join(problems))
 
 def join_processes(command: str):
     """Under `torchrun` (one process per GPU, or per share of the CPUs, with RANK, WORLD_SIZE, LOCAL_RANK and
@@ -2166,55 +2204,69 @@ def join_processes(command: str):
 
 def main(argv=None):
     """Run a command: argv is a list of arguments (sys.argv[1:] when None) or an already parsed namespace."""
-    args = argv if isinstance(argv, argparse.Namespace) else build_parser().parse_args(argv)
-    threads = vars(args).get("threads")               # make-data takes neither --threads nor --tiny
-    if threads is not None and threads < 1:
-        sys.exit("error: --threads must be at least 1")
-    if threads or vars(args).get("tiny"):
-        torch.set_num_threads(threads or 1)
-    from huggingface_hub import constants as hub_constants, utils as hub_utils
-    from transformers.utils import logging as hf_logging
-    hf_logging.disable_progress_bar()          # no bar per checkpoint write or read: our own lines say it...
-    if not hub_constants.HF_HUB_DISABLE_PROGRESS_BARS:
-        hub_utils.enable_progress_bars()       # ...but downloads from the hub keep theirs
-    cfg = None
+def main(argv=None):
+    """Run a command: argv is a list of arguments (sys.argv[1:] when None)."""
+    args = build_parser().parse_args(argv)
     try:
-        if args.command == "make-data":        # --train and --val are the generator's n_train and n_val
-            generator_args = {("n_" + k if k in ("train", "val") else k): v for k, v in vars(args).items()
-                              if v is not None and k not in ("command", "out")}
-            synthetic().make_synthetic_data(args.out, **generator_args)
-            counts = [len(list((Path(args.out) / s).glob("*/question.json"))) for s in ("train", "val")]
-            return print(f"wrote {counts[0]} train and {counts[1]} val samples to {args.out}")
-        given = {k: v for k, v in vars(args).items() if v is not None and k in Config.__dataclass_fields__}
-        if args.command == "sft":             # SFT alone is a training run whose GRPO phase has no steps
-            given["steps"] = 0
-        cfg = command_config(args.command, args.tiny, given)
-        load_prompts(cfg.prompts)                 # a bad prompts file stops here, before any model is loaded
-        if args.command == "sft" and cfg.sft_steps < 1:
-            raise SocioError("sft: --sft-steps must be at least 1")
-        join_processes(args.command)
-        if args.command in ("train", "sft"):
-            train(cfg, set(given))
-        elif args.command == "infer":
-            infer(cfg, args.sat, args.map, args.text)
-        elif args.command == "eval":
-            run_eval(cfg, args.split, args.limit, args.pictures)
-        else:
-            bench(cfg, args.bench_steps, replays=not args.no_replays)
+        if args.command == "make-data":
+            return make_data(args)
+        return run_command(args)
     except SocioError as e:
         sys.exit(f"error: {e}")
     except OSError as e:      # a full disk, an --out that is a file, a folder without write permission, ...
         sys.exit(f"error: {one_line(e)}")
     except KeyboardInterrupt:
-        if args.command not in ("train", "sft") or cfg is None:
-            sys.exit("interrupted")
-        ckpt = latest_checkpoint(Path(cfg.out))
-        sys.exit("interrupted before the first checkpoint: nothing to resume; run the command again (without "
-                 "--resume)" if ckpt is None else f"interrupted: continue from {ckpt} with the same command "
-                 "and --resume")
+        sys.exit(interrupted(args))
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
 
+def make_data(args: argparse.Namespace):
+    """--train and --val are the generator's n_train and n_val."""
+    given = {k: v for k, v in vars(args).items() if v is not None and k not in ("command", "out")}
+    renamed = {("n_" + k if k in ("train", "val") else k): v for k, v in given.items()}
+    synthetic().make_synthetic_data(args.out, **renamed)
+    counts = [len(list((Path(args.out) / s).glob("*/question.json"))) for s in ("train", "val")]
+    print(f"wrote {counts[0]} train and {counts[1]} val samples to {args.out}")
+
+def given_flags(args: argparse.Namespace) -> dict:
+    """The Config fields given on the command line; `sft` is a training run whose GRPO phase has no steps."""
+    given = {k: v for k, v in vars(args).items() if v is not None and k in Config.__dataclass_fields__}
+    return given | {"steps": 0} if args.command == "sft" else given
+
+def run_command(args: argparse.Namespace):
+    if args.threads is not None and args.threads < 1:
+        raise SocioError("--threads must be at least 1")
+    if args.threads or args.tiny:
+        torch.set_num_threads(args.threads or 1)
+    from huggingface_hub import constants as hub_constants, utils as hub_utils
+    from transformers.utils import logging as hf_logging
+    hf_logging.disable_progress_bar()          # no bar per checkpoint write or read: our own lines say it...
+    if not hub_constants.HF_HUB_DISABLE_PROGRESS_BARS:
+        hub_utils.enable_progress_bars()       # ...but downloads from the hub keep theirs
+    given = given_flags(args)
+    cfg = command_config(args.command, args.tiny, given)
+    load_prompts(cfg.prompts)                 # a bad prompts file stops here, before any model is loaded
+    if args.command == "sft" and cfg.sft_steps < 1:
+        raise SocioError("sft: --sft-steps must be at least 1")
+    join_processes(args.command)
+    if args.command in ("train", "sft"):
+        train(cfg, set(given))
+    elif args.command == "infer":
+        infer(cfg, args.sat, args.map, args.text)
+    elif args.command == "eval":
+        run_eval(cfg, args.split, args.limit, args.pictures)
+    else:
+        bench(cfg, args.bench_steps, replays=not args.no_replays)
+
+def interrupted(args: argparse.Namespace) -> str:
+    if args.command not in ("train", "sft"):
+        return "interrupted"
+    ckpt = latest_checkpoint(Path(command_config(args.command, args.tiny, given_flags(args)).out))
+    if ckpt is None:
+        return "interrupted before the first checkpoint: nothing to resume; run the command again (without " \
+            "--resume)"
+    return f"interrupted: continue from {ckpt} with the same command and --resume"
+
 if __name__ == "__main__":
-    main(ARGS)
+    main()
