@@ -580,14 +580,15 @@ class Policy:
     device: torch.device
     prompts: dict = field(default_factory=load_prompts)   # the wording it is asked in (see DEFAULT_PROMPTS)
 
-def make_policy(model, processor, device) -> Policy:
+def make_policy(model, processor, device, prompts: str = "") -> Policy:
     tok = processor.tokenizer
     ids = lambda names: [i for i in tok.convert_tokens_to_ids(names) if i not in (None, tok.unk_token_id)]
     eos = model.generation_config.eos_token_id                  # an id, a list of ids, or None
     eos_ids = set(ids(["<|im_end|>", "<|endoftext|>"])) | set(eos if isinstance(eos, list) else [eos])
     eos_ids = sorted(eos_ids - {None})
     pad = tok.pad_token_id if tok.pad_token_id is not None else eos_ids[0]
-    return Policy(model.to(device).eval(), processor, eos_ids, pad, ids(VISION_TOKENS), device)
+    return Policy(model.to(device).eval(), processor, eos_ids, pad, ids(VISION_TOKENS), device,
+                  load_prompts(prompts))
 
 # A hub id is downloaded once into the hub's cache (~/.cache/huggingface/hub or $HF_HOME). With no connection
 # huggingface_hub retries each file for minutes; instead the hub is asked once, with a short timeout, and if
@@ -626,24 +627,20 @@ def load_model(what: str, name: str, flag: str, load):
         raise SocioError(f"cannot load {what} '{name}': {one_line(e, None).rstrip('.')}. Ways on: {first}"
                          f"pass {flag} PATH to a local copy, or --tiny for the offline demo") from None
 
-def load_policy(name_or_path: str, device: torch.device) -> Policy:
-    """A Qwen2.5-VL checkpoint in float32, asked in the wording of the prompts.json a --prompts run saved."""
+def load_policy(name: str, device: torch.device, seed: int = 0, prompts: str = "") -> Policy:
+    """A random policy (RANDOM_MODELS, seeded) or a Qwen2.5-VL checkpoint in float32, asked in the wording of
+    the file `prompts`, else of the prompts.json a --prompts run saved beside the checkpoint, else ours."""
+    if name in RANDOM_MODELS:
+        return build_random_policy(RANDOM_MODELS[name], seed, device, prompts)
     from transformers import AutoModelForImageTextToText as Model, AutoProcessor
-    policy = make_policy(*load_model("policy", name_or_path, "--model", lambda cache_only: (
-        Model.from_pretrained(name_or_path, dtype=torch.float32, local_files_only=cache_only),
-        AutoProcessor.from_pretrained(name_or_path, local_files_only=cache_only))), device)
-    if (wording := Path(name_or_path) / "prompts.json").is_file():
-        policy.prompts = load_prompts(str(wording))
-        print(f"  asked in the wording of {wording}")
-    return policy
-
-def load_or_build_policy(cfg: Config, device: torch.device) -> Policy:
-    if cfg.model in RANDOM_MODELS:
-        policy = build_random_policy(RANDOM_MODELS[cfg.model], cfg.seed, device)
-    else:
-        policy = load_policy(cfg.model, device)
-    policy.prompts = load_prompts(cfg.prompts) if cfg.prompts else policy.prompts
-    return policy
+    def load(cache_only: bool) -> tuple:
+        model = Model.from_pretrained(name, dtype=torch.float32, local_files_only=cache_only)
+        return model, AutoProcessor.from_pretrained(name, local_files_only=cache_only)
+    saved = Path(name) / "prompts.json"
+    if not prompts and saved.is_file():
+        prompts = str(saved)
+        print(f"  asked in the wording of {saved}")
+    return make_policy(*load_model("policy", name, "--model", load), device, prompts)
 
 def model_frame(policy: Policy, image_size: tuple) -> tuple:
     """(H', W') of an image of (W, H) pixels after the processor's smart resize: the model's frame."""
@@ -1116,19 +1113,25 @@ def reward_stage2(groups: list, samples: list, encodings: list, segmenter: Segme
 def step_stats(stages: dict) -> dict:
     """What the log keeps of a step, from {stage: (groups, update statistics)}; of the whole batch when data
     parallel (the update statistics already are: combine_gradients)."""
-    mean = lambda groups, key: float(np.mean(gathered([r[key] for g in groups for r in g.rewards])))
-    stats, updates = {}, [update for _, update in stages.values()]
+    stats = {}
     for k, (groups, update) in stages.items():
-        stats.update({f"reward{k}": mean(groups, "total"), f"format{k}": mean(groups, "format"),
-                      f"loss{k}": update["loss"], **({f"kl{k}": update["kl"]} if len(stages) > 1 else {})})
+        rewards = [r for g in groups for r in g.rewards]
+        stats[f"reward{k}"] = float(np.mean(gathered([r["total"] for r in rewards])))
+        stats[f"format{k}"] = float(np.mean(gathered([r["format"] for r in rewards])))
+        stats[f"loss{k}"] = update["loss"]
+        if len(stages) > 1:
+            stats[f"kl{k}"] = update["kl"]
     # IoU of the well-formed answers only (NaN if none): malformed ones score 0 in every term, and counting
     # those zeros would mix "cannot write" with "cannot find".
     well_formed = gathered([r["accuracy"] for g in stages[2][0] for r in g.rewards if r["format"]])
-    return {**stats, "iou2": float(np.mean(well_formed or [float("nan")])),
-            **{k: sum(u[k] for u in updates) / len(updates) for k in ("kl", "clipped")},
-            "skipped": sum(int(u["skipped"]) for u in updates),
-            "tokens": sum(gathered([len(c) for groups, _ in stages.values() for g in groups
-                                    for c in g.completions]))}
+    stats["iou2"] = float(np.mean(well_formed or [float("nan")]))
+    updates = [update for _, update in stages.values()]
+    stats["kl"] = sum(u["kl"] for u in updates) / len(updates)
+    stats["clipped"] = sum(u["clipped"] for u in updates) / len(updates)
+    stats["skipped"] = sum(int(u["skipped"]) for u in updates)
+    groups = [g for groups, _ in stages.values() for g in groups]
+    stats["tokens"] = sum(gathered([len(c) for g in groups for c in g.completions]))
+    return stats
 
 def batch_indices(step: int, n: int, batch: int, seed: int) -> list[int]:
     """Alg. 1 line 3: a step's samples, from a seeded permutation per epoch (recomputable on resume)."""
@@ -1211,52 +1214,64 @@ def evaluate(policy: Policy, segmenter: Segmenter, refs: list, cfg: Config, imag
              out: Optional[Path] = None, pictures: bool = False) -> dict:
     """Predict every sample, cfg.generation_batch at a time (0 = all): metrics of the final masks, stage 1's
     gIoU, seconds per sample, and "stage2_fallbacks" (malformed stage-2 answers, stage-1 mask kept). out:
-    writes <out>/masks/<id>.png (and <out>/pictures/<id>.png), so anyone can recompute the metrics. images
-    "blank" shows the policy grey tiles, "shuffled" the next sample's; the segmenter still gets the real
-    satellite tile, so a drop measures what the *policy* reads. "other kind": the same tiles, the text naming
-    the tile's other kind of place (synthetic tiles: synthetic.py's other_kind), scored against that place;
-    "original_gIoU" scores the same masks against the tile's own target (a policy that reads the text
-    misses it)."""
+    writes <out>/masks/<id>.png (and <out>/pictures/<id>.png), so anyone can recompute the metrics. images:
+    what the policy is shown (`shown_to_policy`); the segmenter still gets the real satellite tile."""
     if not refs:
         raise SocioError("nothing to evaluate: no samples given")
-    for folder in [] if out is None else ["masks"] + ["pictures"] * pictures:
-        (out / folder).mkdir(parents=True, exist_ok=True)
-    finals, firsts, gts, originals, seconds, fallbacks = [], [], [], [], 0.0, 0
+    finals = []
+    firsts = []
+    gts = []
+    originals = []
+    fallbacks = 0
+    seconds = 0.0
     per_batch = cfg.generation_batch or max(1, len(refs))
     for start in range(0, len(refs), per_batch):
-        chunk = refs[start:start + per_batch]
-        real, seen = [read_sample(r) for r in chunk], []
-        for k, s in enumerate(real, start):                  # what the policy is shown
-            if images == "blank":
-                grey = Image.new("RGB", s.sat.size, (128, 128, 128))
-                s = dataclasses.replace(s, sat=grey, map=grey)
-            elif images == "shuffled":
-                other = read_sample(refs[(k + 1) % len(refs)])
-                s = dataclasses.replace(s, sat=other.sat.resize(s.sat.size), map=other.map.resize(s.sat.size))
-            elif images == "other kind":
-                s = other_kind_named(s)
-            seen.append(s)
+        real = [read_sample(r) for r in refs[start:start + per_batch]]
+        seen = [shown_to_policy(s, refs[(k + 1) % len(refs)], images) for k, s in enumerate(real, start)]
         t0 = time.time()
         encodings = encode_tiles(segmenter, [np.asarray(s.sat) for s in real])
         preds = predict_batch(policy, segmenter, seen, cfg, encodings)
         seconds += time.time() - t0
-        for ref, r, s, pred in zip(chunk, real, seen, preds):
-            finals.append(pred.final), firsts.append(pred.stages[0][1]), gts.append(s.mask)
-            originals.append(r.mask)
-            fallbacks += pred.fallback
-            if out is not None:
-                save_mask(pred.final, out / "masks" / f"{ref.id}.png")
-                if pictures:
-                    prediction_picture(s, pred).save(out / "pictures" / f"{ref.id}.png")
+        for s, pred in zip(seen, preds) if out is not None else []:
+            save_prediction(out, s, pred, pictures)
+        finals += [p.final for p in preds]
+        firsts += [p.stages[0][1] for p in preds]
+        fallbacks += sum(p.fallback for p in preds)
+        gts += [s.mask for s in seen]
+        originals += [s.mask for s in real]
         if out is not None:   # the eval command shows progress; the report after training stays quiet
-            done = start + len(chunk)
-            print(f"\reval {done}/{len(refs)}  {seconds / done:.2f} s/sample  "
-                  f"ETA {seconds / done * (len(refs) - done):.0f}s ", end="" if done < len(refs) else "\n",
-                  flush=True)
-    named = images == "other kind"            # and the same masks against the tile's own target
-    original = {"original_gIoU": segmentation_metrics(finals, originals)["gIoU"]} if named else {}
-    return {**segmentation_metrics(finals, gts), "stage1_gIoU": segmentation_metrics(firsts, gts)["gIoU"],
-            **original, "seconds_per_sample": seconds / max(1, len(refs)), "stage2_fallbacks": fallbacks}
+            end = "" if len(finals) < len(refs) else "\n"
+            print(f"\reval {len(finals)}/{len(refs)}  {seconds / len(finals):.2f} s/sample  "
+                  f"ETA {seconds / len(finals) * (len(refs) - len(finals)):.0f}s ", end=end, flush=True)
+    metrics = segmentation_metrics(finals, gts)
+    metrics["stage1_gIoU"] = segmentation_metrics(firsts, gts)["gIoU"]
+    if images == "other kind":            # and the same masks against the tile's own target
+        metrics["original_gIoU"] = segmentation_metrics(finals, originals)["gIoU"]
+    metrics["seconds_per_sample"] = seconds / len(refs)
+    metrics["stage2_fallbacks"] = fallbacks
+    return metrics
+
+def save_prediction(out: Path, sample: Sample, pred: Prediction, pictures: bool):
+    """<out>/masks/<id>.png, and with pictures <out>/pictures/<id>.png."""
+    (out / "masks").mkdir(parents=True, exist_ok=True)
+    save_mask(pred.final, out / "masks" / f"{sample.id}.png")
+    if pictures:
+        (out / "pictures").mkdir(exist_ok=True)
+        prediction_picture(sample, pred).save(out / "pictures" / f"{sample.id}.png")
+
+def shown_to_policy(sample: Sample, next_ref: SampleRef, images: str) -> Sample:
+    """What the policy is shown of a sample: "real"; "blank" grey tiles; "shuffled" the next sample's tiles
+    (so a drop measures what the *policy* reads); "other kind": the same tiles, the text naming the tile's
+    other kind of place (synthetic tiles), scored against that place, and against the tile's own target as
+    "original_gIoU" (a policy that reads the text misses it)."""
+    if images == "blank":
+        grey = Image.new("RGB", sample.sat.size, (128, 128, 128))
+        return dataclasses.replace(sample, sat=grey, map=grey)
+    if images == "shuffled":
+        other = read_sample(next_ref)
+        return dataclasses.replace(sample, sat=other.sat.resize(sample.sat.size),
+                                   map=other.map.resize(sample.sat.size))
+    return other_kind_named(sample) if images == "other kind" else sample
 
 def other_kind_named(sample: Sample) -> Sample:
     """The tile with its text naming the other kind of place on it, whose mask becomes the target."""
@@ -1341,7 +1356,7 @@ TINY_PIECES = (["<think>", "</think>", "<answer>", "</answer>", '[{"bbox_2d": ['
 def build_tiny_policy(seed: int, device: torch.device = torch.device("cpu")) -> Policy:
     return build_random_policy(TINY_ARCH, seed, device)
 
-def build_random_policy(arch: dict, seed: int, device: torch.device) -> Policy:
+def build_random_policy(arch: dict, seed: int, device: torch.device, prompts: str = "") -> Policy:
     """A Qwen2.5-VL of the sizes in `arch` (TINY_ARCH, QWEN25_VL_3B_ARCH), random weights, our tokenizer."""
     import transformers as hf
     from transformers.convert_slow_tokenizer import bytes_to_unicode
@@ -1376,7 +1391,7 @@ def build_random_policy(arch: dict, seed: int, device: torch.device) -> Policy:
     with torch.no_grad():
         for table in (model.get_input_embeddings().weight, model.lm_head.weight):   # (V, D)
             table[tid([str(i) for i in range(256)]), :64] = code * 1.4 * table.std()
-    return make_policy(model, processor, device)
+    return make_policy(model, processor, device, prompts)
 
 # ==== Appendix B — A.2.3 supervised fine-tuning: the paper's SFT baseline, and the warm-up before GRPO ======
 # The SFT baseline (Table 4) trains on answers made from the ground truth: each region's box plus three points
@@ -1503,8 +1518,7 @@ def load_reference(cfg: Config, source: str, device: torch.device):
     parameters. Built in host memory (no float32 copy ever on the GPU), then moved to the device."""
     path = str(Path(cfg.out) / "warmup") if source == "warmup" else source
     cpu = torch.device("cpu")
-    model_only = dataclasses.replace(cfg, model=path, prompts="")          # its wording is never asked
-    reference = load_or_build_policy(model_only, cpu).model.requires_grad_(False)
+    reference = load_policy(path, cpu, cfg.seed).model.requires_grad_(False)     # its wording is never asked
     if device.type == "cuda":
         bf16_parameters(reference)
     return reference.to(device)
@@ -1563,27 +1577,20 @@ def open_run(cfg: Config, given: Optional[set]) -> Run:
                          "another --out")
     if cfg.resume and ckpt is None:
         raise SocioError(f"--resume: no checkpoint in {cfg.out}")
-    # map_location: a GPU run's AdamW moments load anywhere; load_state_dict then moves them to the weights
-    saved = ckpt and torch.load(ckpt / "trainer_state.pt", weights_only=True, map_location="cpu")
     state = {"phase": "sft" if cfg.sft_steps else "grpo", "step": 0, "reference": cfg.model}
-    if saved:
-        cfg, state = resumed_config(saved["config"], cfg, given), {k: saved[k] for k in state}
+    saved = None
+    if ckpt is not None:
+        # map_location: a GPU run's AdamW moments load anywhere; load_state_dict then moves them to the weights
+        saved = torch.load(ckpt / "trainer_state.pt", weights_only=True, map_location="cpu")
+        cfg = resumed_config(saved["config"], cfg, given)
+        state = {k: saved[k] for k in state}
         print(f"resuming from {ckpt}: {state['phase']} step {state['step']}")
-    for name in ("rollout_batch", "sft_batch"):            # torchrun: whole samples on every process
-        if getattr(cfg, name) < world_size():
-            raise SocioError(f"--{name.replace('_', '-')} must be at least the number of processes, "
-                             f"{world_size()}")
-    refs = list_split(cfg.data, cfg.split, need_foreground=True, skip_bad=cfg.skip_bad)   # all checked now
-    try:
-        eval_refs = list_split(cfg.data, cfg.eval_split, skip_bad=cfg.skip_bad) if cfg.eval_split else []
-    except SocioError as e:
-        raise SocioError(f"{e}. --eval-split {cfg.eval_split} (which --tiny sets) evaluates on it after "
-                         f"training; --eval-split '' skips that") from None
+    refs, eval_refs = run_data(cfg)
     device = pick_device()
     torch.manual_seed(cfg.seed)                      # torch seeds itself at random otherwise
     # resumed: asked in the wording its checkpoint carries (RUN_FIELDS), not a fresh read of --prompts
-    policy = load_or_build_policy(dataclasses.replace(cfg, model=str(ckpt), prompts="") if ckpt else cfg,
-                                  device)
+    policy = load_policy(str(ckpt), device, cfg.seed) if ckpt else load_policy(cfg.model, device, cfg.seed,
+                                                                                  cfg.prompts)
     prepare_policy(policy, cfg)
     segmenter = load_segmenter(cfg, device)
     grpo = state["phase"] == "grpo"
@@ -1591,23 +1598,44 @@ def open_run(cfg: Config, given: Optional[set]) -> Run:
     if rank() == 0:                                      # data parallel: one process writes the run's files
         Path(cfg.out).mkdir(parents=True, exist_ok=True)     # only once the models have loaded
         restart_log(Path(cfg.out) / "log.jsonl", state if saved else None)
-    lr = cfg.lr if grpo else cfg.sft_lr
-    optimizer = new_optimizer(policy, lr)
-    if saved and saved["optimizer"]:
-        optimizer.load_state_dict(saved["optimizer"])
-        optimizer.param_groups[0]["lr"] = lr       # new_optimizer's one group: a learning rate given now wins
-    if saved:              # the saved random draws go on, now that the models are built (a tiny one reseeds)
-        torch.set_rng_state(saved["torch_rng"])
-        if device.type == "cuda" and isinstance(saved.get("cuda_rng"), torch.Tensor):
-            torch.cuda.set_rng_state(saved["cuda_rng"], device)
+    optimizer = new_optimizer(policy, cfg.lr if grpo else cfg.sft_lr)
+    if saved:
+        restore(saved, optimizer, device)
     return Run(cfg, state, refs, eval_refs[: cfg.eval_limit or None], policy, segmenter, optimizer, reference)
+
+def run_data(cfg: Config) -> tuple:
+    """(the training split, the held-out split or []), every sample checked now."""
+    for name in ("rollout_batch", "sft_batch"):            # torchrun: whole samples on every process
+        if getattr(cfg, name) < world_size():
+            raise SocioError(f"{flag(name)} must be at least the number of processes, {world_size()}")
+    refs = list_split(cfg.data, cfg.split, need_foreground=True, skip_bad=cfg.skip_bad)
+    try:
+        eval_refs = list_split(cfg.data, cfg.eval_split, skip_bad=cfg.skip_bad) if cfg.eval_split else []
+    except SocioError as e:
+        raise SocioError(f"{e}. --eval-split {cfg.eval_split} (which --tiny sets) evaluates on it after "
+                         f"training; --eval-split '' skips that") from None
+    return refs, eval_refs
+
+def restore(saved: dict, optimizer, device: torch.device):
+    """A checkpoint's AdamW state (the learning rate given now wins) and random draws, which go on once the
+    models are built (a tiny one reseeds)."""
+    if saved["optimizer"]:
+        lr = optimizer.param_groups[0]["lr"]       # new_optimizer's one group
+        optimizer.load_state_dict(saved["optimizer"])
+        optimizer.param_groups[0]["lr"] = lr
+    torch.set_rng_state(saved["torch_rng"])
+    if device.type == "cuda" and isinstance(saved.get("cuda_rng"), torch.Tensor):
+        torch.cuda.set_rng_state(saved["cuda_rng"], device)
 
 def restart_log(log: Path, state: Optional[dict]):
     """The log keeps its records up to the checkpoint continued from (its state); a new run starts empty."""
-    done = lambda r: (("sft", "grpo").index(r.get("phase", "grpo")), r["step"])     # phase, then step
-    kept = [r for r in log_lines(log) if done(r) <= done(state)] if state else []
+    kept = [r for r in log_lines(log) if progress(r) <= progress(state)] if state else []
     log.with_suffix(".tmp").write_text("".join(json.dumps(r) + "\n" for r in kept))
     os.replace(log.with_suffix(".tmp"), log)
+
+def progress(record: dict) -> tuple:
+    """Where a log record or a checkpoint's state is in a run: phase, then step."""
+    return ("sft", "grpo").index(record.get("phase", "grpo")), record["step"]
 
 def warm_up(run: Run):
     """The supervised phase of a run (appendix B); its weights become GRPO's KL reference."""
@@ -1731,7 +1759,8 @@ def run_eval(cfg: Config, split: str, limit: int, pictures: bool):
         raise SocioError("--limit cannot be negative (0 = all samples)")
     refs = list_split(cfg.data, split, skip_bad=cfg.skip_bad)[: limit or None]
     device = pick_device()
-    policy, segmenter = load_or_build_policy(cfg, device), load_segmenter(cfg, device)
+    policy = load_policy(cfg.model, device, cfg.seed, cfg.prompts)
+    segmenter = load_segmenter(cfg, device)
     torch.manual_seed(cfg.seed)
     m = evaluate(policy, segmenter, refs, cfg, out=Path(cfg.out), pictures=pictures)
     method = "w/o reflection" if cfg.single_stage else "w/o refinement" if cfg.stage1_only else "two-stage"
@@ -1783,40 +1812,47 @@ def infer(cfg: Config, sat_path: str, map_path: Optional[str], text: Optional[st
     batches = ([read_tiles(r) for r in refs[i:i + n]] for i in range(0, len(refs), n))
     batches = batches if folder else [next(batches)]      # one place: a bad tile stops before the models load
     device = pick_device()
-    policy, segmenter = load_or_build_policy(cfg, device), load_segmenter(cfg, device)
+    policy = load_policy(cfg.model, device, cfg.seed, cfg.prompts)
+    segmenter = load_segmenter(cfg, device)
     torch.manual_seed(cfg.seed)
-    out, seconds = Path(cfg.out), 0.0
+    out = Path(cfg.out)
+    seconds = 0.0
     for samples in batches:
         t0 = time.time()
         preds = predict_batch(policy, segmenter, samples, cfg)
         seconds += time.time() - t0
         for s, pred in zip(samples, preds):
-            where, picture = out / s.id if folder else out, prediction_picture(s, pred)
+            where = out / s.id if folder else out
             where.mkdir(parents=True, exist_ok=True)
             save_mask(pred.final, where / "mask.png")
+            picture = prediction_picture(s, pred)
             picture.save(where / "overlay.png")
             if folder:
-                print(f"{s.id}: \"{s.text}\"  mask {int(pred.final.sum())} pixels"
-                      + ("  (stage 2 malformed: stage-1 mask kept)" if pred.fallback else ""), flush=True)
-                continue
-            for g, mask in pred.stages:
-                print(f"--- {'single stage' if cfg.single_stage else f'stage {g.stage}'} ---")
-                print("reasoning:", thinking(g.texts[0]) or "(none)")
-                if g.answers[0] is None:
-                    print("answer: malformed (format gate failed); raw completion:", repr(g.texts[0][:500]))
-                boxes, points = answer_prompts(g.answers[0], g.model_hw, s.mask.shape)
-                for i, b in enumerate(boxes):
-                    pts = "" if points is None else f"  points {np.round(points[i]).astype(int).tolist()}"
-                    print(f"  box {np.round(b).astype(int).tolist()}{pts}   (satellite-image pixels)")
-                print(f"mask: {int(mask.sum())} pixels")
-            if pred.fallback:
-                print("stage-2 answer malformed: keeping the stage-1 mask")
-            print(f"wrote {out / 'mask.png'} ({s.sat.size[0]}x{s.sat.size[1]}) and {out / 'overlay.png'} "
-                  f"({picture.size[0]}x{picture.size[1]}) in {seconds:.1f}s")
+                kept = "  (stage 2 malformed: stage-1 mask kept)" if pred.fallback else ""
+                print(f"{s.id}: \"{s.text}\"  mask {int(pred.final.sum())} pixels{kept}", flush=True)
+            else:
+                print_prediction(s, pred, cfg.single_stage)
+                print(f"wrote {out / 'mask.png'} ({s.sat.size[0]}x{s.sat.size[1]}) and {out / 'overlay.png'} "
+                      f"({picture.size[0]}x{picture.size[1]}) in {seconds:.1f}s")
     if folder:
         print(f"wrote {out}/<id>/mask.png and overlay.png for {len(refs)} tiles, "
               f"{seconds / len(refs):.2f} s per tile")
     random_model_note(cfg, "infer " + shlex.join(a for a in (sat_path, map_path, text) if a is not None))
+
+def print_prediction(s: Sample, pred: Prediction, single_stage: bool):
+    """Each stage's reasoning, answer (in the tile's pixels) and mask size."""
+    for g, mask in pred.stages:
+        print(f"--- {'single stage' if single_stage else f'stage {g.stage}'} ---")
+        print("reasoning:", thinking(g.texts[0]) or "(none)")
+        if g.answers[0] is None:
+            print("answer: malformed (format gate failed); raw completion:", repr(g.texts[0][:500]))
+        boxes, points = answer_prompts(g.answers[0], g.model_hw, s.mask.shape)
+        for i, b in enumerate(boxes):
+            pts = "" if points is None else f"  points {np.round(points[i]).astype(int).tolist()}"
+            print(f"  box {np.round(b).astype(int).tolist()}{pts}   (satellite-image pixels)")
+        print(f"mask: {int(mask.sum())} pixels")
+    if pred.fallback:
+        print("stage-2 answer malformed: keeping the stage-1 mask")
 
 def save_mask(mask: np.ndarray, path: Path):
     Image.fromarray(mask.astype(np.uint8) * 255).save(path)            # 0 / 255, readable by read_sample
@@ -1929,10 +1965,12 @@ def bench(cfg: Config, steps: int, replays: bool = True):
     check_config(cfg)
     device = pick_device()
     torch.manual_seed(cfg.seed)
-    refs, policy = list_split(cfg.data, cfg.split), load_or_build_policy(cfg, device)
+    refs = list_split(cfg.data, cfg.split)
+    policy = load_policy(cfg.model, device, cfg.seed, cfg.prompts)
     prepare_policy(policy, cfg)
     reference = load_reference(cfg, cfg.model, device)
-    segmenter, optimizer = load_segmenter(cfg, device), new_optimizer(policy, cfg.lr)
+    segmenter = load_segmenter(cfg, device)
+    optimizer = new_optimizer(policy, cfg.lr)
     print(f"bench: {steps} steps each way x {cfg.rollout_batch} prompts x G={cfg.group_size}, micro-batch "
           f"{cfg.micro_batch}, max {cfg.max_new_tokens} new tokens, device {device}")
     records = {True: [], False: []}                             # shared_prompt -> one record per step

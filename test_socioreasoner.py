@@ -1513,7 +1513,7 @@ def test_custom_prompts_reach_the_model_and_travel_with_the_checkpoint(sample, t
     wording = {"stage1": "Boxes for {target}, please.", "stage2": "Refine {target}; first try: {boxes_json}."}
     (tmp_path / "p.json").write_text(json.dumps(wording))
     cfg = sr.Config(model="tiny", prompts=str(tmp_path / "p.json"), max_new_tokens=4)
-    pol = sr.load_or_build_policy(cfg, DEVICE)
+    pol = sr.load_policy(cfg.model, DEVICE, cfg.seed, cfg.prompts)
     text = lambda inputs: pol.processor.tokenizer.decode(inputs["input_ids"][0])
     g1, = sr.rollout(pol, 1, [sr.stage1_prompt(pol, sample)], 1,
                      dict(temperature=1.0, top_p=1.0, top_k=0, max_new_tokens=4))
