@@ -174,7 +174,8 @@ def list_split(root: str | Path, split: str, need_foreground: bool = False, skip
     """Every usable sample of a split. All files are read here, so that a broken sample stops a run before
     training, not at step 180; all are reported together, a line each (skip_bad: left out with a warning).
     need_foreground: a mask without a target pixel is broken too (training needs something to find)."""
-    root, problems = Path(root), []
+    root = Path(root)
+    problems = []
     raw = (root / split).is_dir()
     if not raw and not any(root.glob(f"**/{split}-*.parquet")):
         raise SocioError(f"no split '{split}' under {root}: expected {root}/{split}/<id>/ folders "
@@ -226,21 +227,25 @@ def _list_parquet(root: Path, split: str, problems: list) -> list:
     except ImportError:
         raise SocioError("reading SocioSeg parquet shards needs pyarrow: pip install pyarrow "
                          "(or use the raw-file layout <root>/<split>/<id>/...)") from None
-    data = lambda cell: cell.get("bytes") if isinstance(cell, dict) else cell   # HF images: {bytes, path}
     refs = []
     for shard in sorted(root.glob(f"**/{split}-*.parquet")):
         for row in pq.read_table(shard).to_pylist():
             if isinstance(row["problem"], str) and row["problem"].strip():
-                refs.append(SampleRef(str(row["id"]), row["problem"].strip(), data(row["sat_image"]),
-                                      data(row["map_image"]), data(row["mask_label"])))
+                refs.append(SampleRef(str(row["id"]), row["problem"].strip(), image_bytes(row["sat_image"]),
+                                      image_bytes(row["map_image"]), image_bytes(row["mask_label"])))
             else:
                 problems.append(f"sample {row['id']} in {shard}: 'problem' is not a non-empty string")
     return refs
 
+def image_bytes(cell):
+    return cell.get("bytes") if isinstance(cell, dict) else cell            # HF images: {bytes, path}
+
 def read_sample(ref: SampleRef) -> Sample:
     """Decode one sample. The mask is foreground wherever its grayscale value is > 0."""
-    img = lambda what, mode: open_image(getattr(ref, what), what, ref.id, mode)
-    return Sample(ref.id, ref.text, img("sat", "RGB"), img("map", "RGB"), np.asarray(img("mask", "L")) > 0)
+    sat = open_image(ref.sat, "sat", ref.id, "RGB")
+    map_tile = open_image(ref.map, "map", ref.id, "RGB")
+    mask = np.asarray(open_image(ref.mask, "mask", ref.id, "L")) > 0
+    return Sample(ref.id, ref.text, sat, map_tile, mask)
 
 EIGHT = np.ones((3, 3), dtype=int)          # 8-connectivity: diagonal neighbours belong to the same region
 
@@ -292,27 +297,28 @@ def load_prompts(path: str = "") -> dict:
         raise SocioError(f"--prompts {path}: cannot read it as JSON ({one_line(e)})") from None
     if not isinstance(given, dict):
         raise SocioError(f"--prompts {path}: expected a JSON object with keys {', '.join(DEFAULT_PROMPTS)}")
-    problems, braces = [], "literal braces are written {{ }}"
-    listed = lambda names, sep=" ": sep.join(f"{{{n}}}" for n in sorted(names))
-    for key, template in given.items():
-        try:
-            required = PROMPT_REQUIRED[key]
-            names = {f for _, f, _, _ in string.Formatter().parse(template) if f is not None}
-        except KeyError:
-            problems.append(f"unknown key '{key}' (known: {', '.join(DEFAULT_PROMPTS)})")
-        except (ValueError, TypeError, AttributeError) as e:   # a lone brace; not a string
-            problems.append(f"{key}: not a format string ({one_line(e)}; {braces})")
-        else:
-            known = {"w", "h"}.union(*required)
-            if names - known:
-                problems.append(f"{key}: unknown placeholder(s) {listed(names - known)} (known: "
-                                f"{listed(known)}; {braces})")
-            missing = [listed(group, " or ") for group in required if not names & group]
-            if missing:
-                problems.append(f"{key}: missing placeholder {' and '.join(missing)}")
+    problems = [problem for key, template in given.items() if (problem := template_problem(key, template))]
     if problems:
         raise SocioError(f"--prompts {path}: " + "; ".join(problems))
     return {**DEFAULT_PROMPTS, **given}
+
+def template_problem(key: str, template) -> Optional[str]:
+    """What is wrong with one template of a prompts file; None: nothing."""
+    braces = "literal braces are written {{ }}"
+    if key not in PROMPT_REQUIRED:
+        return f"unknown key '{key}' (known: {', '.join(DEFAULT_PROMPTS)})"
+    try:
+        names = {f for _, f, _, _ in string.Formatter().parse(template) if f is not None}
+    except (ValueError, TypeError, AttributeError) as e:   # a lone brace; not a string
+        return f"{key}: not a format string ({one_line(e)}; {braces})"
+    known = {"w", "h"}.union(*PROMPT_REQUIRED[key])
+    if names - known:
+        return f"{key}: unknown placeholder(s) {braced(names - known)} (known: {braced(known)}; {braces})"
+    missing = [braced(group, " or ") for group in PROMPT_REQUIRED[key] if not names & group]
+    return f"{key}: missing placeholder {' and '.join(missing)}" if missing else None
+
+def braced(names: set, sep: str = " ") -> str:
+    return sep.join(f"{{{n}}}" for n in sorted(names))
 
 def to_frame(coords: np.ndarray, src_hw: tuple, dst_hw: tuple) -> np.ndarray:
     """x/y coordinates from one frame to the other (mask <-> model). coords (..., 2k), x and y alternating:
@@ -330,7 +336,8 @@ def to_frame(coords: np.ndarray, src_hw: tuple, dst_hw: tuple) -> np.ndarray:
 # MAX_OBJECTS objects or MAX_POINTS points in a group are not; a completion cut off by max_new_tokens has no
 # </answer> and fails. (The authors' release gives partial credit per well-formed item; the paper does not.)
 
-MAX_OBJECTS, MAX_POINTS = 32, 16
+MAX_OBJECTS = 32
+MAX_POINTS = 16
 ANSWER_RE = re.compile(r"\s*<think>(.*?)</think>\s*<answer>(.*?)</answer>\s*", re.DOTALL)
 
 def _numbers(values, n: int) -> list:
@@ -375,7 +382,9 @@ def thinking(completion: str) -> str:
 # model can compare its attempt with the map's labels and the ground. Drawing happens in the mask frame on
 # the stored tiles; the processor then resizes the drawing like any other input.
 
-MASK_RGB, BOX_RGB, POINT_RGB = (255, 0, 0), (255, 230, 0), (0, 200, 255)
+MASK_RGB = (255, 0, 0)
+BOX_RGB = (255, 230, 0)
+POINT_RGB = (0, 200, 255)
 
 def render(image: Image.Image, boxes: np.ndarray, mask: Optional[np.ndarray],
            points: Optional[list] = None, alpha: float = 0.4) -> Image.Image:
@@ -385,7 +394,8 @@ def render(image: Image.Image, boxes: np.ndarray, mask: Optional[np.ndarray],
     if mask is not None:
         img[mask] = (1 - alpha) * img[mask] + alpha * np.asarray(MASK_RGB, dtype=np.float32)
     out = Image.fromarray(img.round().astype(np.uint8))
-    draw, width = ImageDraw.Draw(out), max(1, round(min(out.size) / 150))
+    draw = ImageDraw.Draw(out)
+    width = max(1, round(min(out.size) / 150))
     for x1, y1, x2, y2 in np.asarray(boxes, dtype=np.float64).reshape(-1, 4):
         # the outline covers the box's edge pixels; a box under one pixel wide is still drawn as one pixel
         draw.rectangle([x1, y1, max(x1, x2 - 1), max(y1, y2 - 1)], outline=BOX_RGB, width=width)
@@ -416,6 +426,10 @@ class Sam2Segmenter:
     def encode(self, image: np.ndarray) -> dict:
         return self.encode_batch([image])[0]
 
+    # sam2's public API segments only the tiles of the last set_image(_batch) call, but a step segments each
+    # tile at several moments, other tiles encoded in between (stage 1's M_c, then stage 2's G masks): so each
+    # tile's encoding is kept as the predictor's own state (_features, _orig_hw, _is_image_set, _is_batch),
+    # private attributes of sam2 1.1.0 (pinned in requirements.txt; a test checks them against set_image's).
     def encode_batch(self, images: list) -> list:
         """One encoder pass over several tiles (any sizes: each is resized to SAM's 1024 px), cut into one
         single-image predictor state per tile, which `segment` puts back (as set_image of that tile would)."""
@@ -463,9 +477,10 @@ def answer_prompts(answer: Optional[list], model_hw: tuple, mask_hw: tuple):
     """A parsed answer as SAM prompts in the mask frame: boxes (K, 4) and, in stage 2, K point arrays."""
     if not answer:
         return np.zeros((0, 4)), None
-    frame = lambda values, k: to_frame(np.reshape(values, (-1, k)), model_hw, mask_hw)   # (n, k) numbers
-    points = [frame(o["points"], 2) for o in answer] if "points" in answer[0] else None
-    return frame([o["bbox_2d"] for o in answer], 4), points
+    boxes = to_frame(np.reshape([o["bbox_2d"] for o in answer], (-1, 4)), model_hw, mask_hw)      # (K, 4)
+    if "points" not in answer[0]:
+        return boxes, None
+    return boxes, [to_frame(np.reshape(o["points"], (-1, 2)), model_hw, mask_hw) for o in answer]
 
 def segment_answer(segmenter: Segmenter, encoding, answer, model_hw, mask_hw) -> np.ndarray:
     """S(I_s, prompt = answer): eq. 2 for a stage-1 answer, eq. 5 for a stage-2 answer. (H, W) bool."""
@@ -513,13 +528,16 @@ def load_segmenter(cfg: Config, device: torch.device) -> Segmenter:
 # the stage-1 cost (cost = 2 - [IoU > 0.5] - [L1 < 10], score (N_m - sum cost) / max(K, J), in [-1, 1]), and
 # requires stage-2 boxes to equal stage 1's and every point to lie inside its box.
 
+def box_area(lo: np.ndarray, hi: np.ndarray) -> np.ndarray:
+    """Areas of the boxes with corners lo (..., 2) and hi (..., 2); 0 where hi < lo."""
+    return np.prod(np.clip(hi - lo, 0, None), axis=-1)
+
 def box_iou(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     """IoU of every box in a (K, 4) with every box in b (J, 4) -> (K, J)."""
     a = np.asarray(a, dtype=np.float64).reshape(-1, 4)[:, None, :]      # (K, 1, 4)
     b = np.asarray(b, dtype=np.float64).reshape(-1, 4)[None, :, :]      # (1, J, 4)
-    area = lambda lo, hi: np.prod(np.clip(hi - lo, 0, None), axis=-1)   # of boxes with corners lo, hi
-    inter = area(np.maximum(a[..., :2], b[..., :2]), np.minimum(a[..., 2:], b[..., 2:]))       # (K, J)
-    union = area(a[..., :2], a[..., 2:]) + area(b[..., :2], b[..., 2:]) - inter
+    inter = box_area(np.maximum(a[..., :2], b[..., :2]), np.minimum(a[..., 2:], b[..., 2:]))   # (K, J)
+    union = box_area(a[..., :2], a[..., 2:]) + box_area(b[..., :2], b[..., 2:]) - inter
     return np.divide(inter, union, out=np.zeros_like(inter), where=union > 0)
 
 def hungarian_matches(pred: np.ndarray, gt: np.ndarray, iou_threshold: float = 0.5) -> int:
@@ -582,7 +600,8 @@ class Policy:
 
 def make_policy(model, processor, device, prompts: str = "") -> Policy:
     tok = processor.tokenizer
-    ids = lambda names: [i for i in tok.convert_tokens_to_ids(names) if i not in (None, tok.unk_token_id)]
+    def ids(names: list) -> list:
+        return [i for i in tok.convert_tokens_to_ids(names) if i not in (None, tok.unk_token_id)]
     eos = model.generation_config.eos_token_id                  # an id, a list of ids, or None
     eos_ids = set(ids(["<|im_end|>", "<|endoftext|>"])) | set(eos if isinstance(eos, list) else [eos])
     eos_ids = sorted(eos_ids - {None})
@@ -659,7 +678,8 @@ def policy_inputs(policy: Policy, images: list, template: str, target: str, **fi
     prompt = policy.processor.apply_chat_template([{"role": "user", "content": content}], tokenize=False,
                                                   add_generation_prompt=True)
     inputs = policy.processor(text=[prompt], images=images, return_tensors="pt")
-    grid, patch = inputs["image_grid_thw"][0], policy.processor.image_processor.patch_size   # (t, h, w)
+    grid = inputs["image_grid_thw"][0]                                                      # (t, h, w)
+    patch = policy.processor.image_processor.patch_size
     if (int(grid[1]) * patch, int(grid[2]) * patch) != model_hw:   # the prompt would state the wrong size
         raise RuntimeError(f"processor resized to {tuple(grid[1:].tolist())} patches, expected {model_hw} px")
     return dict(inputs), model_hw
@@ -679,16 +699,19 @@ def sample_completions(policy: Policy, prompts: list, n: int, temperature: float
     sequences (prompts x n) per generate call (0 = all; at least one prompt); with one prompt per call this
     is exactly one-prompt-at-a-time sampling. shared_prompt: each prompt is prefilled once for its n samples
     (`generate_samples`); with n = 1 there is nothing to share."""
-    per_call, completions = max(1, batch // n if batch else len(prompts)), []
+    per_call = max(1, batch // n if batch else len(prompts))
+    completions = []
     options = dict(do_sample=True, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
                    top_k=top_k, min_p=None, typical_p=1.0, repetition_penalty=1.0, no_repeat_ngram_size=0,
                    suppress_tokens=policy.vision_ids, eos_token_id=policy.eos_ids, pad_token_id=policy.pad_id)
     for start in range(0, len(prompts), per_call):
         # Left-padded to the longest prompt P, so that every row's next token is at column P. M-RoPE positions
         # skip the padding (get_rope_index reads the attention mask): each prompt is positioned as if alone.
-        part, pad = prompts[start:start + per_call], torch.nn.functional.pad
+        part = prompts[start:start + per_call]
         P = max(p["input_ids"].shape[1] for p in part)
-        left = lambda key, fill: torch.cat([pad(p[key], (P - p[key].shape[1], 0), value=fill) for p in part])
+        def left(key: str, fill: int) -> torch.Tensor:                            # (k, P), left-padded
+            return torch.cat([torch.nn.functional.pad(p[key], (P - p[key].shape[1], 0), value=fill)
+                              for p in part])
         inputs = {"input_ids": left("input_ids", policy.pad_id), "attention_mask": left("attention_mask", 0),
                   "mm_token_type_ids": left("mm_token_type_ids", 0),                       # (k, P), 0 = text
                   **{k: torch.cat([p[k] for p in part]) for k in ("pixel_values", "image_grid_thw")}}
@@ -747,20 +770,26 @@ def completion_logprobs(policy: Policy, model, rows: list, temperature: float, s
     logits[..., policy.vision_ids] = float("-inf")
     comps = [c.to(policy.device) for _, c in rows]
     T = index.shape[1]
-    targets = torch.stack([torch.nn.functional.pad(c, (0, T - len(c)), value=policy.pad_id) for c in comps])
+    targets = torch.stack([right_padded(c, T, policy.pad_id) for c in comps])            # (B, T)
     logp = logits.log_softmax(-1).gather(-1, targets[..., None]).squeeze(-1)     # (B, T) float32
     lengths = torch.tensor([len(c) for c in comps], device=policy.device)        # (B,)
     mask = (torch.arange(T, device=policy.device)[None, :] < lengths[:, None]).float()   # (B, T)
     return logp * mask, mask
+
+def right_padded(x: torch.Tensor, n: int, fill: int) -> torch.Tensor:
+    """x (..., m) padded on the right of its last dimension to (..., n) with `fill`."""
+    return torch.nn.functional.pad(x, (0, n - x.shape[-1]), value=fill)
 
 def embed_with_images(model, ids: torch.Tensor, prompts: list) -> torch.Tensor:
     """Token embeddings of ids (S, L) on the device, the image slots of sequence s filled with the features
     of prompts[s]'s tiles. The vision tower runs once per distinct prompt (the G rows of a group share it)."""
     device = ids.device
     distinct = {id(inp): inp for inp in prompts}
-    vision = lambda inp: torch.cat(model.model.get_image_features(
-        inp["pixel_values"].to(device), inp["image_grid_thw"].to(device), return_dict=True).pooler_output)
-    features = {key: vision(inp) for key, inp in distinct.items()}
+    features = {}
+    for key, inp in distinct.items():
+        pixels = inp["pixel_values"].to(device)
+        per_tile = model.model.get_image_features(pixels, inp["image_grid_thw"].to(device), return_dict=True)
+        features[key] = torch.cat(per_tile.pooler_output)
     embeds = model.get_input_embeddings()(ids)                                    # (S, L, D)
     scattered = torch.cat([features[id(inp)] for inp in prompts]).to(embeds.dtype)
     return embeds.masked_scatter((ids == model.config.image_token_id)[..., None], scattered)
@@ -768,20 +797,20 @@ def embed_with_images(model, ids: torch.Tensor, prompts: list) -> torch.Tensor:
 def plain_hidden(policy: Policy, model, rows: list) -> tuple:
     """One sequence per row, prompt + completion -> last hidden states (B L, D) and index (B, T): where in
     them completion token t of row i is predicted."""
-    device, comps = policy.device, [c.to(policy.device) for _, c in rows]
+    device = policy.device
+    comps = [c.to(device) for _, c in rows]
     P = torch.tensor([inp["input_ids"].shape[1] for inp, _ in rows], device=device)   # (B,) prompt lengths
     Tc = torch.tensor([len(c) for c in comps], device=device)                         # (B,) their completions
     L, T = int((P + Tc).max()), int(Tc.max())
-    right = lambda seqs, n, fill: torch.stack([torch.nn.functional.pad(s, (0, n - len(s)), value=fill)
-                                               for s in seqs])                    # right-padded to n
     # 1. Rows are prompt + completion, right-padded: real tokens keep the positions they were sampled at, so
     #    prompts of different lengths share a micro-batch. mm_token_type_ids marks the image tokens, which
     #    get_rope_index gives M-RoPE's (time, height, width) positions; without it all would get 1-D text
     #    positions: the scores of another model than the one that sampled.
-    ids = right([torch.cat([inp["input_ids"][0].to(device), c]) for (inp, _), c in zip(rows, comps)], L,
-                policy.pad_id)                                                    # (B, L)
+    rows_ids = [torch.cat([inp["input_ids"][0].to(device), c]) for (inp, _), c in zip(rows, comps)]
+    ids = torch.stack([right_padded(r, L, policy.pad_id) for r in rows_ids])     # (B, L)
     attn = (torch.arange(L, device=device) < (P + Tc)[:, None]).long()           # (B, L)
-    mm_types = right([inp["mm_token_type_ids"][0].to(device) for inp, _ in rows], L, 0)  # (B, L), 1 = image
+    mm_types = torch.stack([right_padded(inp["mm_token_type_ids"][0].to(device), L, 0)
+                            for inp, _ in rows])                                 # (B, L), 1 = image
     # 2. Vision once per prompt, its features scattered into every row's image slots.
     embeds = embed_with_images(model, ids, [inp for inp, _ in rows])             # (B, L, D)
     # 3. Given embeddings, the model cannot find the image tokens itself: M-RoPE positions come from here.
@@ -822,10 +851,9 @@ def packed_hidden(policy: Policy, model, rows: list) -> tuple:
     packed = [packed_sequence(model, inp, [rows[i][1] for i in m])
               for inp, m in zip(prompts, members.values())]
     L, T = max(len(p[0]) for p in packed), max(len(c) for _, c in rows)
-    right = lambda x, fill: torch.nn.functional.pad(x, (0, L - x.shape[-1]), value=fill)   # right-padded to L
-    ids = torch.stack([right(p[0], policy.pad_id) for p in packed]).to(policy.device)      # (S, L)
-    segments = torch.stack([right(p[1], -1) for p in packed]).to(policy.device)            # (S, L), -1 = pad
-    positions = torch.stack([right(p[2], 0) for p in packed], dim=1).to(policy.device)     # (3, S, L)
+    ids = torch.stack([right_padded(p[0], L, policy.pad_id) for p in packed]).to(policy.device)    # (S, L)
+    segments = torch.stack([right_padded(p[1], L, -1) for p in packed]).to(policy.device)   # (S, L), -1: pad
+    positions = torch.stack([right_padded(p[2], L, 0) for p in packed], dim=1).to(policy.device)  # (3, S, L)
     index = torch.zeros(len(rows), T, dtype=torch.long)                 # (B, T); 0 past a row's end (masked)
     for s, (m, p) in enumerate(zip(members.values(), packed)):
         for i, predictors in zip(m, p[3]):
@@ -902,7 +930,8 @@ def grpo_loss(logp: torch.Tensor, old_logp: torch.Tensor, ref_logp: torch.Tensor
               advantages: torch.Tensor, mask: torch.Tensor, clip_eps: float, kl_beta: float):
     """Eq. 6 as (loss, stats). logp/old_logp/ref_logp/mask (B, T) float32, advantages (B,); mask is 1 on
     completion tokens up to and including the first EOS."""
-    mask, adv = mask.float(), advantages.float()[:, None]                # (B, T), (B, 1)
+    mask = mask.float()                                                  # (B, T)
+    adv = advantages.float()[:, None]                                    # (B, 1)
     ratio = torch.exp(logp - old_logp)                                   # (B, T)
     surrogate = torch.minimum(ratio * adv, ratio.clamp(1 - clip_eps, 1 + clip_eps) * adv)
     # q > 20: the policy is e^20 (5e8) times less likely than pi_ref to write its own sample. There the clamp
@@ -993,7 +1022,8 @@ def accumulate_grpo_gradients(policy: Policy, reference, rows: list, advantages:
     """Backward of eq. 6 over rows [(prompt inputs, completion ids)] with advantages (N,), into .grad."""
     stats = {"kl": 0.0, "clipped": 0.0, "loss": 0.0}
     for start in range(0, len(rows), cfg.micro_batch):
-        part, adv = rows[start:start + cfg.micro_batch], advantages[start:start + cfg.micro_batch]
+        part = rows[start:start + cfg.micro_batch]
+        adv = advantages[start:start + cfg.micro_batch]
         with torch.no_grad():                                               # the reference needs no graph
             ref_logp, _ = completion_logprobs(policy, reference, part, cfg.temperature, cfg.shared_prompt)
         logp, mask = completion_logprobs(policy, policy.model, part, cfg.temperature, cfg.shared_prompt)
@@ -1161,14 +1191,16 @@ def predict_batch(policy: Policy, segmenter: Segmenter, samples: list, cfg: Conf
     sampling = dict(temperature=cfg.infer_temperature, top_p=cfg.infer_top_p, top_k=cfg.infer_top_k,
                     max_new_tokens=cfg.max_new_tokens, batch=cfg.generation_batch)
     encodings = encodings or encode_tiles(segmenter, [np.asarray(s.sat) for s in samples])
-    mask_of = lambda s, enc, g: segment_answer(segmenter, enc, g.answers[0], g.model_hw, s.mask.shape)
+    def mask_of(s: Sample, enc, g: Group) -> np.ndarray:
+        return segment_answer(segmenter, enc, g.answers[0], g.model_hw, s.mask.shape)
     key, stage = ("single", 2) if cfg.single_stage else ("stage1", 1)
     groups1 = rollout(policy, stage, [stage1_prompt(policy, s, key) for s in samples], 1, sampling)
     coarse = [mask_of(s, enc, g) for s, enc, g in zip(samples, encodings, groups1)]          # M_c, eq. 2
     if cfg.single_stage or cfg.stage1_only:
         return [Prediction([(g, m)], m) for g, m in zip(groups1, coarse)]
     prompts2 = [stage2_prompt(policy, s, g, 0, m) for s, g, m in zip(samples, groups1, coarse)]
-    groups2, preds = rollout(policy, 2, prompts2, 1, sampling), []
+    groups2 = rollout(policy, 2, prompts2, 1, sampling)
+    preds = []
     for s, enc, g1, m1, g2 in zip(samples, encodings, groups1, coarse, groups2):
         final = m1 if g2.answers[0] is None else mask_of(s, enc, g2)                        # M_f, eq. 5
         preds.append(Prediction([(g1, m1), (g2, final)], final, fallback=g2.answers[0] is None))
@@ -1197,18 +1229,19 @@ def instance_matches(pred: np.ndarray, gt: np.ndarray) -> tuple:
 def segmentation_metrics(preds: list, gts: list) -> dict:
     if not gts:                              # 0/0: not a perfect score, and no mean of no images
         raise ValueError("no masks to score: the metrics of nothing are undefined")
-    inter = union = tp = n_pred = n_gt = 0
-    ious = []
+    inter = []
+    union = []
+    matches = []                                      # (TP, predicted, ground-truth instances) per image
     for p, g in zip(preds, gts):
         p, g = np.asarray(p, bool), np.asarray(g, bool)
-        i, u = np.count_nonzero(p & g), np.count_nonzero(p | g)
-        inter, union = inter + i, union + u
-        ious.append(1.0 if u == 0 else i / u)
-        t, n_p, n_g = instance_matches(p, g)
-        tp, n_pred, n_gt = tp + t, n_pred + n_p, n_gt + n_g
+        inter.append(np.count_nonzero(p & g))
+        union.append(np.count_nonzero(p | g))
+        matches.append(instance_matches(p, g))
+    ious = [1.0 if u == 0 else i / u for i, u in zip(inter, union)]
+    tp, n_pred, n_gt = (int(n) for n in np.sum(matches, axis=0))
     f1 = 1.0 if n_pred + n_gt == 0 else 2 * tp / (n_pred + n_gt)                # 2TP / (2TP + FP + FN)
-    return {"cIoU": 100 * (inter / union if union else 1.0), "gIoU": 100 * float(np.mean(ious)),
-            "F1": 100 * f1, "n": len(ious)}
+    ciou = sum(inter) / sum(union) if sum(union) else 1.0
+    return {"cIoU": 100 * ciou, "gIoU": 100 * float(np.mean(ious)), "F1": 100 * f1, "n": len(ious)}
 
 def evaluate(policy: Policy, segmenter: Segmenter, refs: list, cfg: Config, images: str = "real",
              out: Optional[Path] = None, pictures: bool = False) -> dict:
@@ -1298,7 +1331,8 @@ class GrowSegmenter:
         mask = np.zeros(encoding.shape[:2], bool)
         for k, (x1, y1, x2, y2) in enumerate(np.asarray(boxes).reshape(-1, 4)):
             c1, r1, c2, r2 = int(x1), int(y1), int(math.ceil(x2)), int(math.ceil(y2))
-            crop, region = encoding[r1:r2, c1:c2], mask[r1:r2, c1:c2]   # box k's views: region writes mask
+            crop = encoding[r1:r2, c1:c2]
+            region = mask[r1:r2, c1:c2]                # a view: writing it writes mask
             pts = [] if points is None else np.asarray(points[k]).reshape(-1, 2)
             inside = [(int(y) - r1, int(x) - c1) for x, y in pts if c1 <= x < c2 and r1 <= y < r2]
             if not inside:                   # no usable point: the box itself
@@ -1415,9 +1449,11 @@ def sft_examples(policy: Policy, segmenter: Segmenter, sample: Sample, n_points:
                  rng: np.random.Generator, single_stage: bool = False, stage1_only: bool = False) -> list:
     """One sample's supervised rows (prompt inputs, target ids): stage 1 and 2, stage 1 alone, or the
     single-stage one."""
-    mask_hw, model_hw = sample.mask.shape, model_frame(policy, sample.sat.size)
+    mask_hw = sample.mask.shape
+    model_hw = model_frame(policy, sample.sat.size)
     tok = policy.processor.tokenizer                         # a target ends the turn: <|im_end|>, the eos
-    tokens = lambda items: torch.tensor(tok(format_answer(items))["input_ids"] + [tok.eos_token_id])
+    def tokens(items: list) -> torch.Tensor:
+        return torch.tensor(tok(format_answer(items))["input_ids"] + [tok.eos_token_id])
     boxes_model = to_frame(mask_to_boxes(sample.mask), mask_hw, model_hw)
     if stage1_only:
         return [(stage1_prompt(policy, sample)[0], tokens([{"bbox_2d": b} for b in boxes_model]))]
@@ -1428,7 +1464,8 @@ def sft_examples(policy: Policy, segmenter: Segmenter, sample: Sample, n_points:
     grid = np.stack(np.meshgrid(np.arange(model_hw[1]), np.arange(model_hw[0])), -1).reshape(-1, 2)  # (N, 2)
     back = to_frame(grid, model_hw, mask_hw).astype(int)                         # (N, 2) mask-frame x, y
     on_label = labels[back[:, 1].clip(0, mask_hw[0] - 1), back[:, 0].clip(0, mask_hw[1] - 1)]   # (N,)
-    centre = lambda j: np.argwhere(labels == j).mean(0)[::-1] + 0.5         # region j's (x, y), mask frame
+    def centre(j: int) -> np.ndarray:                                        # region j's (x, y), mask frame
+        return np.argwhere(labels == j).mean(0)[::-1] + 0.5
     candidates = [grid[on_label == j] if np.any(on_label == j) else        # under one model pixel: its centre
                   np.floor(to_frame([centre(j)], mask_hw, model_hw)) for j in range(1, n_regions + 1)]
     points = [c[rng.choice(len(c), size=n_points, replace=len(c) < n_points)] for c in candidates]
@@ -1468,7 +1505,9 @@ def sft_step(policy: Policy, optimizer, rows: list, micro_batch: int) -> float:
 # so that a resumed data-parallel run needs no saved random state and still repeats exactly on CPUs.
 
 def save_checkpoint(out: Path, policy: Policy, optimizer, state: dict, cfg: Config):
-    tmp, final, old = out / "checkpoint.tmp", out / "checkpoint", out / "checkpoint.old"
+    tmp = out / "checkpoint.tmp"
+    final = out / "checkpoint"
+    old = out / "checkpoint.old"
     shutil.rmtree(tmp, ignore_errors=True)
     save_policy(policy, tmp)
     # The GPU's RNG: only the one in use (get_rng_state_all would open a CUDA context on every visible GPU,
@@ -1580,7 +1619,7 @@ def open_run(cfg: Config, given: Optional[set]) -> Run:
     state = {"phase": "sft" if cfg.sft_steps else "grpo", "step": 0, "reference": cfg.model}
     saved = None
     if ckpt is not None:
-        # map_location: a GPU run's AdamW moments load anywhere; load_state_dict then moves them to the weights
+        # map_location: a GPU run's AdamW moments load anywhere; load_state_dict moves them to the weights
         saved = torch.load(ckpt / "trainer_state.pt", weights_only=True, map_location="cpu")
         cfg = resumed_config(saved["config"], cfg, given)
         state = {k: saved[k] for k in state}
@@ -1639,7 +1678,7 @@ def progress(record: dict) -> tuple:
 
 def warm_up(run: Run):
     """The supervised phase of a run (appendix B); its weights become GRPO's KL reference."""
-    cfg, out = run.cfg, Path(run.cfg.out)
+    cfg = run.cfg
     curriculum = f", asked about both kinds of place, alone for the first {cfg.sft_curriculum} steps"
     print(f"SFT on {len(run.refs)} samples: {cfg.sft_steps} steps x {cfg.sft_batch} samples x "
           f"{1 if cfg.single_stage else 2} stage(s) (stage 1 alone for the first {cfg.sft_stage1_only})"
@@ -1653,7 +1692,7 @@ def warm_up(run: Run):
         if (step + 1) % cfg.save_every == 0 and step + 1 < cfg.sft_steps:
             run.checkpoint(step + 1)
     if rank() == 0:
-        save_policy(run.policy, out / "warmup")
+        save_policy(run.policy, Path(cfg.out) / "warmup")
     run.state = {"phase": "grpo", "step": 0, "reference": "warmup"}
     run.optimizer = new_optimizer(run.policy, cfg.lr)
     run.checkpoint(0)                         # (data parallel: warmup/ is written when this returns)
@@ -1777,7 +1816,8 @@ MAX_TARGET_CHARS = 200      # SocioSeg's targets are a few words; a page of text
 
 def read_tiles(ref: SampleRef) -> Sample:
     """A SampleRef's two tiles (no ground truth needed); unreadable or misaligned tiles are one line."""
-    sat, map_img = open_image(ref.sat, "satellite", mode="RGB"), open_image(ref.map, "map", mode="RGB")
+    sat = open_image(ref.sat, "satellite", mode="RGB")
+    map_img = open_image(ref.map, "map", mode="RGB")
     if sat.size != map_img.size:
         raise SocioError(f"{ref.sat} is {sat.size[0]}x{sat.size[1]} but {ref.map} is {map_img.size[0]}x"
                          f"{map_img.size[1]}: the tiles must be pixel-aligned")
@@ -1857,6 +1897,17 @@ def print_prediction(s: Sample, pred: Prediction, single_stage: bool):
 def save_mask(mask: np.ndarray, path: Path):
     Image.fromarray(mask.astype(np.uint8) * 255).save(path)            # 0 / 255, readable by read_sample
 
+def stage_title(group: Group, row: int, rows: int) -> str:
+    if rows == 1:
+        name = "single stage (w/o reflection): boxes + points" if group.stage == 2 else \
+            "stage 1 only (w/o refinement): boxes"
+        name += " -> final mask"
+    else:
+        name = {1: "stage 1: boxes -> coarse mask", 2: "stage 2: boxes + points -> final mask"}[group.stage]
+    if group.answers[0] is None:
+        name += " (malformed; stage-1 mask kept)" if row else " (malformed)"
+    return name
+
 def prediction_picture(sample: Sample, pred: Prediction, max_side: int = 1024) -> Image.Image:
     """In the spirit of the paper's Fig. 3: the target and a legend, then a row per stage, named, with its
     boxes, points and mask drawn on the map (left) and the satellite tile (right). Tiles over max_side pixels
@@ -1865,7 +1916,8 @@ def prediction_picture(sample: Sample, pred: Prediction, max_side: int = 1024) -
     w, h = (max(1, round(v * scale)) for v in sample.sat.size)
     tiles = [t.resize((w, h), Image.BILINEAR) if scale < 1 else t for t in (sample.map, sample.sat)]
     fs = min(28, max(12, w // 16))                                     # font size, line height
-    font, line = ImageFont.load_default(size=fs), fs + fs // 2
+    font = ImageFont.load_default(size=fs)
+    line = fs + fs // 2
     panel = Image.new("RGB", (2 * w, 2 * line + len(pred.stages) * (line + h)), "white")
     draw = ImageDraw.Draw(panel)
     def text(y, words):                 # at the left edge, cut to the panel's width (never below "...")
@@ -1873,7 +1925,8 @@ def prediction_picture(sample: Sample, pred: Prediction, max_side: int = 1024) -
             words = words[:-4] + "..."
         draw.text((4, y), words, fill="black", font=font)
     text(2, f'target: "{sample.text}"')
-    legend, y = "left: map, right: satellite;", line + 2                # then the swatches: box, point, mask
+    legend = "left: map, right: satellite;"                             # then the swatches: box, point, mask
+    y = line + 2
     text(y, legend)
     x = 4 + font.getlength(legend + " ")
     for name, style in {"box": dict(outline=BOX_RGB, width=max(2, fs // 8)),
@@ -1883,16 +1936,12 @@ def prediction_picture(sample: Sample, pred: Prediction, max_side: int = 1024) -
         draw.text((x + fs + 4, y), name, fill="black", font=font)
         x += 2 * fs + 4 + font.getlength(name)
     for row, (group, mask) in enumerate(pred.stages):
-        name = {1: "stage 1: boxes -> coarse mask", 2: "stage 2: boxes + points -> final mask"}[group.stage]
-        if len(pred.stages) == 1:
-            name = ("single stage (w/o reflection): boxes + points" if group.stage == 2 else
-                    "stage 1 only (w/o refinement): boxes") + " -> final mask"
-        name += " (malformed" + ("; stage-1 mask kept)" if row else ")") if group.answers[0] is None else ""
         top = 2 * line + row * (line + h)
-        text(top + 2, name)
+        text(top + 2, stage_title(group, row, len(pred.stages)))
         boxes, points = answer_prompts(group.answers[0], group.model_hw, sample.mask.shape)
         if scale < 1:
-            boxes, points = boxes * scale, None if points is None else [p * scale for p in points]
+            boxes = boxes * scale
+            points = None if points is None else [p * scale for p in points]
             mask = np.asarray(Image.fromarray(mask).resize((w, h), Image.NEAREST))
         for col, tile in enumerate(tiles):
             panel.paste(render(tile, boxes, mask, points), (col * w, top + line))
@@ -1995,7 +2044,8 @@ def bench(cfg: Config, steps: int, replays: bool = True):
 def bench_step(step: int, batch: list, policy: Policy, reference, optimizer, segmenter, cfg: Config) -> dict:
     """One timed training step -> seconds by kind of work, SAM encodings, prompt and completion tokens,
     peak memory, and the calls of encode_tiles and sample_completions."""
-    times, calls = {}, []
+    times = {}
+    calls = []
     reset_peak_memory(policy.device)
     with timed_functions(times, calls):
         seconds, stats = timed_call(train_step, step, batch, policy, reference, optimizer, segmenter, cfg)
@@ -2009,7 +2059,8 @@ def bench_step(step: int, batch: list, policy: Policy, reference, optimizer, seg
 
 def print_bench(records: dict, cfg: Config, device):
     """Mean seconds per step by kind of work, shared prompts against one row per completion, the ratio."""
-    mean = lambda shared, key: float(np.mean([r.get(key, 0.0) for r in records[shared]]))
+    def mean(shared: bool, key: str) -> float:
+        return float(np.mean([r.get(key, 0.0) for r in records[shared]]))
     print(f"\n{'seconds per step':42s} {'shared':>8s} {'plain':>8s} {'ratio':>6s} {'share':>6s}")
     for key in ("generation", "segmentation", "rewards", "policy forward/backward", "reference forward",
                 "optimizer", "scoring", "seconds"):
@@ -2040,8 +2091,12 @@ def bench_generation(generation: list, n_prompts: int, cfg: Config):
     """Generation alone, with the same weights: a step's sample_completions calls [(args, kwargs)] (both
     stages' prompts) again, one prompt per call (G sequences, how rollouts were sampled before batching)
     against --generation-batch, alternated so that a change of machine load hits both alike; median of 3."""
-    generate = lambda b: sum(len(c) for args, kwargs in generation           # -> the tokens generated
-                             for cs in sample_completions(*args, **{**kwargs, "batch": b}) for c in cs)
+    def generate(batch: int) -> int:                                          # -> the tokens generated
+        tokens = 0
+        for args, kwargs in generation:
+            completions = sample_completions(*args, **{**kwargs, "batch": batch})
+            tokens += sum(len(c) for cs in completions for c in cs)
+        return tokens
     runs = {cfg.group_size: [], cfg.generation_batch: []}
     for b in list(runs) * 3:
         runs[b].append(timed_call(generate, b))
@@ -2059,7 +2114,8 @@ def bench_accumulation(policy: Policy, reference, optimizer, generation_call: tu
     """One micro-batch's rows (the first prompt of a sample_completions call), accumulated once and eight
     times: the peak memory must not grow with the number of micro-batches."""
     (_, prompts, _), sampling = generation_call            # rollout's call: (policy, prompts, n), sampling
-    prompt, device = prompts[0], policy.device
+    prompt = prompts[0]
+    device = policy.device
     completions, = sample_completions(policy, [prompt], cfg.micro_batch, **sampling)
     policy.model.train()
     peaks = {}
