@@ -399,9 +399,10 @@ def render(image: Image.Image, boxes: np.ndarray, mask: Optional[np.ndarray],
     for x1, y1, x2, y2 in np.asarray(boxes, dtype=np.float64).reshape(-1, 4):
         # the outline covers the box's edge pixels; a box under one pixel wide is still drawn as one pixel
         draw.rectangle([x1, y1, max(x1, x2 - 1), max(y1, y2 - 1)], outline=BOX_RGB, width=width)
-    for x, y in (xy for group in points or [] for xy in np.asarray(group, dtype=np.float64).reshape(-1, 2)):
-        r = 2 * width
-        draw.ellipse([x - r, y - r, x + r, y + r], fill=POINT_RGB, outline=(0, 0, 0))
+    r = 2 * width
+    for group in points or []:
+        for x, y in np.asarray(group, dtype=np.float64).reshape(-1, 2):
+            draw.ellipse([x - r, y - r, x + r, y + r], fill=POINT_RGB, outline=(0, 0, 0))
     return out
 
 # ==== §4.1, eqs. (2) and (5) — the segmenter S, and an answer as its prompt =================================
@@ -459,8 +460,12 @@ class Sam2Segmenter:
 
 def encode_tiles(segmenter: Segmenter, images: list, chunk: int = 8) -> list:
     """One encoding per tile, `chunk` tiles per encoder pass (bounding its memory) where it can batch."""
-    encode = getattr(segmenter, "encode_batch", lambda tiles: [segmenter.encode(im) for im in tiles])
-    return [e for i in range(0, len(images), chunk) for e in encode(images[i:i + chunk])]
+    if not hasattr(segmenter, "encode_batch"):
+        return [segmenter.encode(im) for im in images]
+    encodings = []
+    for start in range(0, len(images), chunk):
+        encodings += segmenter.encode_batch(images[start:start + chunk])
+    return encodings
 
 def clip_prompts(boxes: np.ndarray, points: Optional[list], hw: tuple):
     """Prompts made safe for any segmenter: clipped to an H x W image, boxes with no area left dropped with
@@ -1439,9 +1444,11 @@ def build_random_policy(arch: dict, seed: int, device: torch.device, prompts: st
 def format_answer(items: list) -> str:
     """The answer text of [{"bbox_2d": [...], ("points": [...])}] in whole model pixels; a region narrower
     than one pixel keeps a box one pixel wide (else the target would fail its own format gate)."""
-    out = [{key: np.round(item[key]).astype(int).tolist() for key in ("bbox_2d", "points") if key in item}
-           for item in items]
-    for box in (o["bbox_2d"] for o in out):                  # at least one pixel wide and high
+    out = []
+    for item in items:
+        keys = [key for key in ("bbox_2d", "points") if key in item]
+        out.append({key: np.round(item[key]).astype(int).tolist() for key in keys})
+        box = out[-1]["bbox_2d"]                             # at least one pixel wide and high
         box[2], box[3] = max(box[2], box[0] + 1), max(box[3], box[1] + 1)
     return f"<think></think><answer>{json.dumps(out)}</answer>"
 
