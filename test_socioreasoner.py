@@ -669,7 +669,9 @@ def test_logprobs_from_one_forward_match_generates_logits(policy, sample, monkey
     for prompts of different lengths sampled together: left-padded for generate, right-padded when scored."""
     refs = sr.list_split(HERE / "data_sample", "train")[:3]
     samples = [sr.read_sample(r) for r in refs]
-    prompts = [sr.stage1_prompt(policy, s)[0] for s in samples]                # three targets
+    prompts = [sr.stage1_prompt(policy, s)[0] for s in samples[:2]]          # two targets (one token each)
+    prompts.append(sr.stage2_inputs(policy, samples[2], np.array([[10, 20, 30, 40]]), (112, 112),
+                                    samples[2].mask))                         # a rendered prompt, one box
     prompts.insert(1, sr.stage2_inputs(policy, samples[1], np.array([[10, 20, 30, 40], [50, 50, 90, 100.5]]),
                                        (112, 112), samples[1].mask))        # a longer, rendered prompt
     assert len({p["input_ids"].shape[1] for p in prompts}) >= 3
