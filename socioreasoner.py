@@ -7,13 +7,13 @@ them into a coarse mask, drawn with the boxes onto both images. Stage 2: it look
 answers boxes with points inside them; SAM turns those into the final mask. Nothing in this chain is
 differentiable, so one shared policy is trained with GRPO on rewards computed from the ground truth.
 
-The sections follow the paper and the path of a sample: A.2.3 hyperparameters (and the command line's
-flags) | §3 data | §4.1 eqs. 1, 4 prompts and coordinate frames | A.2.2 parsing, the format gate | §4.1 eq. 3
-renderer D | §4.1 eqs. 2, 5 segmenter S, an answer as its prompt | A.2.2 eqs. 7-12 rewards | §4.2 policy:
-sampling, log-probs | §4.2 eq. 6 GRPO | Algorithm 1 rollout | Algorithm 1 training step | §4.1 inference |
-§5.1 metrics. Then appendices, for what serves the method: A the offline demo's tiny model and stand-in
-segmenter | B SFT (A.2.3) | C the training run, checkpoints, resume | D held-out report, eval, infer |
-E benchmark | F synthetic data | G the command line (train, sft, infer, eval, bench, make-data).
+The sections follow the paper and the path of a sample: A.2.3 hyperparameters | §3 data | §4.1 eqs. 1, 4
+prompts and coordinate frames | A.2.2 parsing, the format gate | §4.1 eq. 3 renderer D | §4.1 eqs. 2, 5
+segmenter S, an answer as its prompt | A.2.2 eqs. 7-12 rewards | §4.2 policy: sampling, log-probs | §4.2 eq. 6
+GRPO | Algorithm 1 rollout | Algorithm 1 training step | §4.1 inference | §5.1 metrics. Then appendices, for
+what serves the method: A the offline demo's tiny model and stand-in segmenter | B SFT (A.2.3) | C the
+training run, checkpoints, resume | D held-out report, eval, infer | E benchmark | F synthetic data | G the
+command line (train, sft, infer, eval, bench, make-data).
 
 Conventions. A box is [x1, y1, x2, y2] in continuous pixel coordinates: pixel (row r, column c) covers
 [c, c+1) x [r, r+1). The *mask frame* is the tiles' pixels as stored (SAM and the ground truth live there),
@@ -28,48 +28,76 @@ from dataclasses import dataclass, field
 from datetime import timedelta
 from pathlib import Path
 from typing import Any, Optional, Protocol
-# Only the standard library up to the command-line parser: `--help` and mistyped flags are answered in a
-# fraction of a second, before torch and transformers are imported.
 
-# ==== A.2.3 — hyperparameters, and where a run's values come from ===========================================
+# CPU threads. torch's idle threads busy-wait by default and fight any other process on shared cores (a demo
+# SFT step: 9-19 s, 0.6-1.5 s with them asleep); OpenMP reads OMP_WAIT_POLICY when torch is imported, so it is
+# set here (a user's value wins). The tiny models' operations are too small for more threads to pay off (50
+# demo SFT steps on 2 quiet cores: 34 s on one, 31 s on two spinning, 44 s on two asleep): --tiny uses one.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+import numpy as np
+import torch
+import torch.distributed as dist
+from PIL import Image, ImageDraw, ImageFont
+from scipy import ndimage
+from scipy.optimize import linear_sum_assignment
 
-def param(default, doc):
-    return field(default=default, metadata={"doc": doc})       # the doc is the flag's --help line
+# ==== A.2.3 — hyperparameters ===============================================================================
+# Every field is a flag (appendix G) of the commands named in its `takes`; a command's other fields keep
+# their defaults. `sft` is `train` without GRPO steps; `bench` times training steps.
+EVERY = "train sft bench infer eval"
+TRAINING = "train sft bench"
+GRPO = "train bench"
+RUN = "train sft"
+INFERENCE = "infer eval"
+
+def param(default, doc, takes=TRAINING, **docs):
+    """A field, its flag's --help line (docs: another line for a command) and the commands taking it."""
+    return field(default=default, metadata={"doc": doc, "takes": takes.split(), "docs": docs})
 
 @dataclass
 class Config:
     model: str = param("Qwen/Qwen2.5-VL-3B-Instruct", "the policy (for training, the start): hub id, local "
                        "folder such as runs/NAME/checkpoint, 'tiny' (random weights) or 'random-3b' "
-                       "(Qwen2.5-VL-3B's architecture, random weights, for timing)")
+                       "(Qwen2.5-VL-3B's architecture, random weights, for timing)", EVERY)
     sam: str = param("facebook/sam2-hiera-large", "SAM 2 (frozen): hub id, local .pt checkpoint, 'tiny' "
                      "(random weights), 'random-large' (SAM 2 large, random weights) or 'grow' (a "
-                     "weights-free stand-in)")
-    sam_config: str = param("configs/sam2/sam2_hiera_l.yaml", "sam2 config used with a local .pt checkpoint")
+                     "weights-free stand-in)", EVERY)
+    sam_config: str = param("configs/sam2/sam2_hiera_l.yaml", "sam2 config used with a local .pt checkpoint",
+                            EVERY)
     prompts: str = param("", "JSON file replacing our prompt wording: keys stage1, stage2, single (any of "
                          "them); placeholders {target} (required), {w} {h} (model-frame size), and in stage2 "
-                         "{boxes} or {boxes_json}; literal braces doubled")
+                         "{boxes} or {boxes_json}; literal braces doubled", EVERY)
     data: str = param("data_sample", "SocioSeg root: <data>/<split>/<id>/{sat,map,mask}.png + question.json, "
-                      "or <split>-*.parquet shards below it")
+                      "or <split>-*.parquet shards below it", TRAINING + " eval")
     split: str = param("train", "split to train on")
-    out: str = param("runs/train", "run folder: checkpoint/, log.jsonl (and warmup/, eval.json)")
-    steps: int = param(250, "RL steps T of Algorithm 1")
-    rollout_batch: int = param(128, "prompts per RL step (the paper's rollout batch)")
-    group_size: int = param(8, "G: completions sampled per prompt and stage")
-    lr: float = param(1e-6, "AdamW learning rate")
-    clip_eps: float = param(0.5, "PPO clip epsilon of eq. 6 (the authors' config uses 0.2)")
-    kl_beta: float = param(0.005, "KL weight beta of eq. 6")
-    temperature: float = param(1.0, "sampling temperature of the rollouts; scored logits are divided by it")
-    max_new_tokens: int = param(512, "cap on completion length; a cut-off answer fails the format gate")
-    select: str = param("argmax", "Alg. 1 line 15: rollout carried to stage 2: 'argmax' or 'sample' ~exp(R1)")
-    points_mu: float = param(2.0, "mu of the stage-2 point-count reward, eq. 11 (Table 3 ablates 1, 2, 3)")
-    single_stage: bool = param(False, "ablation 'w/o reflection' (Table 2): boxes and points in one answer")
-    stage1_only: bool = param(False, "ablation 'w/o refinement' (Table 2): infer/eval stop after stage 1")
+    out: str = param("runs/train", "run folder: checkpoint/, log.jsonl (and warmup/, eval.json)",
+                     RUN + " infer eval",
+                     infer="folder for mask.png (the final mask, the tile's size), overlay.png (both stages)",
+                     eval="folder for metrics.json and masks/<id>.png (and pictures/ with --pictures)")
+    steps: int = param(250, "RL steps T of Algorithm 1", GRPO)
+    rollout_batch: int = param(128, "prompts per RL step (the paper's rollout batch)", GRPO)
+    group_size: int = param(8, "G: completions sampled per prompt and stage", GRPO)
+    lr: float = param(1e-6, "AdamW learning rate", GRPO)
+    clip_eps: float = param(0.5, "PPO clip epsilon of eq. 6 (the authors' config uses 0.2)", GRPO)
+    kl_beta: float = param(0.005, "KL weight beta of eq. 6", GRPO)
+    temperature: float = param(1.0, "sampling temperature of the rollouts; scored logits are divided by it",
+                               GRPO)
+    max_new_tokens: int = param(512, "cap on completion length; a cut-off answer fails the format gate",
+                                EVERY)
+    select: str = param("argmax", "Alg. 1 line 15: rollout carried to stage 2: 'argmax' or 'sample' ~exp(R1)",
+                        GRPO)
+    points_mu: float = param(2.0, "mu of the stage-2 point-count reward, eq. 11 (Table 3 ablates 1, 2, 3)",
+                             GRPO)
+    single_stage: bool = param(False, "ablation 'w/o reflection' (Table 2): boxes and points in one answer",
+                               EVERY)
+    stage1_only: bool = param(False, "ablation 'w/o refinement' (Table 2): infer/eval stop after stage 1",
+                              INFERENCE)
     micro_batch: int = param(4, "rows (prompt x completion) per forward/backward; gradients are accumulated")
     generation_batch: int = param(64, "sequences (prompts x G) per generate call, whole prompts; 0 = all at "
-                                  "once. infer/eval: tiles per batch (KV cache: README, Performance)")
+                                  "once. infer/eval: tiles per batch (KV cache: README, Performance)", EVERY)
     shared_prompt: bool = param(True, "GRPO computes each group's prompt once, in generation (one prefill, "
                                 "its KV cache repeated G times) and scoring (one packed sequence per group); "
-                                "this flag turns that off: one row per completion, the same numbers")
+                                "this flag turns that off: one row per completion, the same numbers", GRPO)
     grad_checkpointing: bool = param(False, "recompute activations in backward: less memory, ~30% slower")
     freeze_vision: bool = param(False, "train the language model only; the vision tower stays as loaded")
     sft_steps: int = param(0, "supervised steps before GRPO (0 = none); the sft command's length")
@@ -80,153 +108,20 @@ class Config:
                                 "the rows), the first N supervised steps with the place asked about alone on "
                                 "it (0 = no curriculum)")
     sft_stage1_only: int = param(0, "the first N supervised steps train stage 1 alone (half the rows)")
-    eval_split: str = param("", "after training, compare warm-up and trained policy on this split ('' = no)")
-    eval_limit: int = param(0, "evaluate at most this many samples (0 = all)")
-    infer_temperature: float = param(1.0, "inference sampling temperature (the authors' release)")
-    infer_top_p: float = param(0.8, "inference nucleus sampling")
-    infer_top_k: int = param(100, "inference top-k sampling")
-    seed: int = param(0, "seeds data order, sampling and the tiny models")
-    save_every: int = param(10, "write a checkpoint every N steps (and at the end of each phase)")
-    skip_bad: bool = param(False, "leave broken samples out with a warning, rather than stop before training")
-    resume: bool = param(False, "continue from <out>/checkpoint")
-
-# --tiny, the offline demo (appendix A: a tiny random Qwen2.5-VL, a weights-free SAM stand-in). Its tiles hold
-# a school and a park; the text names one (data_sample/synthetic.py). A random model does not learn to read
-# the text and find a place at once, so the warm-up is a curriculum (measured on fresh tiles, held-out
-# stage-1 gIoU, one seed each): every tile is asked about both of its places, by name, so that only the text
-# tells the two answers apart (without that, 900 steps after a one-kind curriculum left the text unread:
-# 19-22 %, and naming the other kind found the same place); the first 400 steps show the place asked about
-# alone, to find a place before choosing one (with 400: 32 % after 900 steps, 2 % against the tile's target
-# with the other kind named; with 150: 9 % after 600; with 700: 21 % after 900). Stage-2 rows cost about
-# three stage-1 rows and are learnt quickly once the boxes are, so stage 1 trains alone until step 790. A
-# 1,200-step warm-up (1,050 stage 1 alone) gave 45 % -> 48 % through GRPO but took 18.6 min: 850 fit the time.
-# A tiny model's GRPO lr.
-TINY_DEFAULTS = dict(model="tiny", sam="grow", rollout_batch=8, group_size=8, max_new_tokens=64,
-                     micro_batch=16, lr=3e-5, steps=60, sft_steps=850, sft_lr=1e-3, sft_batch=8,
-                     sft_curriculum=400, sft_stage1_only=790,
-                     eval_split="val", save_every=100, generation_batch=0)
-DEMO_OUT = "runs/demo"      # --tiny's out (runs/demo-sft, ... for other commands): never a real run's folder
-RELEASED = "vvangfaye/SocioReasoner-3B"                              # the authors' trained policy
-COMMAND_DEFAULTS = {"sft": dict(sft_steps=500, out="runs/sft"), "eval": dict(model=RELEASED, out="runs/eval"),
-                    "infer": dict(model=RELEASED, out="runs/infer")}
-# Fixed for a run's life. The wording (--prompts) travels in the run's folders as prompts.json: a resumed run
-# reads it there, never the file it was first given again (which may have changed or gone since).
-RUN_FIELDS = ("model", "sam", "sam_config", "seed", "freeze_vision", "sft_points", "prompts")
-
-# The one rule of where a run's values come from: Config's defaults, then the command's, then --tiny's, then
-# the flags given (`sft` is `train` given --steps 0). --resume: the run's saved config, then the flags given
-# again (given: their names; None: all), but RUN_FIELDS stay as saved.
-def command_config(command: str, tiny: bool, given: dict) -> Config:
-    tiny_values = {**TINY_DEFAULTS, "out": DEMO_OUT if command == "train" else f"{DEMO_OUT}-{command}"}
-    return Config(**{**COMMAND_DEFAULTS.get(command, {}), **(tiny_values if tiny else {}), **given})
-
-def resumed_config(saved: dict, cfg: Config, given: Optional[set]) -> Config:
-    again = {k: getattr(cfg, k) for k in (Config.__dataclass_fields__ if given is None else given)}
-    return Config(**{**saved, **again, "resume": True, **{k: saved[k] for k in RUN_FIELDS}})
-
-# ==== The command line's flags, and what is checked before anything runs (the commands: appendix G) =========
-
-# stage1_only is an inference ablation: training always trains both stages, so train does not take it
-TRAIN_FIELDS = [f.name for f in dataclasses.fields(Config)
-                if not f.name.startswith("infer_") and f.name != "stage1_only"]
-GRPO_ONLY = ("steps rollout_batch group_size lr clip_eps kl_beta temperature select points_mu "
-             "shared_prompt").split()
-INFER_FIELDS = ["model", "sam", "sam_config", "prompts", "out", "seed", "max_new_tokens", "single_stage",
-                "stage1_only", "infer_temperature", "infer_top_p", "infer_top_k", "generation_batch"]
-COMMANDS = {  # command: (what it does, the Config fields it takes as flags)
-    "train": ("two-stage GRPO training (Algorithm 1), after an optional SFT warm-up", TRAIN_FIELDS),
-    "sft": ("supervised steps only, no GRPO (A.2.3); with --single-stage, the paper's SFT baseline",
-            [f for f in TRAIN_FIELDS if f not in GRPO_ONLY]),
-    "infer": ("segment one place: infer SAT MAP \"school\"; tiles: infer DIR [TEXT]", INFER_FIELDS),
-    "eval": ("cIoU, gIoU, F1 and seconds per sample of a model on a split (Table 1)",
-             ["data", "skip_bad"] + INFER_FIELDS),
-    "bench": ("time and memory of a few training steps, by kind of work",
-          [f for f in TRAIN_FIELDS if f not in ("out", "resume", "save_every", "eval_split", "eval_limit")])}
-OUT_DOCS = {"infer": "folder for mask.png (the final mask, the tile's size) and overlay.png (both stages)",
-            "eval": "folder for metrics.json and masks/<id>.png (and pictures/ with --pictures)"}
-
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="socioreasoner.py", description=__doc__.split("\n")[0])
-    sub = parser.add_subparsers(dest="command", required=True)
-    p = {name: sub.add_parser(name, help=doc) for name, (doc, _) in COMMANDS.items()}
-    infer, evaluate, bench = p["infer"].add_argument, p["eval"].add_argument, p["bench"].add_argument
-    infer("sat", help="satellite tile (PNG/JPEG), or a folder DIR of <id>/{sat,map}.png tiles")
-    infer("map", nargs="?", help="digital-map tile, same size, pixel-aligned (after DIR: the TEXT)")
-    infer("text", nargs="?", help="the target, e.g. \"school\", \"a certain university\"")
-    evaluate("--split", default="val", help="split to evaluate (default val)")
-    evaluate("--limit", type=int, default=0, help="evaluate the first N samples only (default all)")
-    evaluate("--pictures", action="store_true", help="also write a Fig.-3-style picture per sample")
-    bench("--bench-steps", type=int, default=3, help="training steps to time each way (default 3)")
-    bench("--no-replays", action="store_true", help="only the steps: skip timing generation one prompt per "
-          "call and the accumulation check (minutes at 3B)")
-    flag, shown = lambda name: "--" + name.replace("_", "-"), lambda value: "''" if value == "" else value
-    for name, (_, names) in COMMANDS.items():
-        add, tiny = p[name].add_argument, command_config(name, True, {})     # tiny: the values --tiny gives
-        demo = " ".join(f"{flag(k)} {shown(getattr(tiny, k))}" for k in TINY_DEFAULTS if k in names)
-        demo += f"; --out {tiny.out}" * ("out" in names) + " (flags given still win)"
-        demo += "; unless --model is given the policy is random" * (name in ("infer", "eval"))
-        add("--tiny", action="store_true", help=f"offline demo: {demo}")
-        add("--threads", type=int, help="CPU threads for torch (default: 1 with --tiny, else one per core)")
-        for f in (f for f in dataclasses.fields(Config) if f.name in names):
-            doc = OUT_DOCS[name] if f.name == "out" and name in OUT_DOCS else f.metadata["doc"]
-            default = shown(COMMAND_DEFAULTS.get(name, {}).get(f.name, f.default))
-            on = f.type == "bool" and f.default             # a switch on by default: --no-NAME turns it off
-            kind = dict(action="store_false" if on else "store_true") if f.type == "bool" else \
-                dict(type=type(f.default))
-            text = doc if f.type == "bool" else f"{doc} (default {default})"
-            option = "--no-" + flag(f.name)[2:] if on else flag(f.name)
-            add(option, dest=f.name, default=None, **kind, help=text.replace("%", "%%"))   # %: for argparse
-    m = sub.add_parser("make-data", help="write synthetic SocioSeg-style train/ and val/ splits")
-    m.add_argument("--out", default="data_sample", help="folder for train/ and val/ (default data_sample)")
-    for arg, what in [("--train", "training tiles"), ("--val", "held-out tiles"), ("--size", "tile side in "
-                      "pixels"), ("--seed", "random seed"),
-                      ("--kinds", "2: a school and a park a tile, the text naming one; 1: one place")]:
-        m.add_argument(arg, type=int, help=f"{what} (default: data_sample/synthetic.py's)")
-    return parser
-
-def check_config(cfg: Config):
-    """Reject values that would fail later, deep inside a library (or silently do nothing), with one line
-    naming each flag. Every command checks its whole config: a flag it does not take holds its default."""
-    problems = []
-    if cfg.select not in ("argmax", "sample"):
-        problems.append(f"--select is 'argmax' or 'sample', not '{cfg.select}'")
-    if cfg.group_size < 2:
-        problems.append("--group-size must be at least 2: advantages are relative to the group")
-    for name in ("rollout_batch", "micro_batch", "sft_batch", "max_new_tokens", "save_every"):
-        if getattr(cfg, name) < 1:
-            problems.append(f"--{name.replace('_', '-')} must be at least 1")
-    for name in ("steps", "sft_steps", "eval_limit", "generation_batch", "seed", "infer_top_k"):
-        if getattr(cfg, name) < 0:
-            problems.append(f"--{name.replace('_', '-')} cannot be negative")
-    for name in ("temperature", "infer_temperature"):
-        if not getattr(cfg, name) > 0:
-            problems.append(f"--{name.replace('_', '-')} must be positive")
-    if not 0 < cfg.infer_top_p <= 1:
-        problems.append("--infer-top-p must be in (0, 1]")
-    if not 1 <= cfg.sft_points <= MAX_POINTS:
-        problems.append(f"--sft-points must be between 1 and {MAX_POINTS}")
-    if cfg.single_stage and cfg.stage1_only:
-        problems.append("--single-stage and --stage1-only are two different ablations: give one")
-    if problems:
-        raise SocioError("; ".join(problems))
+    eval_split: str = param("", "after training, compare warm-up and trained policy on this split ('' = no)",
+                            RUN)
+    eval_limit: int = param(0, "evaluate at most this many samples (0 = all)", RUN)
+    infer_temperature: float = param(1.0, "inference sampling temperature (the authors' release)", INFERENCE)
+    infer_top_p: float = param(0.8, "inference nucleus sampling", INFERENCE)
+    infer_top_k: int = param(100, "inference top-k sampling", INFERENCE)
+    seed: int = param(0, "seeds data order, sampling and the tiny models", EVERY)
+    save_every: int = param(10, "write a checkpoint every N steps (and at the end of each phase)", RUN)
+    skip_bad: bool = param(False, "leave broken samples out with a warning, rather than stop before training",
+                           TRAINING + " eval")
+    resume: bool = param(False, "continue from <out>/checkpoint", RUN)
 
 class SocioError(Exception):
     """A problem the user can fix (a bad file, a missing model): the command line prints it as one line."""
-
-# CPU threads. torch's idle threads busy-wait by default and fight any other process on shared cores (a demo
-# SFT step: 9-19 s, 0.6-1.5 s with them asleep); OpenMP reads OMP_WAIT_POLICY when torch is imported, so it is
-# set here (a user's value wins). The tiny models' operations are too small for more threads to pay off (50
-# demo SFT steps on 2 quiet cores: 34 s on one, 31 s on two spinning, 44 s on two asleep): --tiny uses one.
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-if __name__ == "__main__":
-    ARGS = build_parser().parse_args()      # --help and usage errors end here, before the imports below
-
-import numpy as np
-import torch
-import torch.distributed as dist
-from PIL import Image, ImageDraw, ImageFont
-from scipy import ndimage
-from scipy.optimize import linear_sum_assignment
 
 # ==== §3, A.1.1 — SocioSeg data =============================================================================
 # A sample: a satellite tile I_s, a digital-map tile I_m of the same place (pixel-aligned, same size), the
@@ -279,7 +174,8 @@ def list_split(root: str | Path, split: str, need_foreground: bool = False, skip
     """Every usable sample of a split. All files are read here, so that a broken sample stops a run before
     training, not at step 180; all are reported together, a line each (skip_bad: left out with a warning).
     need_foreground: a mask without a target pixel is broken too (training needs something to find)."""
-    root, problems = Path(root), []
+    root = Path(root)
+    problems = []
     raw = (root / split).is_dir()
     if not raw and not any(root.glob(f"**/{split}-*.parquet")):
         raise SocioError(f"no split '{split}' under {root}: expected {root}/{split}/<id>/ folders "
@@ -331,21 +227,25 @@ def _list_parquet(root: Path, split: str, problems: list) -> list:
     except ImportError:
         raise SocioError("reading SocioSeg parquet shards needs pyarrow: pip install pyarrow "
                          "(or use the raw-file layout <root>/<split>/<id>/...)") from None
-    data = lambda cell: cell.get("bytes") if isinstance(cell, dict) else cell   # HF images: {bytes, path}
     refs = []
     for shard in sorted(root.glob(f"**/{split}-*.parquet")):
         for row in pq.read_table(shard).to_pylist():
             if isinstance(row["problem"], str) and row["problem"].strip():
-                refs.append(SampleRef(str(row["id"]), row["problem"].strip(), data(row["sat_image"]),
-                                      data(row["map_image"]), data(row["mask_label"])))
+                refs.append(SampleRef(str(row["id"]), row["problem"].strip(), image_bytes(row["sat_image"]),
+                                      image_bytes(row["map_image"]), image_bytes(row["mask_label"])))
             else:
                 problems.append(f"sample {row['id']} in {shard}: 'problem' is not a non-empty string")
     return refs
 
+def image_bytes(cell):
+    return cell.get("bytes") if isinstance(cell, dict) else cell            # HF images: {bytes, path}
+
 def read_sample(ref: SampleRef) -> Sample:
     """Decode one sample. The mask is foreground wherever its grayscale value is > 0."""
-    img = lambda what, mode: open_image(getattr(ref, what), what, ref.id, mode)
-    return Sample(ref.id, ref.text, img("sat", "RGB"), img("map", "RGB"), np.asarray(img("mask", "L")) > 0)
+    sat = open_image(ref.sat, "sat", ref.id, "RGB")
+    map_tile = open_image(ref.map, "map", ref.id, "RGB")
+    mask = np.asarray(open_image(ref.mask, "mask", ref.id, "L")) > 0
+    return Sample(ref.id, ref.text, sat, map_tile, mask)
 
 EIGHT = np.ones((3, 3), dtype=int)          # 8-connectivity: diagonal neighbours belong to the same region
 
@@ -397,27 +297,28 @@ def load_prompts(path: str = "") -> dict:
         raise SocioError(f"--prompts {path}: cannot read it as JSON ({one_line(e)})") from None
     if not isinstance(given, dict):
         raise SocioError(f"--prompts {path}: expected a JSON object with keys {', '.join(DEFAULT_PROMPTS)}")
-    problems, braces = [], "literal braces are written {{ }}"
-    listed = lambda names, sep=" ": sep.join(f"{{{n}}}" for n in sorted(names))
-    for key, template in given.items():
-        try:
-            required = PROMPT_REQUIRED[key]
-            names = {f for _, f, _, _ in string.Formatter().parse(template) if f is not None}
-        except KeyError:
-            problems.append(f"unknown key '{key}' (known: {', '.join(DEFAULT_PROMPTS)})")
-        except (ValueError, TypeError, AttributeError) as e:   # a lone brace; not a string
-            problems.append(f"{key}: not a format string ({one_line(e)}; {braces})")
-        else:
-            known = {"w", "h"}.union(*required)
-            if names - known:
-                problems.append(f"{key}: unknown placeholder(s) {listed(names - known)} (known: "
-                                f"{listed(known)}; {braces})")
-            missing = [listed(group, " or ") for group in required if not names & group]
-            if missing:
-                problems.append(f"{key}: missing placeholder {' and '.join(missing)}")
+    problems = [problem for key, template in given.items() if (problem := template_problem(key, template))]
     if problems:
         raise SocioError(f"--prompts {path}: " + "; ".join(problems))
     return {**DEFAULT_PROMPTS, **given}
+
+def template_problem(key: str, template) -> Optional[str]:
+    """What is wrong with one template of a prompts file; None: nothing."""
+    braces = "literal braces are written {{ }}"
+    if key not in PROMPT_REQUIRED:
+        return f"unknown key '{key}' (known: {', '.join(DEFAULT_PROMPTS)})"
+    try:
+        names = {f for _, f, _, _ in string.Formatter().parse(template) if f is not None}
+    except (ValueError, TypeError, AttributeError) as e:   # a lone brace; not a string
+        return f"{key}: not a format string ({one_line(e)}; {braces})"
+    known = {"w", "h"}.union(*PROMPT_REQUIRED[key])
+    if names - known:
+        return f"{key}: unknown placeholder(s) {braced(names - known)} (known: {braced(known)}; {braces})"
+    missing = [braced(group, " or ") for group in PROMPT_REQUIRED[key] if not names & group]
+    return f"{key}: missing placeholder {' and '.join(missing)}" if missing else None
+
+def braced(names: set, sep: str = " ") -> str:
+    return sep.join(f"{{{n}}}" for n in sorted(names))
 
 def to_frame(coords: np.ndarray, src_hw: tuple, dst_hw: tuple) -> np.ndarray:
     """x/y coordinates from one frame to the other (mask <-> model). coords (..., 2k), x and y alternating:
@@ -435,7 +336,8 @@ def to_frame(coords: np.ndarray, src_hw: tuple, dst_hw: tuple) -> np.ndarray:
 # MAX_OBJECTS objects or MAX_POINTS points in a group are not; a completion cut off by max_new_tokens has no
 # </answer> and fails. (The authors' release gives partial credit per well-formed item; the paper does not.)
 
-MAX_OBJECTS, MAX_POINTS = 32, 16
+MAX_OBJECTS = 32
+MAX_POINTS = 16
 ANSWER_RE = re.compile(r"\s*<think>(.*?)</think>\s*<answer>(.*?)</answer>\s*", re.DOTALL)
 
 def _numbers(values, n: int) -> list:
@@ -480,7 +382,9 @@ def thinking(completion: str) -> str:
 # model can compare its attempt with the map's labels and the ground. Drawing happens in the mask frame on
 # the stored tiles; the processor then resizes the drawing like any other input.
 
-MASK_RGB, BOX_RGB, POINT_RGB = (255, 0, 0), (255, 230, 0), (0, 200, 255)
+MASK_RGB = (255, 0, 0)
+BOX_RGB = (255, 230, 0)
+POINT_RGB = (0, 200, 255)
 
 def render(image: Image.Image, boxes: np.ndarray, mask: Optional[np.ndarray],
            points: Optional[list] = None, alpha: float = 0.4) -> Image.Image:
@@ -490,13 +394,15 @@ def render(image: Image.Image, boxes: np.ndarray, mask: Optional[np.ndarray],
     if mask is not None:
         img[mask] = (1 - alpha) * img[mask] + alpha * np.asarray(MASK_RGB, dtype=np.float32)
     out = Image.fromarray(img.round().astype(np.uint8))
-    draw, width = ImageDraw.Draw(out), max(1, round(min(out.size) / 150))
+    draw = ImageDraw.Draw(out)
+    width = max(1, round(min(out.size) / 150))
     for x1, y1, x2, y2 in np.asarray(boxes, dtype=np.float64).reshape(-1, 4):
         # the outline covers the box's edge pixels; a box under one pixel wide is still drawn as one pixel
         draw.rectangle([x1, y1, max(x1, x2 - 1), max(y1, y2 - 1)], outline=BOX_RGB, width=width)
-    for x, y in (xy for group in points or [] for xy in np.asarray(group, dtype=np.float64).reshape(-1, 2)):
-        r = 2 * width
-        draw.ellipse([x - r, y - r, x + r, y + r], fill=POINT_RGB, outline=(0, 0, 0))
+    r = 2 * width
+    for group in points or []:
+        for x, y in np.asarray(group, dtype=np.float64).reshape(-1, 2):
+            draw.ellipse([x - r, y - r, x + r, y + r], fill=POINT_RGB, outline=(0, 0, 0))
     return out
 
 # ==== §4.1, eqs. (2) and (5) — the segmenter S, and an answer as its prompt =================================
@@ -521,6 +427,10 @@ class Sam2Segmenter:
     def encode(self, image: np.ndarray) -> dict:
         return self.encode_batch([image])[0]
 
+    # sam2's public API segments only the tiles of the last set_image(_batch) call, but a step segments each
+    # tile at several moments, other tiles encoded in between (stage 1's M_c, then stage 2's G masks): so each
+    # tile's encoding is kept as the predictor's own state (_features, _orig_hw, _is_image_set, _is_batch),
+    # private attributes of sam2 1.1.0 (pinned in requirements.txt; a test checks them against set_image's).
     def encode_batch(self, images: list) -> list:
         """One encoder pass over several tiles (any sizes: each is resized to SAM's 1024 px), cut into one
         single-image predictor state per tile, which `segment` puts back (as set_image of that tile would)."""
@@ -550,8 +460,12 @@ class Sam2Segmenter:
 
 def encode_tiles(segmenter: Segmenter, images: list, chunk: int = 8) -> list:
     """One encoding per tile, `chunk` tiles per encoder pass (bounding its memory) where it can batch."""
-    encode = getattr(segmenter, "encode_batch", lambda tiles: [segmenter.encode(im) for im in tiles])
-    return [e for i in range(0, len(images), chunk) for e in encode(images[i:i + chunk])]
+    if not hasattr(segmenter, "encode_batch"):
+        return [segmenter.encode(im) for im in images]
+    encodings = []
+    for start in range(0, len(images), chunk):
+        encodings += segmenter.encode_batch(images[start:start + chunk])
+    return encodings
 
 def clip_prompts(boxes: np.ndarray, points: Optional[list], hw: tuple):
     """Prompts made safe for any segmenter: clipped to an H x W image, boxes with no area left dropped with
@@ -568,9 +482,10 @@ def answer_prompts(answer: Optional[list], model_hw: tuple, mask_hw: tuple):
     """A parsed answer as SAM prompts in the mask frame: boxes (K, 4) and, in stage 2, K point arrays."""
     if not answer:
         return np.zeros((0, 4)), None
-    frame = lambda values, k: to_frame(np.reshape(values, (-1, k)), model_hw, mask_hw)   # (n, k) numbers
-    points = [frame(o["points"], 2) for o in answer] if "points" in answer[0] else None
-    return frame([o["bbox_2d"] for o in answer], 4), points
+    boxes = to_frame(np.reshape([o["bbox_2d"] for o in answer], (-1, 4)), model_hw, mask_hw)      # (K, 4)
+    if "points" not in answer[0]:
+        return boxes, None
+    return boxes, [to_frame(np.reshape(o["points"], (-1, 2)), model_hw, mask_hw) for o in answer]
 
 def segment_answer(segmenter: Segmenter, encoding, answer, model_hw, mask_hw) -> np.ndarray:
     """S(I_s, prompt = answer): eq. 2 for a stage-1 answer, eq. 5 for a stage-2 answer. (H, W) bool."""
@@ -618,13 +533,16 @@ def load_segmenter(cfg: Config, device: torch.device) -> Segmenter:
 # the stage-1 cost (cost = 2 - [IoU > 0.5] - [L1 < 10], score (N_m - sum cost) / max(K, J), in [-1, 1]), and
 # requires stage-2 boxes to equal stage 1's and every point to lie inside its box.
 
+def box_area(lo: np.ndarray, hi: np.ndarray) -> np.ndarray:
+    """Areas of the boxes with corners lo (..., 2) and hi (..., 2); 0 where hi < lo."""
+    return np.prod(np.clip(hi - lo, 0, None), axis=-1)
+
 def box_iou(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     """IoU of every box in a (K, 4) with every box in b (J, 4) -> (K, J)."""
     a = np.asarray(a, dtype=np.float64).reshape(-1, 4)[:, None, :]      # (K, 1, 4)
     b = np.asarray(b, dtype=np.float64).reshape(-1, 4)[None, :, :]      # (1, J, 4)
-    area = lambda lo, hi: np.prod(np.clip(hi - lo, 0, None), axis=-1)   # of boxes with corners lo, hi
-    inter = area(np.maximum(a[..., :2], b[..., :2]), np.minimum(a[..., 2:], b[..., 2:]))       # (K, J)
-    union = area(a[..., :2], a[..., 2:]) + area(b[..., :2], b[..., 2:]) - inter
+    inter = box_area(np.maximum(a[..., :2], b[..., :2]), np.minimum(a[..., 2:], b[..., 2:]))   # (K, J)
+    union = box_area(a[..., :2], a[..., 2:]) + box_area(b[..., :2], b[..., 2:]) - inter
     return np.divide(inter, union, out=np.zeros_like(inter), where=union > 0)
 
 def hungarian_matches(pred: np.ndarray, gt: np.ndarray, iou_threshold: float = 0.5) -> int:
@@ -685,14 +603,16 @@ class Policy:
     device: torch.device
     prompts: dict = field(default_factory=load_prompts)   # the wording it is asked in (see DEFAULT_PROMPTS)
 
-def make_policy(model, processor, device) -> Policy:
+def make_policy(model, processor, device, prompts: str = "") -> Policy:
     tok = processor.tokenizer
-    ids = lambda names: [i for i in tok.convert_tokens_to_ids(names) if i not in (None, tok.unk_token_id)]
+    def ids(names: list) -> list:
+        return [i for i in tok.convert_tokens_to_ids(names) if i not in (None, tok.unk_token_id)]
     eos = model.generation_config.eos_token_id                  # an id, a list of ids, or None
     eos_ids = set(ids(["<|im_end|>", "<|endoftext|>"])) | set(eos if isinstance(eos, list) else [eos])
     eos_ids = sorted(eos_ids - {None})
     pad = tok.pad_token_id if tok.pad_token_id is not None else eos_ids[0]
-    return Policy(model.to(device).eval(), processor, eos_ids, pad, ids(VISION_TOKENS), device)
+    return Policy(model.to(device).eval(), processor, eos_ids, pad, ids(VISION_TOKENS), device,
+                  load_prompts(prompts))
 
 # A hub id is downloaded once into the hub's cache (~/.cache/huggingface/hub or $HF_HOME). With no connection
 # huggingface_hub retries each file for minutes; instead the hub is asked once, with a short timeout, and if
@@ -731,24 +651,20 @@ def load_model(what: str, name: str, flag: str, load):
         raise SocioError(f"cannot load {what} '{name}': {one_line(e, None).rstrip('.')}. Ways on: {first}"
                          f"pass {flag} PATH to a local copy, or --tiny for the offline demo") from None
 
-def load_policy(name_or_path: str, device: torch.device) -> Policy:
-    """A Qwen2.5-VL checkpoint in float32, asked in the wording of the prompts.json a --prompts run saved."""
+def load_policy(name: str, device: torch.device, seed: int = 0, prompts: str = "") -> Policy:
+    """A random policy (RANDOM_MODELS, seeded) or a Qwen2.5-VL checkpoint in float32, asked in the wording of
+    the file `prompts`, else of the prompts.json a --prompts run saved beside the checkpoint, else ours."""
+    if name in RANDOM_MODELS:
+        return build_random_policy(RANDOM_MODELS[name], seed, device, prompts)
     from transformers import AutoModelForImageTextToText as Model, AutoProcessor
-    policy = make_policy(*load_model("policy", name_or_path, "--model", lambda cache_only: (
-        Model.from_pretrained(name_or_path, dtype=torch.float32, local_files_only=cache_only),
-        AutoProcessor.from_pretrained(name_or_path, local_files_only=cache_only))), device)
-    if (wording := Path(name_or_path) / "prompts.json").is_file():
-        policy.prompts = load_prompts(str(wording))
-        print(f"  asked in the wording of {wording}")
-    return policy
-
-def load_or_build_policy(cfg: Config, device: torch.device) -> Policy:
-    if cfg.model in RANDOM_MODELS:
-        policy = build_random_policy(RANDOM_MODELS[cfg.model], cfg.seed, device)
-    else:
-        policy = load_policy(cfg.model, device)
-    policy.prompts = load_prompts(cfg.prompts) if cfg.prompts else policy.prompts
-    return policy
+    def load(cache_only: bool) -> tuple:
+        model = Model.from_pretrained(name, dtype=torch.float32, local_files_only=cache_only)
+        return model, AutoProcessor.from_pretrained(name, local_files_only=cache_only)
+    saved = Path(name) / "prompts.json"
+    if not prompts and saved.is_file():
+        prompts = str(saved)
+        print(f"  asked in the wording of {saved}")
+    return make_policy(*load_model("policy", name, "--model", load), device, prompts)
 
 def model_frame(policy: Policy, image_size: tuple) -> tuple:
     """(H', W') of an image of (W, H) pixels after the processor's smart resize: the model's frame."""
@@ -767,7 +683,8 @@ def policy_inputs(policy: Policy, images: list, template: str, target: str, **fi
     prompt = policy.processor.apply_chat_template([{"role": "user", "content": content}], tokenize=False,
                                                   add_generation_prompt=True)
     inputs = policy.processor(text=[prompt], images=images, return_tensors="pt")
-    grid, patch = inputs["image_grid_thw"][0], policy.processor.image_processor.patch_size   # (t, h, w)
+    grid = inputs["image_grid_thw"][0]                                                      # (t, h, w)
+    patch = policy.processor.image_processor.patch_size
     if (int(grid[1]) * patch, int(grid[2]) * patch) != model_hw:   # the prompt would state the wrong size
         raise RuntimeError(f"processor resized to {tuple(grid[1:].tolist())} patches, expected {model_hw} px")
     return dict(inputs), model_hw
@@ -787,16 +704,19 @@ def sample_completions(policy: Policy, prompts: list, n: int, temperature: float
     sequences (prompts x n) per generate call (0 = all; at least one prompt); with one prompt per call this
     is exactly one-prompt-at-a-time sampling. shared_prompt: each prompt is prefilled once for its n samples
     (`generate_samples`); with n = 1 there is nothing to share."""
-    per_call, completions = max(1, batch // n if batch else len(prompts)), []
+    per_call = max(1, batch // n if batch else len(prompts))
+    completions = []
     options = dict(do_sample=True, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
                    top_k=top_k, min_p=None, typical_p=1.0, repetition_penalty=1.0, no_repeat_ngram_size=0,
                    suppress_tokens=policy.vision_ids, eos_token_id=policy.eos_ids, pad_token_id=policy.pad_id)
     for start in range(0, len(prompts), per_call):
         # Left-padded to the longest prompt P, so that every row's next token is at column P. M-RoPE positions
         # skip the padding (get_rope_index reads the attention mask): each prompt is positioned as if alone.
-        part, pad = prompts[start:start + per_call], torch.nn.functional.pad
+        part = prompts[start:start + per_call]
         P = max(p["input_ids"].shape[1] for p in part)
-        left = lambda key, fill: torch.cat([pad(p[key], (P - p[key].shape[1], 0), value=fill) for p in part])
+        def left(key: str, fill: int) -> torch.Tensor:                            # (k, P), left-padded
+            return torch.cat([torch.nn.functional.pad(p[key], (P - p[key].shape[1], 0), value=fill)
+                              for p in part])
         inputs = {"input_ids": left("input_ids", policy.pad_id), "attention_mask": left("attention_mask", 0),
                   "mm_token_type_ids": left("mm_token_type_ids", 0),                       # (k, P), 0 = text
                   **{k: torch.cat([p[k] for p in part]) for k in ("pixel_values", "image_grid_thw")}}
@@ -855,20 +775,26 @@ def completion_logprobs(policy: Policy, model, rows: list, temperature: float, s
     logits[..., policy.vision_ids] = float("-inf")
     comps = [c.to(policy.device) for _, c in rows]
     T = index.shape[1]
-    targets = torch.stack([torch.nn.functional.pad(c, (0, T - len(c)), value=policy.pad_id) for c in comps])
+    targets = torch.stack([right_padded(c, T, policy.pad_id) for c in comps])            # (B, T)
     logp = logits.log_softmax(-1).gather(-1, targets[..., None]).squeeze(-1)     # (B, T) float32
     lengths = torch.tensor([len(c) for c in comps], device=policy.device)        # (B,)
     mask = (torch.arange(T, device=policy.device)[None, :] < lengths[:, None]).float()   # (B, T)
     return logp * mask, mask
+
+def right_padded(x: torch.Tensor, n: int, fill: int) -> torch.Tensor:
+    """x (..., m) padded on the right of its last dimension to (..., n) with `fill`."""
+    return torch.nn.functional.pad(x, (0, n - x.shape[-1]), value=fill)
 
 def embed_with_images(model, ids: torch.Tensor, prompts: list) -> torch.Tensor:
     """Token embeddings of ids (S, L) on the device, the image slots of sequence s filled with the features
     of prompts[s]'s tiles. The vision tower runs once per distinct prompt (the G rows of a group share it)."""
     device = ids.device
     distinct = {id(inp): inp for inp in prompts}
-    vision = lambda inp: torch.cat(model.model.get_image_features(
-        inp["pixel_values"].to(device), inp["image_grid_thw"].to(device), return_dict=True).pooler_output)
-    features = {key: vision(inp) for key, inp in distinct.items()}
+    features = {}
+    for key, inp in distinct.items():
+        pixels = inp["pixel_values"].to(device)
+        per_tile = model.model.get_image_features(pixels, inp["image_grid_thw"].to(device), return_dict=True)
+        features[key] = torch.cat(per_tile.pooler_output)
     embeds = model.get_input_embeddings()(ids)                                    # (S, L, D)
     scattered = torch.cat([features[id(inp)] for inp in prompts]).to(embeds.dtype)
     return embeds.masked_scatter((ids == model.config.image_token_id)[..., None], scattered)
@@ -876,20 +802,20 @@ def embed_with_images(model, ids: torch.Tensor, prompts: list) -> torch.Tensor:
 def plain_hidden(policy: Policy, model, rows: list) -> tuple:
     """One sequence per row, prompt + completion -> last hidden states (B L, D) and index (B, T): where in
     them completion token t of row i is predicted."""
-    device, comps = policy.device, [c.to(policy.device) for _, c in rows]
+    device = policy.device
+    comps = [c.to(device) for _, c in rows]
     P = torch.tensor([inp["input_ids"].shape[1] for inp, _ in rows], device=device)   # (B,) prompt lengths
     Tc = torch.tensor([len(c) for c in comps], device=device)                         # (B,) their completions
     L, T = int((P + Tc).max()), int(Tc.max())
-    right = lambda seqs, n, fill: torch.stack([torch.nn.functional.pad(s, (0, n - len(s)), value=fill)
-                                               for s in seqs])                    # right-padded to n
     # 1. Rows are prompt + completion, right-padded: real tokens keep the positions they were sampled at, so
     #    prompts of different lengths share a micro-batch. mm_token_type_ids marks the image tokens, which
     #    get_rope_index gives M-RoPE's (time, height, width) positions; without it all would get 1-D text
     #    positions: the scores of another model than the one that sampled.
-    ids = right([torch.cat([inp["input_ids"][0].to(device), c]) for (inp, _), c in zip(rows, comps)], L,
-                policy.pad_id)                                                    # (B, L)
+    rows_ids = [torch.cat([inp["input_ids"][0].to(device), c]) for (inp, _), c in zip(rows, comps)]
+    ids = torch.stack([right_padded(r, L, policy.pad_id) for r in rows_ids])     # (B, L)
     attn = (torch.arange(L, device=device) < (P + Tc)[:, None]).long()           # (B, L)
-    mm_types = right([inp["mm_token_type_ids"][0].to(device) for inp, _ in rows], L, 0)  # (B, L), 1 = image
+    mm_types = torch.stack([right_padded(inp["mm_token_type_ids"][0].to(device), L, 0)
+                            for inp, _ in rows])                                 # (B, L), 1 = image
     # 2. Vision once per prompt, its features scattered into every row's image slots.
     embeds = embed_with_images(model, ids, [inp for inp, _ in rows])             # (B, L, D)
     # 3. Given embeddings, the model cannot find the image tokens itself: M-RoPE positions come from here.
@@ -930,10 +856,9 @@ def packed_hidden(policy: Policy, model, rows: list) -> tuple:
     packed = [packed_sequence(model, inp, [rows[i][1] for i in m])
               for inp, m in zip(prompts, members.values())]
     L, T = max(len(p[0]) for p in packed), max(len(c) for _, c in rows)
-    right = lambda x, fill: torch.nn.functional.pad(x, (0, L - x.shape[-1]), value=fill)   # right-padded to L
-    ids = torch.stack([right(p[0], policy.pad_id) for p in packed]).to(policy.device)      # (S, L)
-    segments = torch.stack([right(p[1], -1) for p in packed]).to(policy.device)            # (S, L), -1 = pad
-    positions = torch.stack([right(p[2], 0) for p in packed], dim=1).to(policy.device)     # (3, S, L)
+    ids = torch.stack([right_padded(p[0], L, policy.pad_id) for p in packed]).to(policy.device)    # (S, L)
+    segments = torch.stack([right_padded(p[1], L, -1) for p in packed]).to(policy.device)   # (S, L), -1: pad
+    positions = torch.stack([right_padded(p[2], L, 0) for p in packed], dim=1).to(policy.device)  # (3, S, L)
     index = torch.zeros(len(rows), T, dtype=torch.long)                 # (B, T); 0 past a row's end (masked)
     for s, (m, p) in enumerate(zip(members.values(), packed)):
         for i, predictors in zip(m, p[3]):
@@ -1010,7 +935,8 @@ def grpo_loss(logp: torch.Tensor, old_logp: torch.Tensor, ref_logp: torch.Tensor
               advantages: torch.Tensor, mask: torch.Tensor, clip_eps: float, kl_beta: float):
     """Eq. 6 as (loss, stats). logp/old_logp/ref_logp/mask (B, T) float32, advantages (B,); mask is 1 on
     completion tokens up to and including the first EOS."""
-    mask, adv = mask.float(), advantages.float()[:, None]                # (B, T), (B, 1)
+    mask = mask.float()                                                  # (B, T)
+    adv = advantages.float()[:, None]                                    # (B, 1)
     ratio = torch.exp(logp - old_logp)                                   # (B, T)
     surrogate = torch.minimum(ratio * adv, ratio.clamp(1 - clip_eps, 1 + clip_eps) * adv)
     # q > 20: the policy is e^20 (5e8) times less likely than pi_ref to write its own sample. There the clamp
@@ -1101,7 +1027,8 @@ def accumulate_grpo_gradients(policy: Policy, reference, rows: list, advantages:
     """Backward of eq. 6 over rows [(prompt inputs, completion ids)] with advantages (N,), into .grad."""
     stats = {"kl": 0.0, "clipped": 0.0, "loss": 0.0}
     for start in range(0, len(rows), cfg.micro_batch):
-        part, adv = rows[start:start + cfg.micro_batch], advantages[start:start + cfg.micro_batch]
+        part = rows[start:start + cfg.micro_batch]
+        adv = advantages[start:start + cfg.micro_batch]
         with torch.no_grad():                                               # the reference needs no graph
             ref_logp, _ = completion_logprobs(policy, reference, part, cfg.temperature, cfg.shared_prompt)
         logp, mask = completion_logprobs(policy, policy.model, part, cfg.temperature, cfg.shared_prompt)
@@ -1221,19 +1148,25 @@ def reward_stage2(groups: list, samples: list, encodings: list, segmenter: Segme
 def step_stats(stages: dict) -> dict:
     """What the log keeps of a step, from {stage: (groups, update statistics)}; of the whole batch when data
     parallel (the update statistics already are: combine_gradients)."""
-    mean = lambda groups, key: float(np.mean(gathered([r[key] for g in groups for r in g.rewards])))
-    stats, updates = {}, [update for _, update in stages.values()]
+    stats = {}
     for k, (groups, update) in stages.items():
-        stats.update({f"reward{k}": mean(groups, "total"), f"format{k}": mean(groups, "format"),
-                      f"loss{k}": update["loss"], **({f"kl{k}": update["kl"]} if len(stages) > 1 else {})})
+        rewards = [r for g in groups for r in g.rewards]
+        stats[f"reward{k}"] = float(np.mean(gathered([r["total"] for r in rewards])))
+        stats[f"format{k}"] = float(np.mean(gathered([r["format"] for r in rewards])))
+        stats[f"loss{k}"] = update["loss"]
+        if len(stages) > 1:
+            stats[f"kl{k}"] = update["kl"]
     # IoU of the well-formed answers only (NaN if none): malformed ones score 0 in every term, and counting
     # those zeros would mix "cannot write" with "cannot find".
     well_formed = gathered([r["accuracy"] for g in stages[2][0] for r in g.rewards if r["format"]])
-    return {**stats, "iou2": float(np.mean(well_formed or [float("nan")])),
-            **{k: sum(u[k] for u in updates) / len(updates) for k in ("kl", "clipped")},
-            "skipped": sum(int(u["skipped"]) for u in updates),
-            "tokens": sum(gathered([len(c) for groups, _ in stages.values() for g in groups
-                                    for c in g.completions]))}
+    stats["iou2"] = float(np.mean(well_formed or [float("nan")]))
+    updates = [update for _, update in stages.values()]
+    stats["kl"] = sum(u["kl"] for u in updates) / len(updates)
+    stats["clipped"] = sum(u["clipped"] for u in updates) / len(updates)
+    stats["skipped"] = sum(int(u["skipped"]) for u in updates)
+    groups = [g for groups, _ in stages.values() for g in groups]
+    stats["tokens"] = sum(gathered([len(c) for g in groups for c in g.completions]))
+    return stats
 
 def batch_indices(step: int, n: int, batch: int, seed: int) -> list[int]:
     """Alg. 1 line 3: a step's samples, from a seeded permutation per epoch (recomputable on resume)."""
@@ -1263,14 +1196,16 @@ def predict_batch(policy: Policy, segmenter: Segmenter, samples: list, cfg: Conf
     sampling = dict(temperature=cfg.infer_temperature, top_p=cfg.infer_top_p, top_k=cfg.infer_top_k,
                     max_new_tokens=cfg.max_new_tokens, batch=cfg.generation_batch)
     encodings = encodings or encode_tiles(segmenter, [np.asarray(s.sat) for s in samples])
-    mask_of = lambda s, enc, g: segment_answer(segmenter, enc, g.answers[0], g.model_hw, s.mask.shape)
+    def mask_of(s: Sample, enc, g: Group) -> np.ndarray:
+        return segment_answer(segmenter, enc, g.answers[0], g.model_hw, s.mask.shape)
     key, stage = ("single", 2) if cfg.single_stage else ("stage1", 1)
     groups1 = rollout(policy, stage, [stage1_prompt(policy, s, key) for s in samples], 1, sampling)
     coarse = [mask_of(s, enc, g) for s, enc, g in zip(samples, encodings, groups1)]          # M_c, eq. 2
     if cfg.single_stage or cfg.stage1_only:
         return [Prediction([(g, m)], m) for g, m in zip(groups1, coarse)]
     prompts2 = [stage2_prompt(policy, s, g, 0, m) for s, g, m in zip(samples, groups1, coarse)]
-    groups2, preds = rollout(policy, 2, prompts2, 1, sampling), []
+    groups2 = rollout(policy, 2, prompts2, 1, sampling)
+    preds = []
     for s, enc, g1, m1, g2 in zip(samples, encodings, groups1, coarse, groups2):
         final = m1 if g2.answers[0] is None else mask_of(s, enc, g2)                        # M_f, eq. 5
         preds.append(Prediction([(g1, m1), (g2, final)], final, fallback=g2.answers[0] is None))
@@ -1299,69 +1234,82 @@ def instance_matches(pred: np.ndarray, gt: np.ndarray) -> tuple:
 def segmentation_metrics(preds: list, gts: list) -> dict:
     if not gts:                              # 0/0: not a perfect score, and no mean of no images
         raise ValueError("no masks to score: the metrics of nothing are undefined")
-    inter = union = tp = n_pred = n_gt = 0
-    ious = []
+    inter = []
+    union = []
+    matches = []                                      # (TP, predicted, ground-truth instances) per image
     for p, g in zip(preds, gts):
         p, g = np.asarray(p, bool), np.asarray(g, bool)
-        i, u = np.count_nonzero(p & g), np.count_nonzero(p | g)
-        inter, union = inter + i, union + u
-        ious.append(1.0 if u == 0 else i / u)
-        t, n_p, n_g = instance_matches(p, g)
-        tp, n_pred, n_gt = tp + t, n_pred + n_p, n_gt + n_g
+        inter.append(np.count_nonzero(p & g))
+        union.append(np.count_nonzero(p | g))
+        matches.append(instance_matches(p, g))
+    ious = [1.0 if u == 0 else i / u for i, u in zip(inter, union)]
+    tp, n_pred, n_gt = (int(n) for n in np.sum(matches, axis=0))
     f1 = 1.0 if n_pred + n_gt == 0 else 2 * tp / (n_pred + n_gt)                # 2TP / (2TP + FP + FN)
-    return {"cIoU": 100 * (inter / union if union else 1.0), "gIoU": 100 * float(np.mean(ious)),
-            "F1": 100 * f1, "n": len(ious)}
+    ciou = sum(inter) / sum(union) if sum(union) else 1.0
+    return {"cIoU": 100 * ciou, "gIoU": 100 * float(np.mean(ious)), "F1": 100 * f1, "n": len(ious)}
 
 def evaluate(policy: Policy, segmenter: Segmenter, refs: list, cfg: Config, images: str = "real",
              out: Optional[Path] = None, pictures: bool = False) -> dict:
     """Predict every sample, cfg.generation_batch at a time (0 = all): metrics of the final masks, stage 1's
     gIoU, seconds per sample, and "stage2_fallbacks" (malformed stage-2 answers, stage-1 mask kept). out:
-    writes <out>/masks/<id>.png (and <out>/pictures/<id>.png), so anyone can recompute the metrics. images
-    "blank" shows the policy grey tiles, "shuffled" the next sample's; the segmenter still gets the real
-    satellite tile, so a drop measures what the *policy* reads. "other kind": the same tiles, the text naming
-    the tile's other kind of place (synthetic tiles: synthetic.py's other_kind), scored against that place;
-    "original_gIoU" scores the same masks against the tile's own target (a policy that reads the text
-    misses it)."""
+    writes <out>/masks/<id>.png (and <out>/pictures/<id>.png), so anyone can recompute the metrics. images:
+    what the policy is shown (`shown_to_policy`); the segmenter still gets the real satellite tile."""
     if not refs:
         raise SocioError("nothing to evaluate: no samples given")
-    for folder in [] if out is None else ["masks"] + ["pictures"] * pictures:
-        (out / folder).mkdir(parents=True, exist_ok=True)
-    finals, firsts, gts, originals, seconds, fallbacks = [], [], [], [], 0.0, 0
+    finals = []
+    firsts = []
+    gts = []
+    originals = []
+    fallbacks = 0
+    seconds = 0.0
     per_batch = cfg.generation_batch or max(1, len(refs))
     for start in range(0, len(refs), per_batch):
-        chunk = refs[start:start + per_batch]
-        real, seen = [read_sample(r) for r in chunk], []
-        for k, s in enumerate(real, start):                  # what the policy is shown
-            if images == "blank":
-                grey = Image.new("RGB", s.sat.size, (128, 128, 128))
-                s = dataclasses.replace(s, sat=grey, map=grey)
-            elif images == "shuffled":
-                other = read_sample(refs[(k + 1) % len(refs)])
-                s = dataclasses.replace(s, sat=other.sat.resize(s.sat.size), map=other.map.resize(s.sat.size))
-            elif images == "other kind":
-                s = other_kind_named(s)
-            seen.append(s)
+        real = [read_sample(r) for r in refs[start:start + per_batch]]
+        seen = [shown_to_policy(s, refs[(k + 1) % len(refs)], images) for k, s in enumerate(real, start)]
         t0 = time.time()
         encodings = encode_tiles(segmenter, [np.asarray(s.sat) for s in real])
         preds = predict_batch(policy, segmenter, seen, cfg, encodings)
         seconds += time.time() - t0
-        for ref, r, s, pred in zip(chunk, real, seen, preds):
-            finals.append(pred.final), firsts.append(pred.stages[0][1]), gts.append(s.mask)
-            originals.append(r.mask)
-            fallbacks += pred.fallback
-            if out is not None:
-                save_mask(pred.final, out / "masks" / f"{ref.id}.png")
-                if pictures:
-                    prediction_picture(s, pred).save(out / "pictures" / f"{ref.id}.png")
+        for s, pred in zip(seen, preds) if out is not None else []:
+            save_prediction(out, s, pred, pictures)
+        finals += [p.final for p in preds]
+        firsts += [p.stages[0][1] for p in preds]
+        fallbacks += sum(p.fallback for p in preds)
+        gts += [s.mask for s in seen]
+        originals += [s.mask for s in real]
         if out is not None:   # the eval command shows progress; the report after training stays quiet
-            done = start + len(chunk)
-            print(f"\reval {done}/{len(refs)}  {seconds / done:.2f} s/sample  "
-                  f"ETA {seconds / done * (len(refs) - done):.0f}s ", end="" if done < len(refs) else "\n",
-                  flush=True)
-    named = images == "other kind"            # and the same masks against the tile's own target
-    original = {"original_gIoU": segmentation_metrics(finals, originals)["gIoU"]} if named else {}
-    return {**segmentation_metrics(finals, gts), "stage1_gIoU": segmentation_metrics(firsts, gts)["gIoU"],
-            **original, "seconds_per_sample": seconds / max(1, len(refs)), "stage2_fallbacks": fallbacks}
+            end = "" if len(finals) < len(refs) else "\n"
+            print(f"\reval {len(finals)}/{len(refs)}  {seconds / len(finals):.2f} s/sample  "
+                  f"ETA {seconds / len(finals) * (len(refs) - len(finals)):.0f}s ", end=end, flush=True)
+    metrics = segmentation_metrics(finals, gts)
+    metrics["stage1_gIoU"] = segmentation_metrics(firsts, gts)["gIoU"]
+    if images == "other kind":            # and the same masks against the tile's own target
+        metrics["original_gIoU"] = segmentation_metrics(finals, originals)["gIoU"]
+    metrics["seconds_per_sample"] = seconds / len(refs)
+    metrics["stage2_fallbacks"] = fallbacks
+    return metrics
+
+def save_prediction(out: Path, sample: Sample, pred: Prediction, pictures: bool):
+    """<out>/masks/<id>.png, and with pictures <out>/pictures/<id>.png."""
+    (out / "masks").mkdir(parents=True, exist_ok=True)
+    save_mask(pred.final, out / "masks" / f"{sample.id}.png")
+    if pictures:
+        (out / "pictures").mkdir(exist_ok=True)
+        prediction_picture(sample, pred).save(out / "pictures" / f"{sample.id}.png")
+
+def shown_to_policy(sample: Sample, next_ref: SampleRef, images: str) -> Sample:
+    """What the policy is shown of a sample: "real"; "blank" grey tiles; "shuffled" the next sample's tiles
+    (so a drop measures what the *policy* reads); "other kind": the same tiles, the text naming the tile's
+    other kind of place (synthetic tiles), scored against that place, and against the tile's own target as
+    "original_gIoU" (a policy that reads the text misses it)."""
+    if images == "blank":
+        grey = Image.new("RGB", sample.sat.size, (128, 128, 128))
+        return dataclasses.replace(sample, sat=grey, map=grey)
+    if images == "shuffled":
+        other = read_sample(next_ref)
+        return dataclasses.replace(sample, sat=other.sat.resize(sample.sat.size),
+                                   map=other.map.resize(sample.sat.size))
+    return other_kind_named(sample) if images == "other kind" else sample
 
 def other_kind_named(sample: Sample) -> Sample:
     """The tile with its text naming the other kind of place on it, whose mask becomes the target."""
@@ -1388,7 +1336,8 @@ class GrowSegmenter:
         mask = np.zeros(encoding.shape[:2], bool)
         for k, (x1, y1, x2, y2) in enumerate(np.asarray(boxes).reshape(-1, 4)):
             c1, r1, c2, r2 = int(x1), int(y1), int(math.ceil(x2)), int(math.ceil(y2))
-            crop, region = encoding[r1:r2, c1:c2], mask[r1:r2, c1:c2]   # box k's views: region writes mask
+            crop = encoding[r1:r2, c1:c2]
+            region = mask[r1:r2, c1:c2]                # a view: writing it writes mask
             pts = [] if points is None else np.asarray(points[k]).reshape(-1, 2)
             inside = [(int(y) - r1, int(x) - c1) for x, y in pts if c1 <= x < c2 and r1 <= y < r2]
             if not inside:                   # no usable point: the box itself
@@ -1446,7 +1395,7 @@ TINY_PIECES = (["<think>", "</think>", "<answer>", "</answer>", '[{"bbox_2d": ['
 def build_tiny_policy(seed: int, device: torch.device = torch.device("cpu")) -> Policy:
     return build_random_policy(TINY_ARCH, seed, device)
 
-def build_random_policy(arch: dict, seed: int, device: torch.device) -> Policy:
+def build_random_policy(arch: dict, seed: int, device: torch.device, prompts: str = "") -> Policy:
     """A Qwen2.5-VL of the sizes in `arch` (TINY_ARCH, QWEN25_VL_3B_ARCH), random weights, our tokenizer."""
     import transformers as hf
     from transformers.convert_slow_tokenizer import bytes_to_unicode
@@ -1481,7 +1430,7 @@ def build_random_policy(arch: dict, seed: int, device: torch.device) -> Policy:
     with torch.no_grad():
         for table in (model.get_input_embeddings().weight, model.lm_head.weight):   # (V, D)
             table[tid([str(i) for i in range(256)]), :64] = code * 1.4 * table.std()
-    return make_policy(model, processor, device)
+    return make_policy(model, processor, device, prompts)
 
 # ==== Appendix B — A.2.3 supervised fine-tuning: the paper's SFT baseline, and the warm-up before GRPO ======
 # The SFT baseline (Table 4) trains on answers made from the ground truth: each region's box plus three points
@@ -1495,9 +1444,11 @@ def build_random_policy(arch: dict, seed: int, device: torch.device) -> Policy:
 def format_answer(items: list) -> str:
     """The answer text of [{"bbox_2d": [...], ("points": [...])}] in whole model pixels; a region narrower
     than one pixel keeps a box one pixel wide (else the target would fail its own format gate)."""
-    out = [{key: np.round(item[key]).astype(int).tolist() for key in ("bbox_2d", "points") if key in item}
-           for item in items]
-    for box in (o["bbox_2d"] for o in out):                  # at least one pixel wide and high
+    out = []
+    for item in items:
+        keys = [key for key in ("bbox_2d", "points") if key in item]
+        out.append({key: np.round(item[key]).astype(int).tolist() for key in keys})
+        box = out[-1]["bbox_2d"]                             # at least one pixel wide and high
         box[2], box[3] = max(box[2], box[0] + 1), max(box[3], box[1] + 1)
     return f"<think></think><answer>{json.dumps(out)}</answer>"
 
@@ -1505,9 +1456,11 @@ def sft_examples(policy: Policy, segmenter: Segmenter, sample: Sample, n_points:
                  rng: np.random.Generator, single_stage: bool = False, stage1_only: bool = False) -> list:
     """One sample's supervised rows (prompt inputs, target ids): stage 1 and 2, stage 1 alone, or the
     single-stage one."""
-    mask_hw, model_hw = sample.mask.shape, model_frame(policy, sample.sat.size)
+    mask_hw = sample.mask.shape
+    model_hw = model_frame(policy, sample.sat.size)
     tok = policy.processor.tokenizer                         # a target ends the turn: <|im_end|>, the eos
-    tokens = lambda items: torch.tensor(tok(format_answer(items))["input_ids"] + [tok.eos_token_id])
+    def tokens(items: list) -> torch.Tensor:
+        return torch.tensor(tok(format_answer(items))["input_ids"] + [tok.eos_token_id])
     boxes_model = to_frame(mask_to_boxes(sample.mask), mask_hw, model_hw)
     if stage1_only:
         return [(stage1_prompt(policy, sample)[0], tokens([{"bbox_2d": b} for b in boxes_model]))]
@@ -1518,7 +1471,8 @@ def sft_examples(policy: Policy, segmenter: Segmenter, sample: Sample, n_points:
     grid = np.stack(np.meshgrid(np.arange(model_hw[1]), np.arange(model_hw[0])), -1).reshape(-1, 2)  # (N, 2)
     back = to_frame(grid, model_hw, mask_hw).astype(int)                         # (N, 2) mask-frame x, y
     on_label = labels[back[:, 1].clip(0, mask_hw[0] - 1), back[:, 0].clip(0, mask_hw[1] - 1)]   # (N,)
-    centre = lambda j: np.argwhere(labels == j).mean(0)[::-1] + 0.5         # region j's (x, y), mask frame
+    def centre(j: int) -> np.ndarray:                                        # region j's (x, y), mask frame
+        return np.argwhere(labels == j).mean(0)[::-1] + 0.5
     candidates = [grid[on_label == j] if np.any(on_label == j) else        # under one model pixel: its centre
                   np.floor(to_frame([centre(j)], mask_hw, model_hw)) for j in range(1, n_regions + 1)]
     points = [c[rng.choice(len(c), size=n_points, replace=len(c) < n_points)] for c in candidates]
@@ -1558,7 +1512,9 @@ def sft_step(policy: Policy, optimizer, rows: list, micro_batch: int) -> float:
 # so that a resumed data-parallel run needs no saved random state and still repeats exactly on CPUs.
 
 def save_checkpoint(out: Path, policy: Policy, optimizer, state: dict, cfg: Config):
-    tmp, final, old = out / "checkpoint.tmp", out / "checkpoint", out / "checkpoint.old"
+    tmp = out / "checkpoint.tmp"
+    final = out / "checkpoint"
+    old = out / "checkpoint.old"
     shutil.rmtree(tmp, ignore_errors=True)
     save_policy(policy, tmp)
     # The GPU's RNG: only the one in use (get_rng_state_all would open a CUDA context on every visible GPU,
@@ -1608,8 +1564,7 @@ def load_reference(cfg: Config, source: str, device: torch.device):
     parameters. Built in host memory (no float32 copy ever on the GPU), then moved to the device."""
     path = str(Path(cfg.out) / "warmup") if source == "warmup" else source
     cpu = torch.device("cpu")
-    model_only = dataclasses.replace(cfg, model=path, prompts="")          # its wording is never asked
-    reference = load_or_build_policy(model_only, cpu).model.requires_grad_(False)
+    reference = load_policy(path, cpu, cfg.seed).model.requires_grad_(False)     # its wording is never asked
     if device.type == "cuda":
         bf16_parameters(reference)
     return reference.to(device)
@@ -1649,6 +1604,16 @@ class Run:                            # what a training run's phases share
                 f.write(json.dumps(record | {"seconds": seconds}) + "\n")
         return seconds
 
+# Fixed for a run's life. The wording (--prompts) travels in the run's folders as prompts.json: a resumed run
+# reads it there, never the file it was first given again (which may have changed or gone since).
+RUN_FIELDS = ("model", "sam", "sam_config", "seed", "freeze_vision", "sft_points", "prompts")
+
+def resumed_config(saved: dict, cfg: Config, given: Optional[set]) -> Config:
+    """--resume: the run's saved config, then the flags given again (given: their names; None: all), but
+    RUN_FIELDS stay as saved."""
+    again = {k: getattr(cfg, k) for k in (Config.__dataclass_fields__ if given is None else given)}
+    return Config(**{**saved, **again, "resume": True, **{k: saved[k] for k in RUN_FIELDS}})
+
 def open_run(cfg: Config, given: Optional[set]) -> Run:
     """A new run in cfg.out, or (--resume) the one there: its config, data, models, optimizer and log."""
     check_config(cfg)
@@ -1658,27 +1623,20 @@ def open_run(cfg: Config, given: Optional[set]) -> Run:
                          "another --out")
     if cfg.resume and ckpt is None:
         raise SocioError(f"--resume: no checkpoint in {cfg.out}")
-    # map_location: a GPU run's AdamW moments load anywhere; load_state_dict then moves them to the weights
-    saved = ckpt and torch.load(ckpt / "trainer_state.pt", weights_only=True, map_location="cpu")
     state = {"phase": "sft" if cfg.sft_steps else "grpo", "step": 0, "reference": cfg.model}
-    if saved:
-        cfg, state = resumed_config(saved["config"], cfg, given), {k: saved[k] for k in state}
+    saved = None
+    if ckpt is not None:
+        # map_location: a GPU run's AdamW moments load anywhere; load_state_dict moves them to the weights
+        saved = torch.load(ckpt / "trainer_state.pt", weights_only=True, map_location="cpu")
+        cfg = resumed_config(saved["config"], cfg, given)
+        state = {k: saved[k] for k in state}
         print(f"resuming from {ckpt}: {state['phase']} step {state['step']}")
-    for name in ("rollout_batch", "sft_batch"):            # torchrun: whole samples on every process
-        if getattr(cfg, name) < world_size():
-            raise SocioError(f"--{name.replace('_', '-')} must be at least the number of processes, "
-                             f"{world_size()}")
-    refs = list_split(cfg.data, cfg.split, need_foreground=True, skip_bad=cfg.skip_bad)   # all checked now
-    try:
-        eval_refs = list_split(cfg.data, cfg.eval_split, skip_bad=cfg.skip_bad) if cfg.eval_split else []
-    except SocioError as e:
-        raise SocioError(f"{e}. --eval-split {cfg.eval_split} (which --tiny sets) evaluates on it after "
-                         f"training; --eval-split '' skips that") from None
+    refs, eval_refs = run_data(cfg)
     device = pick_device()
     torch.manual_seed(cfg.seed)                      # torch seeds itself at random otherwise
     # resumed: asked in the wording its checkpoint carries (RUN_FIELDS), not a fresh read of --prompts
-    policy = load_or_build_policy(dataclasses.replace(cfg, model=str(ckpt), prompts="") if ckpt else cfg,
-                                  device)
+    policy = load_policy(str(ckpt), device, cfg.seed) if ckpt else load_policy(cfg.model, device, cfg.seed,
+                                                                                  cfg.prompts)
     prepare_policy(policy, cfg)
     segmenter = load_segmenter(cfg, device)
     grpo = state["phase"] == "grpo"
@@ -1686,27 +1644,48 @@ def open_run(cfg: Config, given: Optional[set]) -> Run:
     if rank() == 0:                                      # data parallel: one process writes the run's files
         Path(cfg.out).mkdir(parents=True, exist_ok=True)     # only once the models have loaded
         restart_log(Path(cfg.out) / "log.jsonl", state if saved else None)
-    lr = cfg.lr if grpo else cfg.sft_lr
-    optimizer = new_optimizer(policy, lr)
-    if saved and saved["optimizer"]:
-        optimizer.load_state_dict(saved["optimizer"])
-        optimizer.param_groups[0]["lr"] = lr       # new_optimizer's one group: a learning rate given now wins
-    if saved:              # the saved random draws go on, now that the models are built (a tiny one reseeds)
-        torch.set_rng_state(saved["torch_rng"])
-        if device.type == "cuda" and isinstance(saved.get("cuda_rng"), torch.Tensor):
-            torch.cuda.set_rng_state(saved["cuda_rng"], device)
+    optimizer = new_optimizer(policy, cfg.lr if grpo else cfg.sft_lr)
+    if saved:
+        restore(saved, optimizer, device)
     return Run(cfg, state, refs, eval_refs[: cfg.eval_limit or None], policy, segmenter, optimizer, reference)
+
+def run_data(cfg: Config) -> tuple:
+    """(the training split, the held-out split or []), every sample checked now."""
+    for name in ("rollout_batch", "sft_batch"):            # torchrun: whole samples on every process
+        if getattr(cfg, name) < world_size():
+            raise SocioError(f"{flag(name)} must be at least the number of processes, {world_size()}")
+    refs = list_split(cfg.data, cfg.split, need_foreground=True, skip_bad=cfg.skip_bad)
+    try:
+        eval_refs = list_split(cfg.data, cfg.eval_split, skip_bad=cfg.skip_bad) if cfg.eval_split else []
+    except SocioError as e:
+        raise SocioError(f"{e}. --eval-split {cfg.eval_split} (which --tiny sets) evaluates on it after "
+                         f"training; --eval-split '' skips that") from None
+    return refs, eval_refs
+
+def restore(saved: dict, optimizer, device: torch.device):
+    """A checkpoint's AdamW state (the learning rate given now wins) and random draws, which go on once the
+    models are built (a tiny one reseeds)."""
+    if saved["optimizer"]:
+        lr = optimizer.param_groups[0]["lr"]       # new_optimizer's one group
+        optimizer.load_state_dict(saved["optimizer"])
+        optimizer.param_groups[0]["lr"] = lr
+    torch.set_rng_state(saved["torch_rng"])
+    if device.type == "cuda" and isinstance(saved.get("cuda_rng"), torch.Tensor):
+        torch.cuda.set_rng_state(saved["cuda_rng"], device)
 
 def restart_log(log: Path, state: Optional[dict]):
     """The log keeps its records up to the checkpoint continued from (its state); a new run starts empty."""
-    done = lambda r: (("sft", "grpo").index(r.get("phase", "grpo")), r["step"])     # phase, then step
-    kept = [r for r in log_lines(log) if done(r) <= done(state)] if state else []
+    kept = [r for r in log_lines(log) if progress(r) <= progress(state)] if state else []
     log.with_suffix(".tmp").write_text("".join(json.dumps(r) + "\n" for r in kept))
     os.replace(log.with_suffix(".tmp"), log)
 
+def progress(record: dict) -> tuple:
+    """Where a log record or a checkpoint's state is in a run: phase, then step."""
+    return ("sft", "grpo").index(record.get("phase", "grpo")), record["step"]
+
 def warm_up(run: Run):
     """The supervised phase of a run (appendix B); its weights become GRPO's KL reference."""
-    cfg, out = run.cfg, Path(run.cfg.out)
+    cfg = run.cfg
     curriculum = f", asked about both kinds of place, alone for the first {cfg.sft_curriculum} steps"
     print(f"SFT on {len(run.refs)} samples: {cfg.sft_steps} steps x {cfg.sft_batch} samples x "
           f"{1 if cfg.single_stage else 2} stage(s) (stage 1 alone for the first {cfg.sft_stage1_only})"
@@ -1721,7 +1700,7 @@ def warm_up(run: Run):
         if (step + 1) % cfg.save_every == 0 and step + 1 < cfg.sft_steps:
             run.checkpoint(step + 1)
     if rank() == 0:
-        save_policy(run.policy, out / "warmup")
+        save_policy(run.policy, Path(cfg.out) / "warmup")
     run.state = {"phase": "grpo", "step": 0, "reference": "warmup"}
     run.optimizer = new_optimizer(run.policy, cfg.lr)
     run.checkpoint(0)                         # (data parallel: warmup/ is written when this returns)
@@ -1841,7 +1820,8 @@ def run_eval(cfg: Config, split: str, limit: int, pictures: bool):
         raise SocioError("--limit cannot be negative (0 = all samples)")
     refs = list_split(cfg.data, split, skip_bad=cfg.skip_bad)[: limit or None]
     device = pick_device()
-    policy, segmenter = load_or_build_policy(cfg, device), load_segmenter(cfg, device)
+    policy = load_policy(cfg.model, device, cfg.seed, cfg.prompts)
+    segmenter = load_segmenter(cfg, device)
     torch.manual_seed(cfg.seed)
     m = evaluate(policy, segmenter, refs, cfg, out=Path(cfg.out), pictures=pictures)
     method = "w/o reflection" if cfg.single_stage else "w/o refinement" if cfg.stage1_only else "two-stage"
@@ -1858,7 +1838,8 @@ MAX_TARGET_CHARS = 200      # SocioSeg's targets are a few words; a page of text
 
 def read_tiles(ref: SampleRef) -> Sample:
     """A SampleRef's two tiles (no ground truth needed); unreadable or misaligned tiles are one line."""
-    sat, map_img = open_image(ref.sat, "satellite", mode="RGB"), open_image(ref.map, "map", mode="RGB")
+    sat = open_image(ref.sat, "satellite", mode="RGB")
+    map_img = open_image(ref.map, "map", mode="RGB")
     if sat.size != map_img.size:
         raise SocioError(f"{ref.sat} is {sat.size[0]}x{sat.size[1]} but {ref.map} is {map_img.size[0]}x"
                          f"{map_img.size[1]}: the tiles must be pixel-aligned")
@@ -1893,43 +1874,61 @@ def infer(cfg: Config, sat_path: str, map_path: Optional[str], text: Optional[st
     batches = ([read_tiles(r) for r in refs[i:i + n]] for i in range(0, len(refs), n))
     batches = batches if folder else [next(batches)]      # one place: a bad tile stops before the models load
     device = pick_device()
-    policy, segmenter = load_or_build_policy(cfg, device), load_segmenter(cfg, device)
+    policy = load_policy(cfg.model, device, cfg.seed, cfg.prompts)
+    segmenter = load_segmenter(cfg, device)
     torch.manual_seed(cfg.seed)
-    out, seconds = Path(cfg.out), 0.0
+    out = Path(cfg.out)
+    seconds = 0.0
     for samples in batches:
         t0 = time.time()
         preds = predict_batch(policy, segmenter, samples, cfg)
         seconds += time.time() - t0
         for s, pred in zip(samples, preds):
-            where, picture = out / s.id if folder else out, prediction_picture(s, pred)
+            where = out / s.id if folder else out
             where.mkdir(parents=True, exist_ok=True)
             save_mask(pred.final, where / "mask.png")
+            picture = prediction_picture(s, pred)
             picture.save(where / "overlay.png")
             if folder:
-                print(f"{s.id}: \"{s.text}\"  mask {int(pred.final.sum())} pixels"
-                      + ("  (stage 2 malformed: stage-1 mask kept)" if pred.fallback else ""), flush=True)
-                continue
-            for g, mask in pred.stages:
-                print(f"--- {'single stage' if cfg.single_stage else f'stage {g.stage}'} ---")
-                print("reasoning:", thinking(g.texts[0]) or "(none)")
-                if g.answers[0] is None:
-                    print("answer: malformed (format gate failed); raw completion:", repr(g.texts[0][:500]))
-                boxes, points = answer_prompts(g.answers[0], g.model_hw, s.mask.shape)
-                for i, b in enumerate(boxes):
-                    pts = "" if points is None else f"  points {np.round(points[i]).astype(int).tolist()}"
-                    print(f"  box {np.round(b).astype(int).tolist()}{pts}   (satellite-image pixels)")
-                print(f"mask: {int(mask.sum())} pixels")
-            if pred.fallback:
-                print("stage-2 answer malformed: keeping the stage-1 mask")
-            print(f"wrote {out / 'mask.png'} ({s.sat.size[0]}x{s.sat.size[1]}) and {out / 'overlay.png'} "
-                  f"({picture.size[0]}x{picture.size[1]}) in {seconds:.1f}s")
+                kept = "  (stage 2 malformed: stage-1 mask kept)" if pred.fallback else ""
+                print(f"{s.id}: \"{s.text}\"  mask {int(pred.final.sum())} pixels{kept}", flush=True)
+            else:
+                print_prediction(s, pred, cfg.single_stage)
+                print(f"wrote {out / 'mask.png'} ({s.sat.size[0]}x{s.sat.size[1]}) and {out / 'overlay.png'} "
+                      f"({picture.size[0]}x{picture.size[1]}) in {seconds:.1f}s")
     if folder:
         print(f"wrote {out}/<id>/mask.png and overlay.png for {len(refs)} tiles, "
               f"{seconds / len(refs):.2f} s per tile")
     random_model_note(cfg, "infer " + shlex.join(a for a in (sat_path, map_path, text) if a is not None))
 
+def print_prediction(s: Sample, pred: Prediction, single_stage: bool):
+    """Each stage's reasoning, answer (in the tile's pixels) and mask size."""
+    for g, mask in pred.stages:
+        print(f"--- {'single stage' if single_stage else f'stage {g.stage}'} ---")
+        print("reasoning:", thinking(g.texts[0]) or "(none)")
+        if g.answers[0] is None:
+            print("answer: malformed (format gate failed); raw completion:", repr(g.texts[0][:500]))
+        boxes, points = answer_prompts(g.answers[0], g.model_hw, s.mask.shape)
+        for i, b in enumerate(boxes):
+            pts = "" if points is None else f"  points {np.round(points[i]).astype(int).tolist()}"
+            print(f"  box {np.round(b).astype(int).tolist()}{pts}   (satellite-image pixels)")
+        print(f"mask: {int(mask.sum())} pixels")
+    if pred.fallback:
+        print("stage-2 answer malformed: keeping the stage-1 mask")
+
 def save_mask(mask: np.ndarray, path: Path):
     Image.fromarray(mask.astype(np.uint8) * 255).save(path)            # 0 / 255, readable by read_sample
+
+def stage_title(group: Group, row: int, rows: int) -> str:
+    if rows == 1:
+        name = "single stage (w/o reflection): boxes + points" if group.stage == 2 else \
+            "stage 1 only (w/o refinement): boxes"
+        name += " -> final mask"
+    else:
+        name = {1: "stage 1: boxes -> coarse mask", 2: "stage 2: boxes + points -> final mask"}[group.stage]
+    if group.answers[0] is None:
+        name += " (malformed; stage-1 mask kept)" if row else " (malformed)"
+    return name
 
 def prediction_picture(sample: Sample, pred: Prediction, max_side: int = 1024) -> Image.Image:
     """In the spirit of the paper's Fig. 3: the target and a legend, then a row per stage, named, with its
@@ -1939,7 +1938,8 @@ def prediction_picture(sample: Sample, pred: Prediction, max_side: int = 1024) -
     w, h = (max(1, round(v * scale)) for v in sample.sat.size)
     tiles = [t.resize((w, h), Image.BILINEAR) if scale < 1 else t for t in (sample.map, sample.sat)]
     fs = min(28, max(12, w // 16))                                     # font size, line height
-    font, line = ImageFont.load_default(size=fs), fs + fs // 2
+    font = ImageFont.load_default(size=fs)
+    line = fs + fs // 2
     panel = Image.new("RGB", (2 * w, 2 * line + len(pred.stages) * (line + h)), "white")
     draw = ImageDraw.Draw(panel)
     def text(y, words):                 # at the left edge, cut to the panel's width (never below "...")
@@ -1947,7 +1947,8 @@ def prediction_picture(sample: Sample, pred: Prediction, max_side: int = 1024) -
             words = words[:-4] + "..."
         draw.text((4, y), words, fill="black", font=font)
     text(2, f'target: "{sample.text}"')
-    legend, y = "left: map, right: satellite;", line + 2                # then the swatches: box, point, mask
+    legend = "left: map, right: satellite;"                             # then the swatches: box, point, mask
+    y = line + 2
     text(y, legend)
     x = 4 + font.getlength(legend + " ")
     for name, style in {"box": dict(outline=BOX_RGB, width=max(2, fs // 8)),
@@ -1957,16 +1958,12 @@ def prediction_picture(sample: Sample, pred: Prediction, max_side: int = 1024) -
         draw.text((x + fs + 4, y), name, fill="black", font=font)
         x += 2 * fs + 4 + font.getlength(name)
     for row, (group, mask) in enumerate(pred.stages):
-        name = {1: "stage 1: boxes -> coarse mask", 2: "stage 2: boxes + points -> final mask"}[group.stage]
-        if len(pred.stages) == 1:
-            name = ("single stage (w/o reflection): boxes + points" if group.stage == 2 else
-                    "stage 1 only (w/o refinement): boxes") + " -> final mask"
-        name += " (malformed" + ("; stage-1 mask kept)" if row else ")") if group.answers[0] is None else ""
         top = 2 * line + row * (line + h)
-        text(top + 2, name)
+        text(top + 2, stage_title(group, row, len(pred.stages)))
         boxes, points = answer_prompts(group.answers[0], group.model_hw, sample.mask.shape)
         if scale < 1:
-            boxes, points = boxes * scale, None if points is None else [p * scale for p in points]
+            boxes = boxes * scale
+            points = None if points is None else [p * scale for p in points]
             mask = np.asarray(Image.fromarray(mask).resize((w, h), Image.NEAREST))
         for col, tile in enumerate(tiles):
             panel.paste(render(tile, boxes, mask, points), (col * w, top + line))
@@ -2039,10 +2036,12 @@ def bench(cfg: Config, steps: int, replays: bool = True):
     check_config(cfg)
     device = pick_device()
     torch.manual_seed(cfg.seed)
-    refs, policy = list_split(cfg.data, cfg.split), load_or_build_policy(cfg, device)
+    refs = list_split(cfg.data, cfg.split)
+    policy = load_policy(cfg.model, device, cfg.seed, cfg.prompts)
     prepare_policy(policy, cfg)
     reference = load_reference(cfg, cfg.model, device)
-    segmenter, optimizer = load_segmenter(cfg, device), new_optimizer(policy, cfg.lr)
+    segmenter = load_segmenter(cfg, device)
+    optimizer = new_optimizer(policy, cfg.lr)
     print(f"bench: {steps} steps each way x {cfg.rollout_batch} prompts x G={cfg.group_size}, micro-batch "
           f"{cfg.micro_batch}, max {cfg.max_new_tokens} new tokens, device {device}")
     records = {True: [], False: []}                             # shared_prompt -> one record per step
@@ -2067,7 +2066,8 @@ def bench(cfg: Config, steps: int, replays: bool = True):
 def bench_step(step: int, batch: list, policy: Policy, reference, optimizer, segmenter, cfg: Config) -> dict:
     """One timed training step -> seconds by kind of work, SAM encodings, prompt and completion tokens,
     peak memory, and the calls of encode_tiles and sample_completions."""
-    times, calls = {}, []
+    times = {}
+    calls = []
     reset_peak_memory(policy.device)
     with timed_functions(times, calls):
         seconds, stats = timed_call(train_step, step, batch, policy, reference, optimizer, segmenter, cfg)
@@ -2081,7 +2081,8 @@ def bench_step(step: int, batch: list, policy: Policy, reference, optimizer, seg
 
 def print_bench(records: dict, cfg: Config, device):
     """Mean seconds per step by kind of work, shared prompts against one row per completion, the ratio."""
-    mean = lambda shared, key: float(np.mean([r.get(key, 0.0) for r in records[shared]]))
+    def mean(shared: bool, key: str) -> float:
+        return float(np.mean([r.get(key, 0.0) for r in records[shared]]))
     print(f"\n{'seconds per step':42s} {'shared':>8s} {'plain':>8s} {'ratio':>6s} {'share':>6s}")
     for key in ("generation", "segmentation", "rewards", "policy forward/backward", "reference forward",
                 "optimizer", "scoring", "seconds"):
@@ -2112,8 +2113,12 @@ def bench_generation(generation: list, n_prompts: int, cfg: Config):
     """Generation alone, with the same weights: a step's sample_completions calls [(args, kwargs)] (both
     stages' prompts) again, one prompt per call (G sequences, how rollouts were sampled before batching)
     against --generation-batch, alternated so that a change of machine load hits both alike; median of 3."""
-    generate = lambda b: sum(len(c) for args, kwargs in generation           # -> the tokens generated
-                             for cs in sample_completions(*args, **{**kwargs, "batch": b}) for c in cs)
+    def generate(batch: int) -> int:                                          # -> the tokens generated
+        tokens = 0
+        for args, kwargs in generation:
+            completions = sample_completions(*args, **{**kwargs, "batch": batch})
+            tokens += sum(len(c) for cs in completions for c in cs)
+        return tokens
     runs = {cfg.group_size: [], cfg.generation_batch: []}
     for b in list(runs) * 3:
         runs[b].append(timed_call(generate, b))
@@ -2131,7 +2136,8 @@ def bench_accumulation(policy: Policy, reference, optimizer, generation_call: tu
     """One micro-batch's rows (the first prompt of a sample_completions call), accumulated once and eight
     times: the peak memory must not grow with the number of micro-batches."""
     (_, prompts, _), sampling = generation_call            # rollout's call: (policy, prompts, n), sampling
-    prompt, device = prompts[0], policy.device
+    prompt = prompts[0]
+    device = policy.device
     completions, = sample_completions(policy, [prompt], cfg.micro_batch, **sampling)
     policy.model.train()
     peaks = {}
@@ -2160,6 +2166,139 @@ def synthetic():
     return module
 
 # ==== Appendix G — the command line =========================================================================
+# Every command's flags are Config's fields that take it (`param`); where a command's values come from is one
+# rule: Config's defaults, then the command's, then --tiny's, then the flags given (`sft` is `train` given
+# --steps 0). --help costs torch's import (a second or three): the method comes first in this file.
+
+COMMANDS = {
+    "train": "two-stage GRPO training (Algorithm 1), after an optional SFT warm-up",
+    "sft": "supervised steps only, no GRPO (A.2.3); with --single-stage, the paper's SFT baseline",
+    "infer": "segment one place: infer SAT MAP \"school\"; tiles: infer DIR [TEXT]",
+    "eval": "cIoU, gIoU, F1 and seconds per sample of a model on a split (Table 1)",
+    "bench": "time and memory of a few training steps, by kind of work"}
+# --tiny, the offline demo (appendix A: a tiny random Qwen2.5-VL, a weights-free SAM stand-in). Its tiles hold
+# a school and a park; the text names one (data_sample/synthetic.py). A random model does not learn to read
+# the text and find a place at once, so the warm-up is a curriculum (measured on fresh tiles, held-out
+# stage-1 gIoU, one seed each): every tile is asked about both of its places, by name, so that only the text
+# tells the two answers apart (without that, 900 steps after a one-kind curriculum left the text unread:
+# 19-22 %, and naming the other kind found the same place); the first 400 steps show the place asked about
+# alone, to find a place before choosing one (with 400: 32 % after 900 steps, 2 % against the tile's target
+# with the other kind named; with 150: 9 % after 600; with 700: 21 % after 900). Stage-2 rows cost about
+# three stage-1 rows and are learnt quickly once the boxes are, so stage 1 trains alone until step 790. A
+# 1,200-step warm-up (1,050 stage 1 alone) gave 45 % -> 48 % through GRPO but took 18.6 min: 850 fit the time.
+# A tiny model's GRPO lr.
+TINY_DEFAULTS = dict(model="tiny", sam="grow", rollout_batch=8, group_size=8, max_new_tokens=64,
+                     micro_batch=16, lr=3e-5, steps=60, sft_steps=850, sft_lr=1e-3, sft_batch=8,
+                     sft_curriculum=400, sft_stage1_only=790,
+                     eval_split="val", save_every=100, generation_batch=0)
+DEMO_OUT = "runs/demo"      # --tiny's out (runs/demo-sft, ... for other commands): never a real run's folder
+DEMO_OUT = "runs/demo"      # --tiny's out (runs/demo-sft, ... for other commands): never a real run's folder
+RELEASED = "vvangfaye/SocioReasoner-3B"                              # the authors' trained policy
+COMMAND_DEFAULTS = {"sft": dict(sft_steps=500, out="runs/sft"), "eval": dict(model=RELEASED, out="runs/eval"),
+                    "infer": dict(model=RELEASED, out="runs/infer")}
+
+def command_config(command: str, tiny: bool, given: dict) -> Config:
+    tiny_values = {**TINY_DEFAULTS, "out": DEMO_OUT if command == "train" else f"{DEMO_OUT}-{command}"}
+    return Config(**{**COMMAND_DEFAULTS.get(command, {}), **(tiny_values if tiny else {}), **given})
+
+def command_fields(command: str) -> list:
+    return [f for f in dataclasses.fields(Config) if command in f.metadata["takes"]]
+
+def flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+def shown(value) -> str:
+    return "''" if value == "" else str(value)
+
+def add_flag(parser: argparse.ArgumentParser, f: dataclasses.Field, command: str):
+    """Config field f as a flag of `command`, default None (so that main tells the flags given); a switch on
+    by default is turned off by --no-NAME."""
+    doc = f.metadata["docs"].get(command, f.metadata["doc"]).replace("%", "%%")        # %: for argparse
+    if f.type != "bool":
+        default = shown(COMMAND_DEFAULTS.get(command, {}).get(f.name, f.default))
+        parser.add_argument(flag(f.name), dest=f.name, type=type(f.default),
+                            help=f"{doc} (default {default})")
+    elif f.default:
+        parser.add_argument("--no-" + f.name.replace("_", "-"), dest=f.name, default=None,
+                            action="store_false", help=doc)
+    else:
+        parser.add_argument(flag(f.name), dest=f.name, default=None, action="store_true", help=doc)
+
+def tiny_help(command: str) -> str:
+    tiny = command_config(command, True, {})                                # the values --tiny gives
+    names = [f.name for f in command_fields(command)]
+    values = " ".join(f"{flag(k)} {shown(getattr(tiny, k))}" for k in TINY_DEFAULTS if k in names)
+    if "out" in names:
+        values += f"; --out {tiny.out}"
+    note = "; unless --model is given the policy is random" if command in INFERENCE.split() else ""
+    return f"offline demo: {values} (flags given still win){note}"
+
+def add_own_arguments(p: argparse.ArgumentParser, command: str):
+    """A command's arguments that are not Config fields."""
+    if command == "infer":
+        p.add_argument("sat", help="satellite tile (PNG/JPEG), or a folder DIR of <id>/{sat,map}.png tiles")
+        p.add_argument("map", nargs="?",
+                       help="digital-map tile, same size, pixel-aligned (after DIR: the TEXT)")
+        p.add_argument("text", nargs="?", help="the target, e.g. \"school\", \"a certain university\"")
+    if command == "eval":
+        p.add_argument("--split", default="val", help="split to evaluate (default val)")
+        p.add_argument("--limit", type=int, default=0, help="evaluate the first N samples only (default all)")
+        p.add_argument("--pictures", action="store_true", help="also write a Fig.-3-style picture per sample")
+    if command == "bench":
+        p.add_argument("--bench-steps", type=int, default=3,
+                       help="training steps to time each way (default 3)")
+        p.add_argument("--no-replays", action="store_true", help="only the steps: skip timing generation one "
+                       "prompt per call and the accumulation check (minutes at 3B)")
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="socioreasoner.py", description=__doc__.split("\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    for command, doc in COMMANDS.items():
+        p = sub.add_parser(command, help=doc)
+        p.add_argument("--tiny", action="store_true", help=tiny_help(command))
+        p.add_argument("--threads", type=int,
+                       help="CPU threads for torch (default: 1 with --tiny, else one per core)")
+        for f in command_fields(command):
+            add_flag(p, f, command)
+        add_own_arguments(p, command)
+    m = sub.add_parser("make-data", help="write synthetic SocioSeg-style train/ and val/ splits")
+    m.add_argument("--out", default="data_sample", help="folder for train/ and val/ (default data_sample)")
+    for arg, what in [("--train", "training tiles"), ("--val", "held-out tiles"), ("--size", "tile side in "
+                      "pixels"), ("--seed", "random seed"),
+                      ("--kinds", "2: a school and a park a tile, the text naming one; 1: one place")]:
+        m.add_argument(arg, type=int, help=f"{what} (default: data_sample/synthetic.py's)")
+    return parser
+    for arg, what in [("--train", "training tiles"), ("--val", "held-out tiles"), ("--size", "tile side in "
+                      "pixels"), ("--seed", "random seed"),
+                      ("--kinds", "2: a school and a park a tile, the text naming one; 1: one place")]:
+        m.add_argument(arg, type=int, help=f"{what} (default: data_sample/synthetic.py's)")
+    return parser
+
+def check_config(cfg: Config):
+    """Reject values that would fail later, deep inside a library (or silently do nothing), with one line
+    naming each flag. Every command checks its whole config: a flag it does not take holds its default."""
+    problems = []
+    if cfg.select not in ("argmax", "sample"):
+        problems.append(f"--select is 'argmax' or 'sample', not '{cfg.select}'")
+    if cfg.group_size < 2:
+        problems.append("--group-size must be at least 2: advantages are relative to the group")
+    for name in ("rollout_batch", "micro_batch", "sft_batch", "max_new_tokens", "save_every"):
+        if getattr(cfg, name) < 1:
+            problems.append(f"--{name.replace('_', '-')} must be at least 1")
+    for name in ("steps", "sft_steps", "eval_limit", "generation_batch", "seed", "infer_top_k"):
+        if getattr(cfg, name) < 0:
+            problems.append(f"--{name.replace('_', '-')} cannot be negative")
+    for name in ("temperature", "infer_temperature"):
+        if not getattr(cfg, name) > 0:
+            problems.append(f"--{name.replace('_', '-')} must be positive")
+    if not 0 < cfg.infer_top_p <= 1:
+        problems.append("--infer-top-p must be in (0, 1]")
+    if not 1 <= cfg.sft_points <= MAX_POINTS:
+        problems.append(f"--sft-points must be between 1 and {MAX_POINTS}")
+    if cfg.single_stage and cfg.stage1_only:
+        problems.append("--single-stage and --stage1-only are two different ablations: give one")
+    if problems:
+        raise SocioError("; ".join(problems))
 
 def join_processes(command: str):
     """Under `torchrun` (one process per GPU, or per share of the CPUs, with RANK, WORLD_SIZE, LOCAL_RANK and
@@ -2181,55 +2320,69 @@ def join_processes(command: str):
 
 def main(argv=None):
     """Run a command: argv is a list of arguments (sys.argv[1:] when None) or an already parsed namespace."""
-    args = argv if isinstance(argv, argparse.Namespace) else build_parser().parse_args(argv)
-    threads = vars(args).get("threads")               # make-data takes neither --threads nor --tiny
-    if threads is not None and threads < 1:
-        sys.exit("error: --threads must be at least 1")
-    if threads or vars(args).get("tiny"):
-        torch.set_num_threads(threads or 1)
-    from huggingface_hub import constants as hub_constants, utils as hub_utils
-    from transformers.utils import logging as hf_logging
-    hf_logging.disable_progress_bar()          # no bar per checkpoint write or read: our own lines say it...
-    if not hub_constants.HF_HUB_DISABLE_PROGRESS_BARS:
-        hub_utils.enable_progress_bars()       # ...but downloads from the hub keep theirs
-    cfg = None
+def main(argv=None):
+    """Run a command: argv is a list of arguments (sys.argv[1:] when None)."""
+    args = build_parser().parse_args(argv)
     try:
-        if args.command == "make-data":        # --train and --val are the generator's n_train and n_val
-            generator_args = {("n_" + k if k in ("train", "val") else k): v for k, v in vars(args).items()
-                              if v is not None and k not in ("command", "out")}
-            synthetic().make_synthetic_data(args.out, **generator_args)
-            counts = [len(list((Path(args.out) / s).glob("*/question.json"))) for s in ("train", "val")]
-            return print(f"wrote {counts[0]} train and {counts[1]} val samples to {args.out}")
-        given = {k: v for k, v in vars(args).items() if v is not None and k in Config.__dataclass_fields__}
-        if args.command == "sft":             # SFT alone is a training run whose GRPO phase has no steps
-            given["steps"] = 0
-        cfg = command_config(args.command, args.tiny, given)
-        load_prompts(cfg.prompts)                 # a bad prompts file stops here, before any model is loaded
-        if args.command == "sft" and cfg.sft_steps < 1:
-            raise SocioError("sft: --sft-steps must be at least 1")
-        join_processes(args.command)
-        if args.command in ("train", "sft"):
-            train(cfg, set(given))
-        elif args.command == "infer":
-            infer(cfg, args.sat, args.map, args.text)
-        elif args.command == "eval":
-            run_eval(cfg, args.split, args.limit, args.pictures)
-        else:
-            bench(cfg, args.bench_steps, replays=not args.no_replays)
+        if args.command == "make-data":
+            return make_data(args)
+        return run_command(args)
     except SocioError as e:
         sys.exit(f"error: {e}")
     except OSError as e:      # a full disk, an --out that is a file, a folder without write permission, ...
         sys.exit(f"error: {one_line(e)}")
     except KeyboardInterrupt:
-        if args.command not in ("train", "sft") or cfg is None:
-            sys.exit("interrupted")
-        ckpt = latest_checkpoint(Path(cfg.out))
-        sys.exit("interrupted before the first checkpoint: nothing to resume; run the command again (without "
-                 "--resume)" if ckpt is None else f"interrupted: continue from {ckpt} with the same command "
-                 "and --resume")
+        sys.exit(interrupted(args))
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
 
+def make_data(args: argparse.Namespace):
+    """--train and --val are the generator's n_train and n_val."""
+    given = {k: v for k, v in vars(args).items() if v is not None and k not in ("command", "out")}
+    renamed = {("n_" + k if k in ("train", "val") else k): v for k, v in given.items()}
+    synthetic().make_synthetic_data(args.out, **renamed)
+    counts = [len(list((Path(args.out) / s).glob("*/question.json"))) for s in ("train", "val")]
+    print(f"wrote {counts[0]} train and {counts[1]} val samples to {args.out}")
+
+def given_flags(args: argparse.Namespace) -> dict:
+    """The Config fields given on the command line; `sft` is a training run whose GRPO phase has no steps."""
+    given = {k: v for k, v in vars(args).items() if v is not None and k in Config.__dataclass_fields__}
+    return given | {"steps": 0} if args.command == "sft" else given
+
+def run_command(args: argparse.Namespace):
+    if args.threads is not None and args.threads < 1:
+        raise SocioError("--threads must be at least 1")
+    if args.threads or args.tiny:
+        torch.set_num_threads(args.threads or 1)
+    from huggingface_hub import constants as hub_constants, utils as hub_utils
+    from transformers.utils import logging as hf_logging
+    hf_logging.disable_progress_bar()          # no bar per checkpoint write or read: our own lines say it...
+    if not hub_constants.HF_HUB_DISABLE_PROGRESS_BARS:
+        hub_utils.enable_progress_bars()       # ...but downloads from the hub keep theirs
+    given = given_flags(args)
+    cfg = command_config(args.command, args.tiny, given)
+    load_prompts(cfg.prompts)                 # a bad prompts file stops here, before any model is loaded
+    if args.command == "sft" and cfg.sft_steps < 1:
+        raise SocioError("sft: --sft-steps must be at least 1")
+    join_processes(args.command)
+    if args.command in ("train", "sft"):
+        train(cfg, set(given))
+    elif args.command == "infer":
+        infer(cfg, args.sat, args.map, args.text)
+    elif args.command == "eval":
+        run_eval(cfg, args.split, args.limit, args.pictures)
+    else:
+        bench(cfg, args.bench_steps, replays=not args.no_replays)
+
+def interrupted(args: argparse.Namespace) -> str:
+    if args.command not in ("train", "sft"):
+        return "interrupted"
+    ckpt = latest_checkpoint(Path(command_config(args.command, args.tiny, given_flags(args)).out))
+    if ckpt is None:
+        return "interrupted before the first checkpoint: nothing to resume; run the command again (without " \
+            "--resume)"
+    return f"interrupted: continue from {ckpt} with the same command and --resume"
+
 if __name__ == "__main__":
-    main(ARGS)
+    main()
