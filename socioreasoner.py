@@ -2319,8 +2319,6 @@ def join_processes(command: str):
     print(f"data parallel: {world_size()} processes over {dist.get_backend()}")
 
 def main(argv=None):
-    """Run a command: argv is a list of arguments (sys.argv[1:] when None) or an already parsed namespace."""
-def main(argv=None):
     """Run a command: argv is a list of arguments (sys.argv[1:] when None)."""
     args = build_parser().parse_args(argv)
     try:
