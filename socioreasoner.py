@@ -1434,7 +1434,7 @@ def build_random_policy(arch: dict, seed: int, device: torch.device, prompts: st
 
 # ==== Appendix B — A.2.3 supervised fine-tuning: the paper's SFT baseline, and the warm-up before GRPO ======
 # The SFT baseline (Table 4) trains on answers made from the ground truth: each region's box plus three points
-# inside its mask, in each stage's schema, with an empty <think></think> (no reasoning to imitate). A stage-2
+# inside its mask (spread across its middle, `evenly_inside`), in each stage's schema, with an empty <think></think> (no reasoning to imitate). A stage-2
 # prompt needs a first attempt to look at: the ground-truth boxes jittered by up to 10% of their size, with
 # the segmenter's coarse mask for those, so the model learns to refine rather than copy. The loss is the
 # token-mean negative log-likelihood, by GRPO's completion_logprobs. `sft` runs only this phase; `train
@@ -1475,7 +1475,7 @@ def sft_examples(policy: Policy, segmenter: Segmenter, sample: Sample, n_points:
         return np.argwhere(labels == j).mean(0)[::-1] + 0.5
     candidates = [grid[on_label == j] if np.any(on_label == j) else        # under one model pixel: its centre
                   np.floor(to_frame([centre(j)], mask_hw, model_hw)) for j in range(1, n_regions + 1)]
-    points = [c[rng.choice(len(c), size=n_points, replace=len(c) < n_points)] for c in candidates]
+    points = [evenly_inside(c, n_points) for c in candidates]
     target2 = tokens([{"bbox_2d": b, "points": p} for b, p in zip(boxes_model, points)])
     if single_stage:       # the paper's SFT baseline proper: one prompt, boxes and points
         return [(stage1_prompt(policy, sample, "single")[0], target2)]
@@ -1485,6 +1485,19 @@ def sft_examples(policy: Policy, segmenter: Segmenter, sample: Sample, n_points:
                             [{"bbox_2d": b} for b in attempt], model_hw, mask_hw)
     return [(stage1_prompt(policy, sample)[0], tokens([{"bbox_2d": b} for b in boxes_model])),
             (stage2_inputs(policy, sample, attempt, model_hw, coarse), target2)]
+
+def evenly_inside(candidates: np.ndarray, n: int) -> np.ndarray:
+    """n of a region's candidate points (K, 2): those nearest to n spots spread evenly along the line through
+    the candidates' centre, at (i + 1) / (n + 1) of their width. Not a random draw: the target is then a
+    function of the tile, which the model can learn, and each point sits inside the region, away from the
+    edges, where a point grows into the ground around the place (random points: 59 % on the target after a
+    demo run, and stage 2 below stage 1)."""
+    low = candidates.min(0)
+    high = candidates.max(0)
+    xs = low[0] + (high[0] - low[0]) * np.arange(1, n + 1) / (n + 1)
+    spots = np.stack([xs, np.full(n, candidates[:, 1].mean())], 1)                          # (n, 2)
+    nearest = np.linalg.norm(candidates[None] - spots[:, None], axis=-1).argmin(1)         # (n,)
+    return candidates[nearest]
 
 def sft_step(policy: Policy, optimizer, rows: list, micro_batch: int) -> float:
     """One supervised update on all rows, accumulated over micro-batches as in GRPO."""

@@ -891,6 +891,17 @@ def test_sft_target_points_land_on_the_target_once_written_in_whole_model_pixels
             assert s.mask[p[:, 1].astype(int), p[:, 0].astype(int)].all(), ref.id
 
 
+def test_sft_target_points_spread_evenly_across_the_regions_middle_and_stay_on_it():
+    """A 9 x 3 block (x 0-8, y 0-2): spots at a quarter, half and three quarters of its width on its middle
+    row, (2, 1), (4, 1), (6, 1). An L (x 0-8 on y 0, and x 0 on y 1-8: 17 pixels, mean y 36 / 17 = 2.12):
+    spots off the region give the nearest of its pixels: (2, 2.12) -> (0, 2) at 2.0, not (2, 0) at 2.12."""
+    xs, ys = np.meshgrid(np.arange(9), np.arange(3))
+    block = np.stack([xs.ravel(), ys.ravel()], 1)
+    assert sr.evenly_inside(block, 3).tolist() == [[2, 1], [4, 1], [6, 1]]
+    ell = np.array([[x, 0] for x in range(9)] + [[0, y] for y in range(1, 9)])
+    assert sr.evenly_inside(ell, 3).tolist() == [[0, 2], [4, 0], [6, 0]]
+
+
 def test_sft_targets_of_sub_pixel_regions_stay_well_formed():
     text = sr.format_answer([{"bbox_2d": np.array([12.2, 20.0, 12.4, 30.0]),
                               "points": np.array([[12.3, 25.0]])}])
