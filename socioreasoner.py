@@ -2201,8 +2201,8 @@ COMMANDS = {
 # 1,200-step warm-up (1,050 stage 1 alone) gave 45 % -> 48 % through GRPO but took 18.6 min: 850 fit the time.
 # A tiny model's GRPO lr.
 TINY_DEFAULTS = dict(model="tiny", sam="grow", rollout_batch=8, group_size=8, max_new_tokens=64,
-                     micro_batch=16, lr=3e-5, steps=60, sft_steps=850, sft_lr=1e-3, sft_batch=8,
-                     sft_curriculum=400, sft_stage1_only=790,
+                     micro_batch=16, lr=3e-5, steps=60, sft_steps=800, sft_lr=1e-3, sft_batch=8,
+                     sft_curriculum=200, sft_stage1_only=550,
                      eval_split="val", save_every=100, generation_batch=0)
 DEMO_OUT = "runs/demo"      # --tiny's out (runs/demo-sft, ... for other commands): never a real run's folder
 DEMO_OUT = "runs/demo"      # --tiny's out (runs/demo-sft, ... for other commands): never a real run's folder
