@@ -7,13 +7,9 @@ them into a coarse mask, drawn with the boxes onto both images. Stage 2: it look
 answers boxes with points inside them; SAM turns those into the final mask. Nothing in this chain is
 differentiable, so one shared policy is trained with GRPO on rewards computed from the ground truth.
 
-The sections follow the paper and the path of a sample: A.2.3 hyperparameters | §3 data | §4.1 eqs. 1, 4
-prompts and coordinate frames | A.2.2 parsing, the format gate | §4.1 eq. 3 renderer D | §4.1 eqs. 2, 5
-segmenter S, an answer as its prompt | A.2.2 eqs. 7-12 rewards | §4.2 policy: sampling, log-probs | §4.2 eq. 6
-GRPO | Algorithm 1 rollout | Algorithm 1 training step | §4.1 inference | §5.1 metrics. Then appendices, for
-what serves the method: A the offline demo's tiny model and stand-in segmenter | B SFT (A.2.3) | C the
-training run, checkpoints, resume | D held-out report, eval, infer | E benchmark | F synthetic data | G the
-command line (train, sft, infer, eval, bench, make-data).
+The sections follow the paper and the path of a sample, from the hyperparameters (A.2.3) and the data (§3)
+to the metrics (§5.1); then appendices A-G for what serves the method: the offline demo, SFT, the training
+run, held-out report, eval and infer, benchmark, synthetic data, and the command line.
 
 Conventions. A box is [x1, y1, x2, y2] in continuous pixel coordinates: pixel (row r, column c) covers
 [c, c+1) x [r, r+1). The *mask frame* is the tiles' pixels as stored (SAM and the ground truth live there),
@@ -29,10 +25,8 @@ from datetime import timedelta
 from pathlib import Path
 from typing import Any, Optional, Protocol
 
-# CPU threads. torch's idle threads busy-wait by default and fight any other process on shared cores (a demo
-# SFT step: 9-19 s, 0.6-1.5 s with them asleep); OpenMP reads OMP_WAIT_POLICY when torch is imported, so it is
-# set here (a user's value wins). The tiny models' operations are too small for more threads to pay off (50
-# demo SFT steps on 2 quiet cores: 34 s on one, 31 s on two spinning, 44 s on two asleep): --tiny uses one.
+# torch's idle threads busy-wait by default and fight any other process on shared cores (README, Threads);
+# OpenMP reads OMP_WAIT_POLICY when torch is imported, so it is set here (a user's value wins).
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 import numpy as np
 import torch
@@ -728,17 +722,14 @@ def sample_completions(policy: Policy, prompts: list, n: int, temperature: float
             completions.append(seq[: int(ends[0]) + 1] if len(ends) else seq)   # keep the EOS itself
     return [completions[i * n:(i + 1) * n] for i in range(len(prompts))]
 
-# Shared prompts in generation. generate(num_return_sequences=n) repeats each prompt's row n times *before*
-# its prefill, so a prompt (~1,650 tokens at 3B) is prefilled n times. Here it is prefilled once: the model
-# runs over the prompts without their last token, with the images, keeping its KV cache; the cache's rows are
-# repeated n times, and generate continues from the repeated prompts: it finds their first P-1 columns cached,
-# feeds only the last prompt token and samples on, without the images (given again, they would be encoded
-# and inserted a second time). The subtle part is M-RoPE: Qwen2.5-VL computes the 3-D positions of a prompt at
-# its prefill and keeps per prompt only `rope_deltas` (its largest position + 1 minus its length), from which
-# every later position is made; these must be repeated like the cache rows. Left unrepeated they give a
-# shape error or (broadcast) positions of another prompt: logits off by ~1e-2 whose greedy output can still
-# look right. The repeated cache is a full copy per sample: what is saved is the prefill's compute and its
-# activation memory (n-fold), not the KV cache's size.
+# Shared prompts in generation. generate(num_return_sequences=n) prefills each prompt n times. Here the model
+# runs once over the prompts without their last token, with the images, keeping its KV cache; the cache's
+# rows are repeated n times, and generate continues from the repeated prompts: it finds their first P-1
+# columns cached, feeds only the last prompt token and samples on, without the images (given again, they
+# would be inserted a second time). The subtle part is M-RoPE: Qwen2.5-VL keeps per prompt only `rope_deltas`
+# (its largest position + 1 minus its length), from which every later position is made; these must be
+# repeated like the cache rows, or the positions are another prompt's (logits off by ~1e-2, greedy output
+# that can still look right). What is saved is the prefill's compute, not the KV cache's size.
 def generate_samples(policy: Policy, inputs: dict, n: int, shared_prompt: bool, options: dict):
     """n samples of each of the k left-padded prompts in inputs (on the device) -> (k n, P + T_max) ids,
     prompt-major (the n samples of prompt 0 first), as generate(num_return_sequences=n) returns them."""
@@ -830,22 +821,16 @@ def plain_hidden(policy: Policy, model, rows: list) -> tuple:
     index = (P[:, None] - 1 + t[None, :]).clamp(max=L - 1) + row_start
     return hidden.reshape(-1, hidden.shape[-1]), index
 
-# Shared prompts in scoring. Plain rows repeat a group's prompt G times (at 3B ~1,650 of a row's ~1,900
-# tokens), so the reference forward, the policy forward and its backward each compute it G times. Packed, a
-# group is one sequence [prompt, completion 1, ..., completion G]: P + G T tokens instead of G (P + T), at
-# the paper's shapes 3,650 instead of 15,200. It is exact because attention is causal: a prompt token never
-# sees a completion, so the prompt's hidden states are the same whatever follows it; and a completion that
-# sees the prompt and its own earlier tokens, at the positions it was sampled at, is computed as in its own
-# row. Two things make that so, and both are where one goes wrong. (1) The attention mask is 4-D, per query
-# and key (`prefix_sharing_mask`), and additive float (0 or the most negative number): eager attention adds
-# the mask to its scores, so a bool mask there runs and is wrong (flash-attention kernels take no such mask:
-# sdpa, the default, or eager). (2) The positions are explicit: completion token t sits at the prompt's
-# largest M-RoPE position + 1 + t on all three axes, wherever it lies in the packed sequence; positions
-# counted along the packed sequence would place completion 2 after completion 1. The price: attention is
-# computed over the whole (P + G T)^2 grid, masked, so with long completions and a short prompt (the tiny
-# demo's untrained policy) it can cost more than it saves; with P >> T (the paper's) the grid is smaller
-# than the plain rows'. (Computing the prompt once and giving the completions its KV cache would also be
-# exact, but transformers' gradient checkpointing drops a passed-in cache in train mode.)
+# Shared prompts in scoring. Plain rows compute a group's prompt G times; packed, a group is one sequence
+# [prompt, completion 1, ..., completion G]: P + G T tokens instead of G (P + T). It is exact because
+# attention is causal: a prompt token never sees a completion, and a completion that sees the prompt and its
+# own earlier tokens, at the positions it was sampled at, is computed as in its own row. Two things make that
+# so, and both are where one goes wrong. (1) The attention mask is 4-D, per query and key
+# (`prefix_sharing_mask`), and additive float (0 or the most negative number): eager attention adds the mask
+# to its scores, so a bool mask there runs and is wrong (flash-attention kernels take no such mask). (2) The
+# positions are explicit: completion token t sits at the prompt's largest M-RoPE position + 1 + t on all
+# three axes, wherever it lies in the packed sequence. (A KV cache of the prompt would also be exact, but
+# transformers' gradient checkpointing drops a passed-in cache in train mode.) Its cost: README, Shared prompts.
 def packed_hidden(policy: Policy, model, rows: list) -> tuple:
     """One sequence per distinct prompt (by identity), [prompt, its rows' completions] -> last hidden states
     (S L, D) and index (B, T): where in them completion token t of row i is predicted."""
@@ -1011,16 +996,13 @@ def select_carried(rewards: list, how: str, rng: np.random.Generator) -> int:
 # Algorithm 1 as printed updates inside the loop over a batch's samples (lines 14, 27) and refreshes pi_old
 # once per step (line 29); §4.2's schedule and the authors' release update once per stage per step, on the
 # whole batch, as here: stage 1 for all samples, one update, stage 2 sampled from the updated policy, one
-# update. Memory on one GPU: the weights stay float32 (AdamW at lr 1e-6 moves a weight of ~1e-2 by ~1e-6, far
-# below bf16's resolution there: the update would round away), forward passes run under bf16 autocast, and the
-# frozen reference has bf16 parameters and float32 buffers (`bf16_parameters`; 7.5 GB saved; its log-probs
-# differ from the policy's by rounding, so the logged KL starts at a small floor on a GPU). A stage's rows
-# (rollout_batch x G) are cut into micro-batches whose gradients are accumulated, each weighted by its share
-# of the rows: the accumulated gradient is the full-batch gradient however the batch is cut (a test checks
-# this). A micro-batch counts rows (completions), with or without shared prompts: its logits, (rows, T, V)
-# float32, are what fills memory at 3B, and the loss is a mean over rows. A group cut by a micro-batch's edge
-# is packed once in each part (its prompt computed once per part): a --micro-batch that is a multiple of G
-# gets the whole saving.
+# update. On a GPU the weights stay float32 (AdamW at lr 1e-6 moves a weight of ~1e-2 by ~1e-6, below bf16's
+# resolution there), forward passes run under bf16 autocast, and the frozen reference has bf16 parameters
+# (`bf16_parameters`: its log-probs differ by rounding, so the logged KL starts at a small floor). A stage's
+# rows (rollout_batch x G) are cut into micro-batches whose gradients are accumulated, each weighted by its
+# share of the rows: the full-batch gradient however the batch is cut (a test checks this). A micro-batch
+# counts rows, with or without shared prompts (its logits, (rows, T, V) float32, fill memory at 3B); a group
+# cut by its edge is packed once in each part.
 
 def accumulate_grpo_gradients(policy: Policy, reference, rows: list, advantages: torch.Tensor,
                               cfg: Config) -> dict:
@@ -2192,7 +2174,6 @@ TINY_DEFAULTS = dict(model="tiny", sam="grow", rollout_batch=8, group_size=8, ma
                      sft_curriculum=400, sft_stage1_only=790,
                      eval_split="val", save_every=100, generation_batch=0)
 DEMO_OUT = "runs/demo"      # --tiny's out (runs/demo-sft, ... for other commands): never a real run's folder
-DEMO_OUT = "runs/demo"      # --tiny's out (runs/demo-sft, ... for other commands): never a real run's folder
 RELEASED = "vvangfaye/SocioReasoner-3B"                              # the authors' trained policy
 COMMAND_DEFAULTS = {"sft": dict(sft_steps=500, out="runs/sft"), "eval": dict(model=RELEASED, out="runs/eval"),
                     "infer": dict(model=RELEASED, out="runs/infer")}
@@ -2263,11 +2244,6 @@ def build_parser() -> argparse.ArgumentParser:
         add_own_arguments(p, command)
     m = sub.add_parser("make-data", help="write synthetic SocioSeg-style train/ and val/ splits")
     m.add_argument("--out", default="data_sample", help="folder for train/ and val/ (default data_sample)")
-    for arg, what in [("--train", "training tiles"), ("--val", "held-out tiles"), ("--size", "tile side in "
-                      "pixels"), ("--seed", "random seed"),
-                      ("--kinds", "2: a school and a park a tile, the text naming one; 1: one place")]:
-        m.add_argument(arg, type=int, help=f"{what} (default: data_sample/synthetic.py's)")
-    return parser
     for arg, what in [("--train", "training tiles"), ("--val", "held-out tiles"), ("--size", "tile side in "
                       "pixels"), ("--seed", "random seed"),
                       ("--kinds", "2: a school and a park a tile, the text naming one; 1: one place")]:
