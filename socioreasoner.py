@@ -2200,10 +2200,9 @@ def add_flag(parser: argparse.ArgumentParser, f: dataclasses.Field, command: str
         parser.add_argument(flag(f.name), dest=f.name, type=type(f.default),
                             help=f"{doc} (default {default})")
     elif f.default:
-        parser.add_argument("--no-" + f.name.replace("_", "-"), dest=f.name, default=None,
-                            action="store_false", help=doc)
+        parser.add_argument(flag("no_" + f.name), dest=f.name, action="store_false", default=None, help=doc)
     else:
-        parser.add_argument(flag(f.name), dest=f.name, default=None, action="store_true", help=doc)
+        parser.add_argument(flag(f.name), dest=f.name, action="store_true", default=None, help=doc)
 
 def tiny_help(command: str) -> str:
     tiny = command_config(command, True, {})                                # the values --tiny gives
@@ -2250,27 +2249,23 @@ def build_parser() -> argparse.ArgumentParser:
         m.add_argument(arg, type=int, help=f"{what} (default: data_sample/synthetic.py's)")
     return parser
 
+# The least value of each count (group_size 2: advantages are relative to the group).
+AT_LEAST = dict(group_size=2, rollout_batch=1, micro_batch=1, sft_batch=1, max_new_tokens=1, save_every=1,
+                sft_points=1, steps=0, sft_steps=0, eval_limit=0, generation_batch=0, seed=0, infer_top_k=0)
+
 def check_config(cfg: Config):
     """Reject values that would fail later, deep inside a library (or silently do nothing), with one line
     naming each flag. Every command checks its whole config: a flag it does not take holds its default."""
-    problems = []
+    problems = [f"{flag(k)} must be at least {low}" for k, low in AT_LEAST.items() if getattr(cfg, k) < low]
     if cfg.select not in ("argmax", "sample"):
         problems.append(f"--select is 'argmax' or 'sample', not '{cfg.select}'")
-    if cfg.group_size < 2:
-        problems.append("--group-size must be at least 2: advantages are relative to the group")
-    for name in ("rollout_batch", "micro_batch", "sft_batch", "max_new_tokens", "save_every"):
-        if getattr(cfg, name) < 1:
-            problems.append(f"--{name.replace('_', '-')} must be at least 1")
-    for name in ("steps", "sft_steps", "eval_limit", "generation_batch", "seed", "infer_top_k"):
-        if getattr(cfg, name) < 0:
-            problems.append(f"--{name.replace('_', '-')} cannot be negative")
     for name in ("temperature", "infer_temperature"):
         if not getattr(cfg, name) > 0:
-            problems.append(f"--{name.replace('_', '-')} must be positive")
+            problems.append(f"{flag(name)} must be positive")
     if not 0 < cfg.infer_top_p <= 1:
         problems.append("--infer-top-p must be in (0, 1]")
-    if not 1 <= cfg.sft_points <= MAX_POINTS:
-        problems.append(f"--sft-points must be between 1 and {MAX_POINTS}")
+    if cfg.sft_points > MAX_POINTS:
+        problems.append(f"--sft-points must be at most {MAX_POINTS}")
     if cfg.single_stage and cfg.stage1_only:
         problems.append("--single-stage and --stage1-only are two different ablations: give one")
     if problems:
