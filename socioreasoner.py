@@ -155,14 +155,10 @@ def open_image(source, what: str, sample_id: Optional[str] = None, mode: Optiona
         image = Image.open(io.BytesIO(source) if isinstance(source, bytes) else source)
         if mode:
             return image.convert(mode)        # truncated pixel data only shows up when decoding
-    except Exception as e:  # FileNotFoundError, UnidentifiedImageError, truncated data, ...
-        raise SocioError(f"{where}cannot {'decode' if mode else 'read'} {what} image {name}: {one_line(e)}") \
-            from None
-    try:
         image.verify()
         return image
-    except Exception as e:
-        raise SocioError(f"{where}{what} image {name} is corrupt: {one_line(e)}") from None
+    except Exception as e:  # FileNotFoundError, UnidentifiedImageError, truncated data, a bad checksum, ...
+        raise SocioError(f"{where}cannot read {what} image {name}: {one_line(e)}") from None
 
 def list_split(root: str | Path, split: str, need_foreground: bool = False, skip_bad: bool = False) -> list:
     """Every usable sample of a split. All files are read here, so that a broken sample stops a run before
@@ -224,15 +220,13 @@ def _list_parquet(root: Path, split: str, problems: list) -> list:
     refs = []
     for shard in sorted(root.glob(f"**/{split}-*.parquet")):
         for row in pq.read_table(shard).to_pylist():
+            cells = [row[key] for key in ("sat_image", "map_image", "mask_label")]
+            images = [c.get("bytes") if isinstance(c, dict) else c for c in cells]      # cells: {bytes, path}
             if isinstance(row["problem"], str) and row["problem"].strip():
-                refs.append(SampleRef(str(row["id"]), row["problem"].strip(), image_bytes(row["sat_image"]),
-                                      image_bytes(row["map_image"]), image_bytes(row["mask_label"])))
+                refs.append(SampleRef(str(row["id"]), row["problem"].strip(), *images))
             else:
                 problems.append(f"sample {row['id']} in {shard}: 'problem' is not a non-empty string")
     return refs
-
-def image_bytes(cell):
-    return cell.get("bytes") if isinstance(cell, dict) else cell            # HF images: {bytes, path}
 
 def read_sample(ref: SampleRef) -> Sample:
     """Decode one sample. The mask is foreground wherever its grayscale value is > 0."""
@@ -365,11 +359,6 @@ def parse_answer(completion: str, stage: int) -> Optional[list[dict]]:
     except (ValueError, RecursionError, OverflowError):
         return None
     return parsed
-
-def thinking(completion: str) -> str:
-    """The free-form reasoning channel, for printing (empty if absent)."""
-    m = re.search(r"<think>(.*?)</think>", completion, re.DOTALL)
-    return m.group(1).strip() if m else ""
 
 # ==== §4.1, eq. (3) — the renderer D ========================================================================
 # Stage 2 needs visual feedback: the stage-1 boxes and the coarse mask M_c drawn onto *both* tiles, so the
@@ -830,7 +819,7 @@ def plain_hidden(policy: Policy, model, rows: list) -> tuple:
 # to its scores, so a bool mask there runs and is wrong (flash-attention kernels take no such mask). (2) The
 # positions are explicit: completion token t sits at the prompt's largest M-RoPE position + 1 + t on all
 # three axes, wherever it lies in the packed sequence. (A KV cache of the prompt would also be exact, but
-# transformers' gradient checkpointing drops a passed-in cache in train mode.) Its cost: README, Shared prompts.
+# transformers' gradient checkpointing drops a passed-in cache in train mode.) Cost: README, Shared prompts.
 def packed_hidden(policy: Policy, model, rows: list) -> tuple:
     """One sequence per distinct prompt (by identity), [prompt, its rows' completions] -> last hidden states
     (S L, D) and index (B, T): where in them completion token t of row i is predicted."""
@@ -998,7 +987,7 @@ def select_carried(rewards: list, how: str, rng: np.random.Generator) -> int:
 # whole batch, as here: stage 1 for all samples, one update, stage 2 sampled from the updated policy, one
 # update. On a GPU the weights stay float32 (AdamW at lr 1e-6 moves a weight of ~1e-2 by ~1e-6, below bf16's
 # resolution there), forward passes run under bf16 autocast, and the frozen reference has bf16 parameters
-# (`bf16_parameters`: its log-probs differ by rounding, so the logged KL starts at a small floor). A stage's
+# (`load_reference`: its log-probs differ by rounding, so the logged KL starts at a small floor). A stage's
 # rows (rollout_batch x G) are cut into micro-batches whose gradients are accumulated, each weighted by its
 # share of the rows: the full-batch gradient however the batch is cut (a test checks this). A micro-batch
 # counts rows, with or without shared prompts (its logits, (rows, T, V) float32, fill memory at 3B); a group
@@ -1547,17 +1536,12 @@ def load_reference(cfg: Config, source: str, device: torch.device):
     path = str(Path(cfg.out) / "warmup") if source == "warmup" else source
     cpu = torch.device("cpu")
     reference = load_policy(path, cpu, cfg.seed).model.requires_grad_(False)     # its wording is never asked
+    # Parameters to bf16, buffers kept: `reference.to(torch.bfloat16)` would also round the rotary inv_freq
+    # buffers, which at 3B moves rotary angles by up to 1.73 rad at a token distance of 1,500: another model.
     if device.type == "cuda":
-        bf16_parameters(reference)
+        for p in reference.parameters():
+            p.data = p.data.to(torch.bfloat16)
     return reference.to(device)
-
-def bf16_parameters(model):
-    """Parameters to bf16, buffers kept. `model.to(torch.bfloat16)` would also round the rotary inv_freq
-    buffers (text and vision): with Qwen2.5-VL-3B's frequencies that moves rotary angles by up to 0.35, 0.81
-    and 1.73 rad at token distances 300, 700 and 1,500, a different model, not a rounded one."""
-    for p in model.parameters():
-        p.data = p.data.to(torch.bfloat16)
-    return model
 
 @dataclass
 class Run:                            # what a training run's phases share
@@ -1887,7 +1871,8 @@ def print_prediction(s: Sample, pred: Prediction, single_stage: bool):
     """Each stage's reasoning, answer (in the tile's pixels) and mask size."""
     for g, mask in pred.stages:
         print(f"--- {'single stage' if single_stage else f'stage {g.stage}'} ---")
-        print("reasoning:", thinking(g.texts[0]) or "(none)")
+        reasoning = re.search(r"<think>(.*?)</think>", g.texts[0], re.DOTALL)        # the free-form channel
+        print("reasoning:", reasoning.group(1).strip() if reasoning else "(none)")
         if g.answers[0] is None:
             print("answer: malformed (format gate failed); raw completion:", repr(g.texts[0][:500]))
         boxes, points = answer_prompts(g.answers[0], g.model_hw, s.mask.shape)
@@ -1901,21 +1886,14 @@ def print_prediction(s: Sample, pred: Prediction, single_stage: bool):
 def save_mask(mask: np.ndarray, path: Path):
     Image.fromarray(mask.astype(np.uint8) * 255).save(path)            # 0 / 255, readable by read_sample
 
-def stage_title(group: Group, row: int, rows: int) -> str:
-    if rows == 1:
-        name = "single stage (w/o reflection): boxes + points" if group.stage == 2 else \
-            "stage 1 only (w/o refinement): boxes"
-        name += " -> final mask"
-    else:
-        name = {1: "stage 1: boxes -> coarse mask", 2: "stage 2: boxes + points -> final mask"}[group.stage]
-    if group.answers[0] is None:
-        name += " (malformed; stage-1 mask kept)" if row else " (malformed)"
-    return name
+# A row of the picture, by (stage, rows): the two stages, or one of the ablations alone.
+STAGE_TITLES = {(1, 2): "stage 1: boxes -> coarse mask", (2, 2): "stage 2: boxes + points -> final mask",
+                (1, 1): "stage 1 only (w/o refinement): boxes -> final mask",
+                (2, 1): "single stage (w/o reflection): boxes + points -> final mask"}
 
 def prediction_picture(sample: Sample, pred: Prediction, max_side: int = 1024) -> Image.Image:
-    """In the spirit of the paper's Fig. 3: the target and a legend, then a row per stage, named, with its
-    boxes, points and mask drawn on the map (left) and the satellite tile (right). Tiles over max_side pixels
-    are drawn scaled down (the mask itself keeps the tile's size)."""
+    """In the spirit of the paper's Fig. 3: the target, a legend, then a row per stage, named, with its boxes,
+    points and mask drawn on the map (left) and the satellite tile (right), scaled down past max_side px."""
     scale = min(1.0, max_side / max(sample.sat.size))
     w, h = (max(1, round(v * scale)) for v in sample.sat.size)
     tiles = [t.resize((w, h), Image.BILINEAR) if scale < 1 else t for t in (sample.map, sample.sat)]
@@ -1941,7 +1919,10 @@ def prediction_picture(sample: Sample, pred: Prediction, max_side: int = 1024) -
         x += 2 * fs + 4 + font.getlength(name)
     for row, (group, mask) in enumerate(pred.stages):
         top = 2 * line + row * (line + h)
-        text(top + 2, stage_title(group, row, len(pred.stages)))
+        title = STAGE_TITLES[group.stage, len(pred.stages)]
+        if group.answers[0] is None:
+            title += " (malformed; stage-1 mask kept)" if row else " (malformed)"
+        text(top + 2, title)
         boxes, points = answer_prompts(group.answers[0], group.model_hw, sample.mask.shape)
         if scale < 1:
             boxes = boxes * scale
