@@ -1156,9 +1156,6 @@ class Prediction:
     final: np.ndarray                 # the delivered mask, (H, W) bool
     fallback: bool = False            # the stage-2 answer was malformed and M_c was delivered
 
-def predict(policy: Policy, segmenter: Segmenter, sample: Sample, cfg: Config, encoding=None) -> Prediction:
-    return predict_batch(policy, segmenter, [sample], cfg, None if encoding is None else [encoding])[0]
-
 def predict_batch(policy: Policy, segmenter: Segmenter, samples: list, cfg: Config,
                   encodings: Optional[list] = None) -> list:
     """Both stages once per sample (or an ablation: one single-stage answer; stage 1 alone), each stage
@@ -1362,9 +1359,6 @@ TINY_PIECES = (["<think>", "</think>", "<answer>", "</answer>", '[{"bbox_2d": ['
                + [part for prompt in (STAGE1_PROMPT, STAGE2_PROMPT, SINGLE_PROMPT)
                   for part in re.split(r"\{[a-z]+\}", prompt.replace("{{", "{").replace("}}", "}"))
                   if len(part) > 3])
-
-def build_tiny_policy(seed: int, device: torch.device = torch.device("cpu")) -> Policy:
-    return build_random_policy(TINY_ARCH, seed, device)
 
 def build_random_policy(arch: dict, seed: int, device: torch.device, prompts: str = "") -> Policy:
     """A Qwen2.5-VL of the sizes in `arch` (TINY_ARCH, QWEN25_VL_3B_ARCH), random weights, our tokenizer."""
@@ -1737,9 +1731,8 @@ def train(cfg: Config, given: Optional[set] = None):
     print(f"checkpoint in {Path(cfg.out) / 'checkpoint'}, log in {Path(cfg.out) / 'log.jsonl'}")
     if run.eval_refs and rank() == 0:
         run.optimizer = None                                  # AdamW's moments are not needed to evaluate
-        start = make_policy(run.reference, run.policy.processor, run.policy.device) if cfg.steps else None
-        if start is not None:
-            start.prompts = run.policy.prompts                # asked in the run's wording (--prompts)
+        # the starting weights, asked in the run's wording (--prompts)
+        start = dataclasses.replace(run.policy, model=run.reference) if cfg.steps else None
         held_out_report(cfg, run.refs, run.eval_refs, run.policy, start, run.segmenter)
 
 # ==== Appendix D — the held-out report, eval and infer ======================================================
@@ -2163,9 +2156,6 @@ def command_config(command: str, tiny: bool, given: dict) -> Config:
     tiny_values = {**TINY_DEFAULTS, "out": DEMO_OUT if command == "train" else f"{DEMO_OUT}-{command}"}
     return Config(**{**COMMAND_DEFAULTS.get(command, {}), **(tiny_values if tiny else {}), **given})
 
-def command_fields(command: str) -> list:
-    return [f for f in dataclasses.fields(Config) if command in f.metadata["takes"]]
-
 def flag(name: str) -> str:
     return "--" + name.replace("_", "-")
 
@@ -2187,7 +2177,7 @@ def add_flag(parser: argparse.ArgumentParser, f: dataclasses.Field, command: str
 
 def tiny_help(command: str) -> str:
     tiny = command_config(command, True, {})                                # the values --tiny gives
-    names = [f.name for f in command_fields(command)]
+    names = [f.name for f in dataclasses.fields(Config) if command in f.metadata["takes"]]
     values = " ".join(f"{flag(k)} {shown(getattr(tiny, k))}" for k in TINY_DEFAULTS if k in names)
     if "out" in names:
         values += f"; --out {tiny.out}"
@@ -2219,8 +2209,9 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--tiny", action="store_true", help=tiny_help(command))
         p.add_argument("--threads", type=int,
                        help="CPU threads for torch (default: 1 with --tiny, else one per core)")
-        for f in command_fields(command):
-            add_flag(p, f, command)
+        for f in dataclasses.fields(Config):
+            if command in f.metadata["takes"]:
+                add_flag(p, f, command)
         add_own_arguments(p, command)
     m = sub.add_parser("make-data", help="write synthetic SocioSeg-style train/ and val/ splits")
     m.add_argument("--out", default="data_sample", help="folder for train/ and val/ (default data_sample)")
