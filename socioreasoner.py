@@ -1316,17 +1316,14 @@ class GrowSegmenter:
                 region |= labels == labels[r, c]
         return mask
 
-# The tiny policy: the real classes with toy sizes, 112 x 112-pixel model frames (16 image tokens per tile),
-# a 4-layer, 128-wide language model and a 2-block vision tower, ~1 M parameters. It loads, samples, scores
-# and saves like the 3B checkpoint, so every path of the method runs offline. The tokenizer is byte-level BPE
-# with no merges plus Qwen's special tokens and, as a trained vocabulary has for frequent text, single tokens
-# for the answer's syntax, the numbers 0-255, the fixed stretches of our prompts and the demo's place names:
-# an answer is ~20 tokens, not ~60, which it can learn to write, a prompt ~40 plus the images, not ~600 bytes,
-# and the text that picks the target is one token ("green space", not 11 bytes), as in Qwen's vocabulary.
-# `--model random-3b` builds the same way with Qwen2.5-VL-3B-Instruct's published sizes (3.75 B parameters)
-# and its processor's pixel bounds (a 768-px tile becomes 756 px, 729 tokens): a real-shaped step to time on
-# a GPU without a download. Its vocabulary is padded to the checkpoint's 151,936 entries with tokens that the
-# encoder never produces, so sampling and the lm_head cost what they cost the real model.
+# The tiny policy: the real classes with toy sizes (112 x 112-pixel model frames, a 4-layer, 128-wide
+# language model, a 2-block vision tower, ~1 M parameters): it loads, samples, scores and saves like the 3B
+# checkpoint, so every path runs offline. Its tokenizer is byte-level BPE with no merges plus Qwen's special
+# tokens and, as a trained vocabulary has for frequent text, single tokens for the answer's syntax, the
+# numbers 0-255, our prompts' fixed stretches and the place names: an answer is ~20 tokens, not ~60, and the
+# target one token, as in Qwen's vocabulary. `--model random-3b` builds Qwen2.5-VL-3B's published sizes and
+# pixel bounds the same way, its vocabulary padded to 151,936 with tokens never produced (so sampling and the
+# lm_head cost what they cost the real model): a real-shaped step to time without a download.
 TINY_ARCH = dict(
     text=dict(hidden_size=128, intermediate_size=256, num_hidden_layers=4, num_attention_heads=4,
               num_key_value_heads=2, max_position_embeddings=4096,
@@ -2050,18 +2047,17 @@ def print_bench(records: dict, cfg: Config, device):
     peaks = {shared: max(r["peak"] for r in records[shared]) for shared in records}
     print(f"  {'peak memory, MB (' + what + ')':40s} {peaks[True]:8.0f} {peaks[False]:8.0f} "
           f"{peaks[True] / peaks[False]:6.2f}")
-    for shared in (True, False):
-        tokens = mean(shared, "tokens") / mean(shared, "completions")
-        print(f"{'shared' if shared else 'plain'}: prompts of {mean(shared, 'prompt_tokens'):.0f} tokens, "
-              f"completions of {tokens:.1f} tokens on average (cap {cfg.max_new_tokens}), "
-              f"{mean(shared, 'tokens') / mean(shared, 'generation'):.0f} tokens generated per second")
     print(f"SAM image encodings per sample per step: {mean(True, 'encodings') / cfg.rollout_batch:.2f}")
     # Every part's work is proportional to the rows (prompts x G) at a fixed --generation-batch and
     # --micro-batch, so a step of the paper's 128 prompts x G 8 costs the same per row; memory does not grow.
     scale = PAPER_ROWS / (cfg.rollout_batch * cfg.group_size)
     for shared in (True, False):
-        seconds = mean(shared, "seconds") * scale
         way = "shared" if shared else "plain"
+        tokens = mean(shared, "tokens") / mean(shared, "completions")
+        print(f"{way}: prompts of {mean(shared, 'prompt_tokens'):.0f} tokens, completions of {tokens:.1f} "
+              f"tokens on average (cap {cfg.max_new_tokens}), "
+              f"{mean(shared, 'tokens') / mean(shared, 'generation'):.0f} tokens generated per second")
+        seconds = mean(shared, "seconds") * scale
         print(f"{way}, extrapolated to the paper's 128 prompts x G=8 ({scale:.0f}x the rows): "
               f"{seconds:.0f} s per step, {seconds * 250 / 3600:.1f} h for its 250 steps")
 
