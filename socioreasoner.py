@@ -598,9 +598,8 @@ def make_policy(model, processor, device, prompts: str = "") -> Policy:
                   load_prompts(prompts))
 
 # A hub id is downloaded once into the hub's cache (~/.cache/huggingface/hub or $HF_HOME). With no connection
-# huggingface_hub retries each file for minutes; instead the hub is asked once, with a short timeout, and if
+# huggingface_hub retries each file for minutes; instead the hub is asked once, with a 10 s timeout, and if
 # it does not answer only the cache is read (as with HF_HUB_OFFLINE=1): what is not there fails at once.
-HUB_TIMEOUT = 10        # seconds
 
 @functools.lru_cache(maxsize=None)
 def hub_problem() -> Optional[str]:
@@ -609,7 +608,7 @@ def hub_problem() -> Optional[str]:
     if constants.HF_HUB_OFFLINE:
         return "HF_HUB_OFFLINE is set"
     try:
-        status = get_session().head(constants.ENDPOINT, timeout=HUB_TIMEOUT).status_code
+        status = get_session().head(constants.ENDPOINT, timeout=10).status_code
         return None if status < 400 else f"{constants.ENDPOINT} answered HTTP {status}"
     except Exception as e:  # no route, no name resolution, a timeout, a proxy refusing, ...
         return f"no answer from {constants.ENDPOINT}: {one_line(e, None)}"
