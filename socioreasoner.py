@@ -1935,11 +1935,12 @@ PAPER_ROWS = 128 * 8           # A.2.3: rollout batch 128 prompts, G = 8 complet
 
 def timed_call(fn, *args, **kwargs) -> tuple:
     """(seconds, fn(*args, **kwargs)), waiting before each clock read for the GPU's asynchronous work."""
-    sync = torch.cuda.synchronize if torch.cuda.is_available() else lambda: None
-    sync()
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
     t0 = time.perf_counter()
     result = fn(*args, **kwargs)
-    sync()
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
     return time.perf_counter() - t0, result
 
 @contextlib.contextmanager
