@@ -7,13 +7,9 @@ them into a coarse mask, drawn with the boxes onto both images. Stage 2: it look
 answers boxes with points inside them; SAM turns those into the final mask. Nothing in this chain is
 differentiable, so one shared policy is trained with GRPO on rewards computed from the ground truth.
 
-The sections follow the paper and the path of a sample: A.2.3 hyperparameters | §3 data | §4.1 eqs. 1, 4
-prompts and coordinate frames | A.2.2 parsing, the format gate | §4.1 eq. 3 renderer D | §4.1 eqs. 2, 5
-segmenter S, an answer as its prompt | A.2.2 eqs. 7-12 rewards | §4.2 policy: sampling, log-probs | §4.2 eq. 6
-GRPO | Algorithm 1 rollout | Algorithm 1 training step | §4.1 inference | §5.1 metrics. Then appendices, for
-what serves the method: A the offline demo's tiny model and stand-in segmenter | B SFT (A.2.3) | C the
-training run, checkpoints, resume | D held-out report, eval, infer | E benchmark | F synthetic data | G the
-command line (train, sft, infer, eval, bench, make-data).
+The sections follow the paper and the path of a sample, from the hyperparameters (A.2.3) and the data (§3)
+to the metrics (§5.1); then appendices A-G for what serves the method: the offline demo, SFT, the training
+run, held-out report, eval and infer, benchmark, synthetic data, and the command line.
 
 Conventions. A box is [x1, y1, x2, y2] in continuous pixel coordinates: pixel (row r, column c) covers
 [c, c+1) x [r, r+1). The *mask frame* is the tiles' pixels as stored (SAM and the ground truth live there),
@@ -29,10 +25,8 @@ from datetime import timedelta
 from pathlib import Path
 from typing import Any, Optional, Protocol
 
-# CPU threads. torch's idle threads busy-wait by default and fight any other process on shared cores (a demo
-# SFT step: 9-19 s, 0.6-1.5 s with them asleep); OpenMP reads OMP_WAIT_POLICY when torch is imported, so it is
-# set here (a user's value wins). The tiny models' operations are too small for more threads to pay off (50
-# demo SFT steps on 2 quiet cores: 34 s on one, 31 s on two spinning, 44 s on two asleep): --tiny uses one.
+# torch's idle threads busy-wait by default and fight any other process on shared cores (README, Threads);
+# OpenMP reads OMP_WAIT_POLICY when torch is imported, so it is set here (a user's value wins).
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 import numpy as np
 import torch
@@ -161,14 +155,10 @@ def open_image(source, what: str, sample_id: Optional[str] = None, mode: Optiona
         image = Image.open(io.BytesIO(source) if isinstance(source, bytes) else source)
         if mode:
             return image.convert(mode)        # truncated pixel data only shows up when decoding
-    except Exception as e:  # FileNotFoundError, UnidentifiedImageError, truncated data, ...
-        raise SocioError(f"{where}cannot {'decode' if mode else 'read'} {what} image {name}: {one_line(e)}") \
-            from None
-    try:
         image.verify()
         return image
-    except Exception as e:
-        raise SocioError(f"{where}{what} image {name} is corrupt: {one_line(e)}") from None
+    except Exception as e:  # FileNotFoundError, UnidentifiedImageError, truncated data, a bad checksum, ...
+        raise SocioError(f"{where}cannot read {what} image {name}: {one_line(e)}") from None
 
 def list_split(root: str | Path, split: str, need_foreground: bool = False, skip_bad: bool = False) -> list:
     """Every usable sample of a split. All files are read here, so that a broken sample stops a run before
@@ -230,15 +220,13 @@ def _list_parquet(root: Path, split: str, problems: list) -> list:
     refs = []
     for shard in sorted(root.glob(f"**/{split}-*.parquet")):
         for row in pq.read_table(shard).to_pylist():
+            cells = [row[key] for key in ("sat_image", "map_image", "mask_label")]
+            images = [c.get("bytes") if isinstance(c, dict) else c for c in cells]      # cells: {bytes, path}
             if isinstance(row["problem"], str) and row["problem"].strip():
-                refs.append(SampleRef(str(row["id"]), row["problem"].strip(), image_bytes(row["sat_image"]),
-                                      image_bytes(row["map_image"]), image_bytes(row["mask_label"])))
+                refs.append(SampleRef(str(row["id"]), row["problem"].strip(), *images))
             else:
                 problems.append(f"sample {row['id']} in {shard}: 'problem' is not a non-empty string")
     return refs
-
-def image_bytes(cell):
-    return cell.get("bytes") if isinstance(cell, dict) else cell            # HF images: {bytes, path}
 
 def read_sample(ref: SampleRef) -> Sample:
     """Decode one sample. The mask is foreground wherever its grayscale value is > 0."""
@@ -371,11 +359,6 @@ def parse_answer(completion: str, stage: int) -> Optional[list[dict]]:
     except (ValueError, RecursionError, OverflowError):
         return None
     return parsed
-
-def thinking(completion: str) -> str:
-    """The free-form reasoning channel, for printing (empty if absent)."""
-    m = re.search(r"<think>(.*?)</think>", completion, re.DOTALL)
-    return m.group(1).strip() if m else ""
 
 # ==== §4.1, eq. (3) — the renderer D ========================================================================
 # Stage 2 needs visual feedback: the stage-1 boxes and the coarse mask M_c drawn onto *both* tiles, so the
@@ -615,9 +598,8 @@ def make_policy(model, processor, device, prompts: str = "") -> Policy:
                   load_prompts(prompts))
 
 # A hub id is downloaded once into the hub's cache (~/.cache/huggingface/hub or $HF_HOME). With no connection
-# huggingface_hub retries each file for minutes; instead the hub is asked once, with a short timeout, and if
+# huggingface_hub retries each file for minutes; instead the hub is asked once, with a 10 s timeout, and if
 # it does not answer only the cache is read (as with HF_HUB_OFFLINE=1): what is not there fails at once.
-HUB_TIMEOUT = 10        # seconds
 
 @functools.lru_cache(maxsize=None)
 def hub_problem() -> Optional[str]:
@@ -626,7 +608,7 @@ def hub_problem() -> Optional[str]:
     if constants.HF_HUB_OFFLINE:
         return "HF_HUB_OFFLINE is set"
     try:
-        status = get_session().head(constants.ENDPOINT, timeout=HUB_TIMEOUT).status_code
+        status = get_session().head(constants.ENDPOINT, timeout=10).status_code
         return None if status < 400 else f"{constants.ENDPOINT} answered HTTP {status}"
     except Exception as e:  # no route, no name resolution, a timeout, a proxy refusing, ...
         return f"no answer from {constants.ENDPOINT}: {one_line(e, None)}"
@@ -728,17 +710,14 @@ def sample_completions(policy: Policy, prompts: list, n: int, temperature: float
             completions.append(seq[: int(ends[0]) + 1] if len(ends) else seq)   # keep the EOS itself
     return [completions[i * n:(i + 1) * n] for i in range(len(prompts))]
 
-# Shared prompts in generation. generate(num_return_sequences=n) repeats each prompt's row n times *before*
-# its prefill, so a prompt (~1,650 tokens at 3B) is prefilled n times. Here it is prefilled once: the model
-# runs over the prompts without their last token, with the images, keeping its KV cache; the cache's rows are
-# repeated n times, and generate continues from the repeated prompts: it finds their first P-1 columns cached,
-# feeds only the last prompt token and samples on, without the images (given again, they would be encoded
-# and inserted a second time). The subtle part is M-RoPE: Qwen2.5-VL computes the 3-D positions of a prompt at
-# its prefill and keeps per prompt only `rope_deltas` (its largest position + 1 minus its length), from which
-# every later position is made; these must be repeated like the cache rows. Left unrepeated they give a
-# shape error or (broadcast) positions of another prompt: logits off by ~1e-2 whose greedy output can still
-# look right. The repeated cache is a full copy per sample: what is saved is the prefill's compute and its
-# activation memory (n-fold), not the KV cache's size.
+# Shared prompts in generation. generate(num_return_sequences=n) prefills each prompt n times. Here the model
+# runs once over the prompts without their last token, with the images, keeping its KV cache; the cache's
+# rows are repeated n times, and generate continues from the repeated prompts: it finds their first P-1
+# columns cached, feeds only the last prompt token and samples on, without the images (given again, they
+# would be inserted a second time). The subtle part is M-RoPE: Qwen2.5-VL keeps per prompt only `rope_deltas`
+# (its largest position + 1 minus its length), from which every later position is made; these must be
+# repeated like the cache rows, or the positions are another prompt's (logits off by ~1e-2, greedy output
+# that can still look right). What is saved is the prefill's compute, not the KV cache's size.
 def generate_samples(policy: Policy, inputs: dict, n: int, shared_prompt: bool, options: dict):
     """n samples of each of the k left-padded prompts in inputs (on the device) -> (k n, P + T_max) ids,
     prompt-major (the n samples of prompt 0 first), as generate(num_return_sequences=n) returns them."""
@@ -830,22 +809,16 @@ def plain_hidden(policy: Policy, model, rows: list) -> tuple:
     index = (P[:, None] - 1 + t[None, :]).clamp(max=L - 1) + row_start
     return hidden.reshape(-1, hidden.shape[-1]), index
 
-# Shared prompts in scoring. Plain rows repeat a group's prompt G times (at 3B ~1,650 of a row's ~1,900
-# tokens), so the reference forward, the policy forward and its backward each compute it G times. Packed, a
-# group is one sequence [prompt, completion 1, ..., completion G]: P + G T tokens instead of G (P + T), at
-# the paper's shapes 3,650 instead of 15,200. It is exact because attention is causal: a prompt token never
-# sees a completion, so the prompt's hidden states are the same whatever follows it; and a completion that
-# sees the prompt and its own earlier tokens, at the positions it was sampled at, is computed as in its own
-# row. Two things make that so, and both are where one goes wrong. (1) The attention mask is 4-D, per query
-# and key (`prefix_sharing_mask`), and additive float (0 or the most negative number): eager attention adds
-# the mask to its scores, so a bool mask there runs and is wrong (flash-attention kernels take no such mask:
-# sdpa, the default, or eager). (2) The positions are explicit: completion token t sits at the prompt's
-# largest M-RoPE position + 1 + t on all three axes, wherever it lies in the packed sequence; positions
-# counted along the packed sequence would place completion 2 after completion 1. The price: attention is
-# computed over the whole (P + G T)^2 grid, masked, so with long completions and a short prompt (the tiny
-# demo's untrained policy) it can cost more than it saves; with P >> T (the paper's) the grid is smaller
-# than the plain rows'. (Computing the prompt once and giving the completions its KV cache would also be
-# exact, but transformers' gradient checkpointing drops a passed-in cache in train mode.)
+# Shared prompts in scoring. Plain rows compute a group's prompt G times; packed, a group is one sequence
+# [prompt, completion 1, ..., completion G]: P + G T tokens instead of G (P + T). It is exact because
+# attention is causal: a prompt token never sees a completion, and a completion that sees the prompt and its
+# own earlier tokens, at the positions it was sampled at, is computed as in its own row. Two things make that
+# so, and both are where one goes wrong. (1) The attention mask is 4-D, per query and key
+# (`prefix_sharing_mask`), and additive float (0 or the most negative number): eager attention adds the mask
+# to its scores, so a bool mask there runs and is wrong (flash-attention kernels take no such mask). (2) The
+# positions are explicit: completion token t sits at the prompt's largest M-RoPE position + 1 + t on all
+# three axes, wherever it lies in the packed sequence. (A KV cache of the prompt would also be exact, but
+# transformers' gradient checkpointing drops a passed-in cache in train mode.) Cost: README, Shared prompts.
 def packed_hidden(policy: Policy, model, rows: list) -> tuple:
     """One sequence per distinct prompt (by identity), [prompt, its rows' completions] -> last hidden states
     (S L, D) and index (B, T): where in them completion token t of row i is predicted."""
@@ -1011,16 +984,13 @@ def select_carried(rewards: list, how: str, rng: np.random.Generator) -> int:
 # Algorithm 1 as printed updates inside the loop over a batch's samples (lines 14, 27) and refreshes pi_old
 # once per step (line 29); §4.2's schedule and the authors' release update once per stage per step, on the
 # whole batch, as here: stage 1 for all samples, one update, stage 2 sampled from the updated policy, one
-# update. Memory on one GPU: the weights stay float32 (AdamW at lr 1e-6 moves a weight of ~1e-2 by ~1e-6, far
-# below bf16's resolution there: the update would round away), forward passes run under bf16 autocast, and the
-# frozen reference has bf16 parameters and float32 buffers (`bf16_parameters`; 7.5 GB saved; its log-probs
-# differ from the policy's by rounding, so the logged KL starts at a small floor on a GPU). A stage's rows
-# (rollout_batch x G) are cut into micro-batches whose gradients are accumulated, each weighted by its share
-# of the rows: the accumulated gradient is the full-batch gradient however the batch is cut (a test checks
-# this). A micro-batch counts rows (completions), with or without shared prompts: its logits, (rows, T, V)
-# float32, are what fills memory at 3B, and the loss is a mean over rows. A group cut by a micro-batch's edge
-# is packed once in each part (its prompt computed once per part): a --micro-batch that is a multiple of G
-# gets the whole saving.
+# update. On a GPU the weights stay float32 (AdamW at lr 1e-6 moves a weight of ~1e-2 by ~1e-6, below bf16's
+# resolution there), forward passes run under bf16 autocast, and the frozen reference has bf16 parameters
+# (`load_reference`: its log-probs differ by rounding, so the logged KL starts at a small floor). A stage's
+# rows (rollout_batch x G) are cut into micro-batches whose gradients are accumulated, each weighted by its
+# share of the rows: the full-batch gradient however the batch is cut (a test checks this). A micro-batch
+# counts rows, with or without shared prompts (its logits, (rows, T, V) float32, fill memory at 3B); a group
+# cut by its edge is packed once in each part.
 
 def accumulate_grpo_gradients(policy: Policy, reference, rows: list, advantages: torch.Tensor,
                               cfg: Config) -> dict:
@@ -1185,9 +1155,6 @@ class Prediction:
     final: np.ndarray                 # the delivered mask, (H, W) bool
     fallback: bool = False            # the stage-2 answer was malformed and M_c was delivered
 
-def predict(policy: Policy, segmenter: Segmenter, sample: Sample, cfg: Config, encoding=None) -> Prediction:
-    return predict_batch(policy, segmenter, [sample], cfg, None if encoding is None else [encoding])[0]
-
 def predict_batch(policy: Policy, segmenter: Segmenter, samples: list, cfg: Config,
                   encodings: Optional[list] = None) -> list:
     """Both stages once per sample (or an ablation: one single-stage answer; stage 1 alone), each stage
@@ -1348,17 +1315,14 @@ class GrowSegmenter:
                 region |= labels == labels[r, c]
         return mask
 
-# The tiny policy: the real classes with toy sizes, 112 x 112-pixel model frames (16 image tokens per tile),
-# a 4-layer, 128-wide language model and a 2-block vision tower, ~1 M parameters. It loads, samples, scores
-# and saves like the 3B checkpoint, so every path of the method runs offline. The tokenizer is byte-level BPE
-# with no merges plus Qwen's special tokens and, as a trained vocabulary has for frequent text, single tokens
-# for the answer's syntax, the numbers 0-255, the fixed stretches of our prompts and the demo's place names:
-# an answer is ~20 tokens, not ~60, which it can learn to write, a prompt ~40 plus the images, not ~600 bytes,
-# and the text that picks the target is one token ("green space", not 11 bytes), as in Qwen's vocabulary.
-# `--model random-3b` builds the same way with Qwen2.5-VL-3B-Instruct's published sizes (3.75 B parameters)
-# and its processor's pixel bounds (a 768-px tile becomes 756 px, 729 tokens): a real-shaped step to time on
-# a GPU without a download. Its vocabulary is padded to the checkpoint's 151,936 entries with tokens that the
-# encoder never produces, so sampling and the lm_head cost what they cost the real model.
+# The tiny policy: the real classes with toy sizes (112 x 112-pixel model frames, a 4-layer, 128-wide
+# language model, a 2-block vision tower, ~1 M parameters): it loads, samples, scores and saves like the 3B
+# checkpoint, so every path runs offline. Its tokenizer is byte-level BPE with no merges plus Qwen's special
+# tokens and, as a trained vocabulary has for frequent text, single tokens for the answer's syntax, the
+# numbers 0-255, our prompts' fixed stretches and the place names: an answer is ~20 tokens, not ~60, and the
+# target one token, as in Qwen's vocabulary. `--model random-3b` builds Qwen2.5-VL-3B's published sizes and
+# pixel bounds the same way, its vocabulary padded to 151,936 with tokens never produced (so sampling and the
+# lm_head cost what they cost the real model): a real-shaped step to time without a download.
 TINY_ARCH = dict(
     text=dict(hidden_size=128, intermediate_size=256, num_hidden_layers=4, num_attention_heads=4,
               num_key_value_heads=2, max_position_embeddings=4096,
@@ -1391,9 +1355,6 @@ TINY_PIECES = (["<think>", "</think>", "<answer>", "</answer>", '[{"bbox_2d": ['
                + [part for prompt in (STAGE1_PROMPT, STAGE2_PROMPT, SINGLE_PROMPT)
                   for part in re.split(r"\{[a-z]+\}", prompt.replace("{{", "{").replace("}}", "}"))
                   if len(part) > 3])
-
-def build_tiny_policy(seed: int, device: torch.device = torch.device("cpu")) -> Policy:
-    return build_random_policy(TINY_ARCH, seed, device)
 
 def build_random_policy(arch: dict, seed: int, device: torch.device, prompts: str = "") -> Policy:
     """A Qwen2.5-VL of the sizes in `arch` (TINY_ARCH, QWEN25_VL_3B_ARCH), random weights, our tokenizer."""
@@ -1578,17 +1539,12 @@ def load_reference(cfg: Config, source: str, device: torch.device):
     path = str(Path(cfg.out) / "warmup") if source == "warmup" else source
     cpu = torch.device("cpu")
     reference = load_policy(path, cpu, cfg.seed).model.requires_grad_(False)     # its wording is never asked
+    # Parameters to bf16, buffers kept: `reference.to(torch.bfloat16)` would also round the rotary inv_freq
+    # buffers, which at 3B moves rotary angles by up to 1.73 rad at a token distance of 1,500: another model.
     if device.type == "cuda":
-        bf16_parameters(reference)
+        for p in reference.parameters():
+            p.data = p.data.to(torch.bfloat16)
     return reference.to(device)
-
-def bf16_parameters(model):
-    """Parameters to bf16, buffers kept. `model.to(torch.bfloat16)` would also round the rotary inv_freq
-    buffers (text and vision): with Qwen2.5-VL-3B's frequencies that moves rotary angles by up to 0.35, 0.81
-    and 1.73 rad at token distances 300, 700 and 1,500, a different model, not a rounded one."""
-    for p in model.parameters():
-        p.data = p.data.to(torch.bfloat16)
-    return model
 
 @dataclass
 class Run:                            # what a training run's phases share
@@ -1784,9 +1740,8 @@ def train(cfg: Config, given: Optional[set] = None):
     print(f"checkpoint in {Path(cfg.out) / 'checkpoint'}, log in {Path(cfg.out) / 'log.jsonl'}")
     if run.eval_refs and rank() == 0:
         run.optimizer = None                                  # AdamW's moments are not needed to evaluate
-        start = make_policy(run.reference, run.policy.processor, run.policy.device) if cfg.steps else None
-        if start is not None:
-            start.prompts = run.policy.prompts                # asked in the run's wording (--prompts)
+        # the starting weights, asked in the run's wording (--prompts)
+        start = dataclasses.replace(run.policy, model=run.reference) if cfg.steps else None
         held_out_report(cfg, run.refs, run.eval_refs, run.policy, start, run.segmenter)
 
 # ==== Appendix D — the held-out report, eval and infer ======================================================
@@ -1918,7 +1873,8 @@ def print_prediction(s: Sample, pred: Prediction, single_stage: bool):
     """Each stage's reasoning, answer (in the tile's pixels) and mask size."""
     for g, mask in pred.stages:
         print(f"--- {'single stage' if single_stage else f'stage {g.stage}'} ---")
-        print("reasoning:", thinking(g.texts[0]) or "(none)")
+        reasoning = re.search(r"<think>(.*?)</think>", g.texts[0], re.DOTALL)        # the free-form channel
+        print("reasoning:", reasoning.group(1).strip() if reasoning else "(none)")
         if g.answers[0] is None:
             print("answer: malformed (format gate failed); raw completion:", repr(g.texts[0][:500]))
         boxes, points = answer_prompts(g.answers[0], g.model_hw, s.mask.shape)
@@ -1932,21 +1888,14 @@ def print_prediction(s: Sample, pred: Prediction, single_stage: bool):
 def save_mask(mask: np.ndarray, path: Path):
     Image.fromarray(mask.astype(np.uint8) * 255).save(path)            # 0 / 255, readable by read_sample
 
-def stage_title(group: Group, row: int, rows: int) -> str:
-    if rows == 1:
-        name = "single stage (w/o reflection): boxes + points" if group.stage == 2 else \
-            "stage 1 only (w/o refinement): boxes"
-        name += " -> final mask"
-    else:
-        name = {1: "stage 1: boxes -> coarse mask", 2: "stage 2: boxes + points -> final mask"}[group.stage]
-    if group.answers[0] is None:
-        name += " (malformed; stage-1 mask kept)" if row else " (malformed)"
-    return name
+# A row of the picture, by (stage, rows): the two stages, or one of the ablations alone.
+STAGE_TITLES = {(1, 2): "stage 1: boxes -> coarse mask", (2, 2): "stage 2: boxes + points -> final mask",
+                (1, 1): "stage 1 only (w/o refinement): boxes -> final mask",
+                (2, 1): "single stage (w/o reflection): boxes + points -> final mask"}
 
 def prediction_picture(sample: Sample, pred: Prediction, max_side: int = 1024) -> Image.Image:
-    """In the spirit of the paper's Fig. 3: the target and a legend, then a row per stage, named, with its
-    boxes, points and mask drawn on the map (left) and the satellite tile (right). Tiles over max_side pixels
-    are drawn scaled down (the mask itself keeps the tile's size)."""
+    """In the spirit of the paper's Fig. 3: the target, a legend, then a row per stage, named, with its boxes,
+    points and mask drawn on the map (left) and the satellite tile (right), scaled down past max_side px."""
     scale = min(1.0, max_side / max(sample.sat.size))
     w, h = (max(1, round(v * scale)) for v in sample.sat.size)
     tiles = [t.resize((w, h), Image.BILINEAR) if scale < 1 else t for t in (sample.map, sample.sat)]
@@ -1972,7 +1921,10 @@ def prediction_picture(sample: Sample, pred: Prediction, max_side: int = 1024) -
         x += 2 * fs + 4 + font.getlength(name)
     for row, (group, mask) in enumerate(pred.stages):
         top = 2 * line + row * (line + h)
-        text(top + 2, stage_title(group, row, len(pred.stages)))
+        title = STAGE_TITLES[group.stage, len(pred.stages)]
+        if group.answers[0] is None:
+            title += " (malformed; stage-1 mask kept)" if row else " (malformed)"
+        text(top + 2, title)
         boxes, points = answer_prompts(group.answers[0], group.model_hw, sample.mask.shape)
         if scale < 1:
             boxes = boxes * scale
@@ -1996,11 +1948,12 @@ PAPER_ROWS = 128 * 8           # A.2.3: rollout batch 128 prompts, G = 8 complet
 
 def timed_call(fn, *args, **kwargs) -> tuple:
     """(seconds, fn(*args, **kwargs)), waiting before each clock read for the GPU's asynchronous work."""
-    sync = torch.cuda.synchronize if torch.cuda.is_available() else lambda: None
-    sync()
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
     t0 = time.perf_counter()
     result = fn(*args, **kwargs)
-    sync()
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
     return time.perf_counter() - t0, result
 
 @contextlib.contextmanager
@@ -2107,18 +2060,17 @@ def print_bench(records: dict, cfg: Config, device):
     peaks = {shared: max(r["peak"] for r in records[shared]) for shared in records}
     print(f"  {'peak memory, MB (' + what + ')':40s} {peaks[True]:8.0f} {peaks[False]:8.0f} "
           f"{peaks[True] / peaks[False]:6.2f}")
-    for shared in (True, False):
-        tokens = mean(shared, "tokens") / mean(shared, "completions")
-        print(f"{'shared' if shared else 'plain'}: prompts of {mean(shared, 'prompt_tokens'):.0f} tokens, "
-              f"completions of {tokens:.1f} tokens on average (cap {cfg.max_new_tokens}), "
-              f"{mean(shared, 'tokens') / mean(shared, 'generation'):.0f} tokens generated per second")
     print(f"SAM image encodings per sample per step: {mean(True, 'encodings') / cfg.rollout_batch:.2f}")
     # Every part's work is proportional to the rows (prompts x G) at a fixed --generation-batch and
     # --micro-batch, so a step of the paper's 128 prompts x G 8 costs the same per row; memory does not grow.
     scale = PAPER_ROWS / (cfg.rollout_batch * cfg.group_size)
     for shared in (True, False):
-        seconds = mean(shared, "seconds") * scale
         way = "shared" if shared else "plain"
+        tokens = mean(shared, "tokens") / mean(shared, "completions")
+        print(f"{way}: prompts of {mean(shared, 'prompt_tokens'):.0f} tokens, completions of {tokens:.1f} "
+              f"tokens on average (cap {cfg.max_new_tokens}), "
+              f"{mean(shared, 'tokens') / mean(shared, 'generation'):.0f} tokens generated per second")
+        seconds = mean(shared, "seconds") * scale
         print(f"{way}, extrapolated to the paper's 128 prompts x G=8 ({scale:.0f}x the rows): "
               f"{seconds:.0f} s per step, {seconds * 250 / 3600:.1f} h for its 250 steps")
 
@@ -2205,7 +2157,6 @@ TINY_DEFAULTS = dict(model="tiny", sam="grow", rollout_batch=8, group_size=8, ma
                      sft_curriculum=200, sft_stage1_only=550,
                      eval_split="val", save_every=100, generation_batch=0)
 DEMO_OUT = "runs/demo"      # --tiny's out (runs/demo-sft, ... for other commands): never a real run's folder
-DEMO_OUT = "runs/demo"      # --tiny's out (runs/demo-sft, ... for other commands): never a real run's folder
 RELEASED = "vvangfaye/SocioReasoner-3B"                              # the authors' trained policy
 COMMAND_DEFAULTS = {"sft": dict(sft_steps=500, out="runs/sft"), "eval": dict(model=RELEASED, out="runs/eval"),
                     "infer": dict(model=RELEASED, out="runs/infer")}
@@ -2213,9 +2164,6 @@ COMMAND_DEFAULTS = {"sft": dict(sft_steps=500, out="runs/sft"), "eval": dict(mod
 def command_config(command: str, tiny: bool, given: dict) -> Config:
     tiny_values = {**TINY_DEFAULTS, "out": DEMO_OUT if command == "train" else f"{DEMO_OUT}-{command}"}
     return Config(**{**COMMAND_DEFAULTS.get(command, {}), **(tiny_values if tiny else {}), **given})
-
-def command_fields(command: str) -> list:
-    return [f for f in dataclasses.fields(Config) if command in f.metadata["takes"]]
 
 def flag(name: str) -> str:
     return "--" + name.replace("_", "-")
@@ -2232,14 +2180,13 @@ def add_flag(parser: argparse.ArgumentParser, f: dataclasses.Field, command: str
         parser.add_argument(flag(f.name), dest=f.name, type=type(f.default),
                             help=f"{doc} (default {default})")
     elif f.default:
-        parser.add_argument("--no-" + f.name.replace("_", "-"), dest=f.name, default=None,
-                            action="store_false", help=doc)
+        parser.add_argument(flag("no_" + f.name), dest=f.name, action="store_false", default=None, help=doc)
     else:
-        parser.add_argument(flag(f.name), dest=f.name, default=None, action="store_true", help=doc)
+        parser.add_argument(flag(f.name), dest=f.name, action="store_true", default=None, help=doc)
 
 def tiny_help(command: str) -> str:
     tiny = command_config(command, True, {})                                # the values --tiny gives
-    names = [f.name for f in command_fields(command)]
+    names = [f.name for f in dataclasses.fields(Config) if command in f.metadata["takes"]]
     values = " ".join(f"{flag(k)} {shown(getattr(tiny, k))}" for k in TINY_DEFAULTS if k in names)
     if "out" in names:
         values += f"; --out {tiny.out}"
@@ -2271,8 +2218,9 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--tiny", action="store_true", help=tiny_help(command))
         p.add_argument("--threads", type=int,
                        help="CPU threads for torch (default: 1 with --tiny, else one per core)")
-        for f in command_fields(command):
-            add_flag(p, f, command)
+        for f in dataclasses.fields(Config):
+            if command in f.metadata["takes"]:
+                add_flag(p, f, command)
         add_own_arguments(p, command)
     m = sub.add_parser("make-data", help="write synthetic SocioSeg-style train/ and val/ splits")
     m.add_argument("--out", default="data_sample", help="folder for train/ and val/ (default data_sample)")
@@ -2281,33 +2229,24 @@ def build_parser() -> argparse.ArgumentParser:
                       ("--kinds", "2: a school and a park a tile, the text naming one; 1: one place")]:
         m.add_argument(arg, type=int, help=f"{what} (default: data_sample/synthetic.py's)")
     return parser
-    for arg, what in [("--train", "training tiles"), ("--val", "held-out tiles"), ("--size", "tile side in "
-                      "pixels"), ("--seed", "random seed"),
-                      ("--kinds", "2: a school and a park a tile, the text naming one; 1: one place")]:
-        m.add_argument(arg, type=int, help=f"{what} (default: data_sample/synthetic.py's)")
-    return parser
+
+# The least value of each count (group_size 2: advantages are relative to the group).
+AT_LEAST = dict(group_size=2, rollout_batch=1, micro_batch=1, sft_batch=1, max_new_tokens=1, save_every=1,
+                sft_points=1, steps=0, sft_steps=0, eval_limit=0, generation_batch=0, seed=0, infer_top_k=0)
 
 def check_config(cfg: Config):
     """Reject values that would fail later, deep inside a library (or silently do nothing), with one line
     naming each flag. Every command checks its whole config: a flag it does not take holds its default."""
-    problems = []
+    problems = [f"{flag(k)} must be at least {low}" for k, low in AT_LEAST.items() if getattr(cfg, k) < low]
     if cfg.select not in ("argmax", "sample"):
         problems.append(f"--select is 'argmax' or 'sample', not '{cfg.select}'")
-    if cfg.group_size < 2:
-        problems.append("--group-size must be at least 2: advantages are relative to the group")
-    for name in ("rollout_batch", "micro_batch", "sft_batch", "max_new_tokens", "save_every"):
-        if getattr(cfg, name) < 1:
-            problems.append(f"--{name.replace('_', '-')} must be at least 1")
-    for name in ("steps", "sft_steps", "eval_limit", "generation_batch", "seed", "infer_top_k"):
-        if getattr(cfg, name) < 0:
-            problems.append(f"--{name.replace('_', '-')} cannot be negative")
     for name in ("temperature", "infer_temperature"):
         if not getattr(cfg, name) > 0:
-            problems.append(f"--{name.replace('_', '-')} must be positive")
+            problems.append(f"{flag(name)} must be positive")
     if not 0 < cfg.infer_top_p <= 1:
         problems.append("--infer-top-p must be in (0, 1]")
-    if not 1 <= cfg.sft_points <= MAX_POINTS:
-        problems.append(f"--sft-points must be between 1 and {MAX_POINTS}")
+    if cfg.sft_points > MAX_POINTS:
+        problems.append(f"--sft-points must be at most {MAX_POINTS}")
     if cfg.single_stage and cfg.stage1_only:
         problems.append("--single-stage and --stage1-only are two different ablations: give one")
     if problems:

@@ -41,6 +41,11 @@ torch.backends.cuda.matmul.allow_tf32 = False
 torch.backends.cudnn.allow_tf32 = False
 
 
+def tiny_policy(seed: int, device: torch.device = torch.device("cpu")) -> sr.Policy:
+    """The demo's tiny random Qwen2.5-VL (`--model tiny`), seeded."""
+    return sr.build_random_policy(sr.TINY_ARCH, seed, device)
+
+
 @pytest.fixture(scope="session", autouse=True)
 def say_where_the_tests_run(request):
     """Said once, before the first test; SOCIOREASONER_TEST_DEVICE=meta sets the stand-in up for the run."""
@@ -137,7 +142,8 @@ def test_broken_samples_can_be_skipped_with_a_warning(tmp_path, capsys):
     Image.new("L", (32, 32), 0).save(tmp_path / "train" / "blank" / "mask.png")
     with pytest.raises(sr.SocioError) as e:
         sr.list_split(tmp_path, "train", need_foreground=True)
-    assert "2 broken" in str(e.value) and "truncated/sat.png is corrupt" in str(e.value)
+    assert "2 broken" in str(e.value) and "cannot read sat image" in str(e.value)
+    assert "truncated/sat.png" in str(e.value)
     assert "blank/mask.png has no foreground" in str(e.value)
     assert [r.id for r in sr.list_split(tmp_path, "train", skip_bad=True)] == ["blank", "ok"]  # may be empty
     assert capsys.readouterr().err.count("warning: skipping") == 1
@@ -633,7 +639,7 @@ CPU = torch.device("cpu")
 
 @pytest.fixture(scope="module")
 def policy():
-    return sr.build_tiny_policy(seed=0, device=DEVICE)
+    return tiny_policy(seed=0, device=DEVICE)
 
 
 @pytest.fixture(scope="module")
@@ -749,8 +755,8 @@ def test_accumulated_gradient_equals_full_batch_gradient():
     """Micro-batching must not change the gradient (token mean per row, mean over rows)."""
     refs = sr.list_split(HERE / "data_sample", "train")[:3]
     samples = [sr.read_sample(r) for r in refs] * 2
-    pol = sr.build_tiny_policy(seed=1, device=DEVICE)
-    reference = sr.build_tiny_policy(seed=2, device=DEVICE).model      # differs: the KL term has a gradient
+    pol = tiny_policy(seed=1, device=DEVICE)
+    reference = tiny_policy(seed=2, device=DEVICE).model      # differs: the KL term has a gradient
     texts = ["<think>a</think><answer>[]</answer>", "x" * 9, "<think>bb</think>", "y", "zz" * 7, "<answer>"]
     rows = _rows(pol, samples, texts)
     adv = torch.tensor([0.5, -1.0, 2.0, 0.0, -0.3, 0.7], device=DEVICE)       # where the log-probs are
@@ -786,8 +792,8 @@ def test_shared_prompt_scoring_equals_one_row_per_completion(attention, checkpoi
     each completion was sampled at) gives the plain path's log-probs and GRPO gradients, however the rows
     are cut into micro-batches (groups split across them too), with gradient checkpointing on (and the
     vision tower frozen) and with eager attention (which adds the mask to the scores)."""
-    pol = sr.build_tiny_policy(seed=1, device=DEVICE)
-    reference = sr.build_tiny_policy(seed=2, device=DEVICE).model   # differs, so the KL term has a gradient
+    pol = tiny_policy(seed=1, device=DEVICE)
+    reference = tiny_policy(seed=2, device=DEVICE).model   # differs, so the KL term has a gradient
     pol.model.set_attn_implementation(attention)
     reference.set_attn_implementation(attention)
     sr.prepare_policy(pol, sr.Config(grad_checkpointing=checkpointing, freeze_vision=checkpointing))
@@ -974,8 +980,8 @@ def _shared_rollouts():
     """Hand-written rollouts of one stage, 3 groups of G = 2 (prompts of different lengths, unequal rewards),
     and 3 supervised rows; a policy and a different reference (so that the KL term has a gradient)."""
     samples = [sr.read_sample(r) for r in sr.list_split(HERE / "data_sample", "train")[:3]]
-    pol = sr.build_tiny_policy(seed=1)
-    reference = sr.build_tiny_policy(seed=2).model
+    pol = tiny_policy(seed=1)
+    reference = tiny_policy(seed=2).model
     texts = ["<think>a</think><answer>[]</answer>", "x" * 9, "<think>bb</think>", "y", "zz" * 7, "<answer>"]
     rows = _rows(pol, [s for s in samples for _ in range(2)], texts)
     rewards = [[3.0, 0.0], [1.0, 2.5], [0.5, 0.0]]
@@ -1803,14 +1809,14 @@ def test_evaluate_batches_like_one_sample_at_a_time_and_counts_stage2_fallbacks(
     torch.manual_seed(0)
     m = sr.evaluate(policy, BoxFiller(), refs, cfg)
     torch.manual_seed(0)                                 # batch of one = the per-sample path, draw for draw
-    preds = [sr.predict(policy, BoxFiller(), sr.read_sample(r), cfg) for r in refs]
+    preds = [sr.predict_batch(policy, BoxFiller(), [sr.read_sample(r)], cfg)[0] for r in refs]
     again = sr.segmentation_metrics([p.final for p in preds], [sr.read_sample(r).mask for r in refs])
     assert {k: m[k] for k in again} == again
     # a random policy writes no well-formed 8-token stage-2 answer: every final mask is stage 1's
     assert m["stage2_fallbacks"] == sum(p.fallback for p in preds) == 3
     # greedy decoding: all samples in one batch (left-padded prompts) predict what one at a time does
     greedy = sr.Config(max_new_tokens=8, infer_top_k=1)
-    one = [sr.predict(policy, BoxFiller(), sr.read_sample(r), greedy) for r in refs]
+    one = [sr.predict_batch(policy, BoxFiller(), [sr.read_sample(r)], greedy)[0] for r in refs]
     batched = sr.predict_batch(policy, BoxFiller(), [sr.read_sample(r) for r in refs], greedy)
     assert [g.texts for p in one for g, _ in p.stages] == [g.texts for p in batched for g, _ in p.stages]
 
@@ -2000,16 +2006,16 @@ def test_ablation_single_stage_trains_and_predicts_with_one_answer(sample, polic
     rows = sr.sft_examples(pol, BoxFiller(), sample, 3, np.random.default_rng(0), single_stage=True)
     assert len(rows) == 1 and sr.parse_answer(sr.decode(pol, rows[0][1]), 2)
     assert "give its box and points" in pol.processor.tokenizer.decode(rows[0][0]["input_ids"][0])
-    pred = sr.predict(pol, BoxFiller(), sample, cfg)
+    pred = sr.predict_batch(pol, BoxFiller(), [sample], cfg)[0]
     assert len(pred.stages) == 1 and pred.stages[0][0].stage == 2
 
 
 def test_ablation_stage1_only_stops_after_localisation(policy, sample):
     """'w/o refinement': the stage-1 mask is the final mask."""
     cfg = sr.Config(max_new_tokens=6, stage1_only=True)
-    pred = sr.predict(policy, BoxFiller(), sample, cfg)
+    pred = sr.predict_batch(policy, BoxFiller(), [sample], cfg)[0]
     assert len(pred.stages) == 1 and pred.stages[0][0].stage == 1 and pred.final is pred.stages[0][1]
-    full = sr.predict(policy, BoxFiller(), sample, sr.Config(max_new_tokens=6))
+    full = sr.predict_batch(policy, BoxFiller(), [sample], sr.Config(max_new_tokens=6))[0]
     assert [g.stage for g, _ in full.stages] == [1, 2]
 
 
@@ -2190,7 +2196,7 @@ def test_a_grpo_update_runs_on_a_gpu_and_moves_the_weights_as_on_the_cpu(sample)
     texts = ["<think>a</think><answer>[]</answer>", "junk", "more junk", "<think>"]
     weights, kls = {}, {}
     for device in (CPU, STAND_IN):
-        built, reference = sr.build_tiny_policy(seed=0), sr.build_tiny_policy(seed=1).model
+        built, reference = tiny_policy(seed=0), tiny_policy(seed=1).model
         with working_on(device):
             pol = moved(built, device)
             rows = _rows(pol, [sample] * 4, texts)
@@ -2209,7 +2215,7 @@ def test_an_sft_step_runs_on_a_gpu_with_its_prompts_kept_on_the_cpu(sample):
     """A prompt's pixel_values (~27 MB at 756 px) stay in host memory: the SFT step moves what it scores."""
     losses = {}
     for device in (CPU, STAND_IN):
-        built = sr.build_tiny_policy(seed=0)
+        built = tiny_policy(seed=0)
         with working_on(device):
             pol = moved(built, device)
             rows = sr.sft_examples(pol, sr.GrowSegmenter(), sample, 3, np.random.default_rng(0))
@@ -2225,7 +2231,7 @@ def test_gradient_accumulation_runs_on_a_gpu(sample, monkeypatch):
     texts = ["<think>a</think><answer>[]</answer>", "x" * 9, "<think>bb</think>", "y"]
     grads = {}
     for device in (CPU, STAND_IN):
-        built, reference = sr.build_tiny_policy(seed=0), sr.build_tiny_policy(seed=1).model
+        built, reference = tiny_policy(seed=0), tiny_policy(seed=1).model
         with working_on(device):
             pol = moved(built, device)
             rows = _rows(pol, [sample] * 4, texts)
@@ -2253,7 +2259,7 @@ def test_evaluation_runs_on_a_gpu_like_on_the_cpu(monkeypatch):
     monkeypatch.setattr(sr, "predict_batch", recorded)
     metrics, texts = {}, {}
     for device in (CPU, STAND_IN):
-        built = sr.build_tiny_policy(seed=0)
+        built = tiny_policy(seed=0)
         predictions.clear()
         with working_on(device):
             torch.manual_seed(0)
@@ -2278,12 +2284,12 @@ def test_the_bf16_reference_keeps_float32_rotary_frequencies(monkeypatch):
     monkeypatch.setattr(torch.nn.Module, "to", no_gpu_here)
     reference = sr.load_reference(sr.Config(model="tiny"), "tiny", torch.device("cuda"))
     assert moves[-1].type == "cuda" and {p.dtype for p in reference.parameters()} == {torch.bfloat16}
-    exact = {name: b for name, b in sr.build_tiny_policy(seed=0).model.named_buffers() if "inv_freq" in name}
+    exact = {name: b for name, b in tiny_policy(seed=0).model.named_buffers() if "inv_freq" in name}
     assert any("visual" in name for name in exact) and any("language" in name for name in exact)
     kept = dict(reference.named_buffers())
     assert all(kept[name].dtype == torch.float32 and torch.equal(kept[name], b) for name, b in exact.items())
     # what casting the whole module does instead
-    rounded = dict(sr.build_tiny_policy(seed=0).model.to(torch.bfloat16).named_buffers())
+    rounded = dict(tiny_policy(seed=0).model.to(torch.bfloat16).named_buffers())
     assert all(rounded[name].dtype == torch.bfloat16 for name in exact)
     assert not all(torch.equal(rounded[name].float(), b) for name, b in exact.items())
 
@@ -2292,7 +2298,7 @@ def test_a_checkpoint_written_on_a_gpu_resumes_on_a_cpu(sample, tmp_path, monkey
     """A GPU run's trainer_state.pt holds CUDA tensors (AdamW's moments, the RNG state): a plain torch.load
     fails on a machine without a GPU; the run resumes there all the same, moments and random draws intact."""
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)       # a machine without a GPU, even here
-    pol = sr.build_tiny_policy(seed=0)
+    pol = tiny_policy(seed=0)
     opt = sr.new_optimizer(pol, 1e-3)
     sr.sft_step(pol, opt, sr.sft_examples(pol, sr.GrowSegmenter(), sample, 3, np.random.default_rng(0)), 2)
     cfg = sr.Config(model="tiny", sam="grow", data=str(HERE / "data_sample"), out=str(tmp_path), steps=1)
