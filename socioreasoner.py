@@ -1395,8 +1395,9 @@ def build_random_policy(arch: dict, seed: int, device: torch.device, prompts: st
 
 # ==== Appendix B — A.2.3 supervised fine-tuning: the paper's SFT baseline, and the warm-up before GRPO ======
 # The SFT baseline (Table 4) trains on answers made from the ground truth: each region's box plus three points
-# inside its mask (spread across its middle, `evenly_inside`), in each stage's schema, with an empty <think></think> (no reasoning to imitate). A stage-2
-# prompt needs a first attempt to look at: the ground-truth boxes jittered by up to 10% of their size, with
+# inside its mask (spread across its middle, `evenly_inside`), in each stage's schema, with an empty
+# <think></think> (no reasoning to imitate). A stage-2 prompt needs a first attempt to look at: the
+# ground-truth boxes jittered by up to 10% of their size, with
 # the segmenter's coarse mask for those, so the model learns to refine rather than copy. The loss is the
 # token-mean negative log-likelihood, by GRPO's completion_logprobs. `sft` runs only this phase; `train
 # --sft-steps N` runs it first, as a random policy never writes a well-formed answer (every reward and every
