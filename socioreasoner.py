@@ -2143,16 +2143,14 @@ COMMANDS = {
     "eval": "cIoU, gIoU, F1 and seconds per sample of a model on a split (Table 1)",
     "bench": "time and memory of a few training steps, by kind of work"}
 # --tiny, the offline demo (appendix A: a tiny random Qwen2.5-VL, a weights-free SAM stand-in). Its tiles hold
-# a school and a park; the text names one (data_sample/synthetic.py). A random model does not learn to read
-# the text and find a place at once, so the warm-up is a curriculum (measured on fresh tiles, held-out
-# stage-1 gIoU, one seed each): every tile is asked about both of its places, by name, so that only the text
-# tells the two answers apart (without that, 900 steps after a one-kind curriculum left the text unread:
-# 19-22 %, and naming the other kind found the same place); the first 400 steps show the place asked about
-# alone, to find a place before choosing one (with 400: 32 % after 900 steps, 2 % against the tile's target
-# with the other kind named; with 150: 9 % after 600; with 700: 21 % after 900). Stage-2 rows cost about
-# three stage-1 rows and are learnt quickly once the boxes are, so stage 1 trains alone until step 790. A
-# 1,200-step warm-up (1,050 stage 1 alone) gave 45 % -> 48 % through GRPO but took 18.6 min: 850 fit the time.
-# A tiny model's GRPO lr.
+# a school and a park on a grid; the text names one (data_sample/synthetic.py says why the world is so). A
+# random model does not learn to read the text and find a place at once, so the warm-up is a curriculum:
+# every tile is asked about both of its places, by name, so that only the text tells the two answers apart
+# (without that the text stayed unread: naming the other kind found the same place), and for the first 200
+# steps the place asked about is alone on the tile, to find a place before choosing one. Stage-2 rows cost
+# about three stage-1 rows, and stage-1-only rows are kept from one visit of a tile to the next, so stage 1
+# trains alone until step 550, then both stages for 250 (with 100, stage 2 ended ~10 points below stage 1
+# for two seeds of two; with 250 it is still below, README "What the demo shows"). A tiny model's GRPO lr.
 TINY_DEFAULTS = dict(model="tiny", sam="grow", rollout_batch=8, group_size=8, max_new_tokens=64,
                      micro_batch=16, lr=3e-5, steps=60, sft_steps=800, sft_lr=1e-3, sft_batch=8,
                      sft_curriculum=200, sft_stage1_only=550,
