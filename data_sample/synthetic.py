@@ -44,7 +44,7 @@ DATA_SAMPLE_SIZES = (512, 64)       # train, val tiles in data_sample/
 # below; the held-out report names the other kind too, to show that the text is read.
 #
 # kinds=2 (the demo's world): a school and a park on every tile. kinds=1: one place a tile, of either kind.
-# 512 training tiles with 4 x 4-pixel satellite grains keep data_sample/ at ~4 MB. Regenerate it with:
+# 512 training tiles with 4 x 4-pixel satellite grains keep data_sample/ at ~6 MB. Regenerate it with:
 #   python socioreasoner.py make-data --out data_sample
 
 PLACE_KINDS = {
