@@ -1640,18 +1640,15 @@ def restore(saved: dict, optimizer, device: torch.device):
         optimizer.load_state_dict(saved["optimizer"])
         optimizer.param_groups[0]["lr"] = lr
     torch.set_rng_state(saved["torch_rng"])
-    if device.type == "cuda" and isinstance(saved.get("cuda_rng"), torch.Tensor):
+    if device.type == "cuda" and saved["cuda_rng"] is not None:       # None: saved by a run on a CPU
         torch.cuda.set_rng_state(saved["cuda_rng"], device)
 
 def restart_log(log: Path, state: Optional[dict]):
     """The log keeps its records up to the checkpoint continued from (its state); a new run starts empty."""
-    kept = [r for r in log_lines(log) if progress(r) <= progress(state)] if state else []
+    end = (state["phase"] == "grpo", state["step"]) if state else None        # SFT's steps come before GRPO's
+    kept = [r for r in log_lines(log) if (r["phase"] == "grpo", r["step"]) <= end] if state else []
     log.with_suffix(".tmp").write_text("".join(json.dumps(r) + "\n" for r in kept))
     os.replace(log.with_suffix(".tmp"), log)
-
-def progress(record: dict) -> tuple:
-    """Where a log record or a checkpoint's state is in a run: phase, then step."""
-    return ("sft", "grpo").index(record.get("phase", "grpo")), record["step"]
 
 def warm_up(run: Run):
     """The supervised phase of a run (appendix B); its weights become GRPO's KL reference."""
