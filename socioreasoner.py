@@ -86,6 +86,9 @@ class Config:
                                EVERY)
     stage1_only: bool = param(False, "ablation 'w/o refinement' (Table 2): infer/eval stop after stage 1",
                               INFERENCE)
+    shade_map: bool = param(True, "stage 2's drawing (eq. 3) shades the coarse mask on the map as on the "
+                            "satellite tile; --no-shade-map draws only the boxes on the map, leaving its "
+                            "colours as they are (the demo's map carries position in them)", EVERY)
     micro_batch: int = param(4, "rows (prompt x completion) per forward/backward; gradients are accumulated")
     generation_batch: int = param(64, "sequences (prompts x G) per generate call, whole prompts; 0 = all at "
                                   "once. infer/eval: tiles per batch (KV cache: README, Performance)", EVERY)
@@ -949,21 +952,24 @@ def stage1_prompt(policy: Policy, sample: Sample, key: str = "stage1") -> tuple:
     return policy_inputs(policy, [sample.map, sample.sat], policy.prompts[key], sample.text)
 
 def stage2_inputs(policy: Policy, sample: Sample, boxes_model: np.ndarray, model_hw: tuple,
-                  coarse: np.ndarray) -> dict:
+                  coarse: np.ndarray, shade_map: bool = True) -> dict:
     """Eqs. 3-4, x_2: a first attempt's boxes (K, 4) listed in the model frame, and drawn with its coarse
-    mask onto both tiles in the mask frame (the tiles keep their size, so the model frame is stage 1's)."""
+    mask onto both tiles in the mask frame (the tiles keep their size, so the model frame is stage 1's).
+    shade_map False: the map gets the boxes alone (--no-shade-map)."""
     boxes_mask = to_frame(boxes_model, model_hw, sample.mask.shape)
-    rendered = [render(sample.map, boxes_mask, coarse), render(sample.sat, boxes_mask, coarse)]
+    map_mask = coarse if shade_map else None
+    rendered = [render(sample.map, boxes_mask, map_mask), render(sample.sat, boxes_mask, coarse)]
     listed = [[round(float(v), 1) if v % 1 else int(v) for v in b] for b in boxes_model]
     return policy_inputs(policy, rendered, policy.prompts["stage2"], sample.text, boxes=json.dumps(listed),
                          boxes_json=json.dumps([{"bbox_2d": b} for b in listed]))[0]
 
-def stage2_prompt(policy: Policy, sample: Sample, stage1: Group, carried: int, coarse: np.ndarray) -> tuple:
+def stage2_prompt(policy: Policy, sample: Sample, stage1: Group, carried: int, coarse: np.ndarray,
+                  shade_map: bool = True) -> tuple:
     """Alg. 1 lines 16-18: x_2 of stage 1's carried answer and its M_c -> (inputs, model_hw). The boxes are
     those the segmenter saw: clipped, empty ones dropped (a box at 1e300 would be spelled out in full)."""
     answer = stage1.answers[carried] or []                                    # a malformed answer: no boxes
     boxes_model = clip_prompts([o["bbox_2d"] for o in answer], None, stage1.model_hw)[0]
-    return stage2_inputs(policy, sample, boxes_model, stage1.model_hw, coarse), stage1.model_hw
+    return stage2_inputs(policy, sample, boxes_model, stage1.model_hw, coarse, shade_map), stage1.model_hw
 
 def rollout(policy: Policy, stage: int, prompts: list, n: int, sampling: dict) -> list:
     """n answers to each (inputs, model_hw) prompt, all prompts sampled together -> one Group per prompt."""
@@ -1102,7 +1108,7 @@ def train_step(step: int, batch_refs: list, policy: Policy, reference, optimizer
     for s, enc, g in zip(samples, encodings, groups1):
         carried = select_carried([r["total"] for r in g.rewards], cfg.select, rng)                # line 15
         coarse = segment_answer(segmenter, enc, g.answers[carried], g.model_hw, s.mask.shape)    # line 9: M_c
-        prompts2.append(stage2_prompt(policy, s, g, carried, coarse))                            # lines 16-18
+        prompts2.append(stage2_prompt(policy, s, g, carried, coarse, cfg.shade_map))             # lines 16-18
     # Stage 2, refinement, sampled from the updated policy. Lines 19-21: G completions per sample, parsed
     groups2 = rollout(policy, 2, prompts2, cfg.group_size, sampling)
     reward_stage2(groups2, samples, encodings, segmenter, cfg)                   # lines 22-23: M_f, R_2
@@ -1170,7 +1176,7 @@ def predict_batch(policy: Policy, segmenter: Segmenter, samples: list, cfg: Conf
     coarse = [mask_of(s, enc, g) for s, enc, g in zip(samples, encodings, groups1)]          # M_c, eq. 2
     if cfg.single_stage or cfg.stage1_only:
         return [Prediction([(g, m)], m) for g, m in zip(groups1, coarse)]
-    prompts2 = [stage2_prompt(policy, s, g, 0, m) for s, g, m in zip(samples, groups1, coarse)]
+    prompts2 = [stage2_prompt(policy, s, g, 0, m, cfg.shade_map) for s, g, m in zip(samples, groups1, coarse)]
     groups2 = rollout(policy, 2, prompts2, 1, sampling)
     preds = []
     for s, enc, g1, m1, g2 in zip(samples, encodings, groups1, coarse, groups2):
@@ -1415,9 +1421,10 @@ def format_answer(items: list) -> str:
     return f"<think></think><answer>{json.dumps(out)}</answer>"
 
 def sft_examples(policy: Policy, segmenter: Segmenter, sample: Sample, n_points: int,
-                 rng: np.random.Generator, single_stage: bool = False, stage1_only: bool = False) -> list:
+                 rng: np.random.Generator, single_stage: bool = False, stage1_only: bool = False,
+                 shade_map: bool = True) -> list:
     """One sample's supervised rows (prompt inputs, target ids): stage 1 and 2, stage 1 alone, or the
-    single-stage one."""
+    single-stage one; shade_map: as the stage-2 prompt is drawn (--no-shade-map)."""
     mask_hw = sample.mask.shape
     model_hw = model_frame(policy, sample.sat.size)
     tok = policy.processor.tokenizer                         # a target ends the turn: <|im_end|>, the eos
@@ -1446,7 +1453,7 @@ def sft_examples(policy: Policy, segmenter: Segmenter, sample: Sample, n_points:
     coarse = segment_answer(segmenter, segmenter.encode(np.asarray(sample.sat)),
                             [{"bbox_2d": b} for b in attempt], model_hw, mask_hw)
     return [(stage1_prompt(policy, sample)[0], tokens([{"bbox_2d": b} for b in boxes_model])),
-            (stage2_inputs(policy, sample, attempt, model_hw, coarse), target2)]
+            (stage2_inputs(policy, sample, attempt, model_hw, coarse, shade_map), target2)]
 
 def evenly_inside(candidates: np.ndarray, n: int) -> np.ndarray:
     """n of a region's candidate points (K, 2): those nearest to n spots spread evenly along the line through
@@ -1700,7 +1707,7 @@ def warm_up_rows(run: Run, step: int, stage1_rows: dict) -> list:
         tile_rows = []
         for s in samples:
             tile_rows += sft_examples(run.policy, run.segmenter, s, cfg.sft_points, rng, cfg.single_stage,
-                                      stage1_only)
+                                      stage1_only, cfg.shade_map)
         if stage1_only:
             stage1_rows[i] = (alone, tile_rows)
         rows += tile_rows
@@ -2150,11 +2157,14 @@ COMMANDS = {
 # (without that the text stayed unread: naming the other kind found the same place), and for the first 200
 # steps the place asked about is alone on the tile, to find a place before choosing one. Stage-2 rows cost
 # about three stage-1 rows, and stage-1-only rows are kept from one visit of a tile to the next, so stage 1
-# trains alone until step 550, then both stages for 250 (with 100, stage 2 ended ~10 points below stage 1
-# for both seeds measured; with 250 it is still below: README, "What the demo shows"). A tiny model's GRPO lr.
+# trains alone until step 550, then both stages for 250. Two choices let stage 2 refine rather than trail
+# stage 1 (README, "What the demo shows"): one point per region (the paper's SFT has three), as the stand-in
+# grows every point and one that misses the place grows into the ground; and the coarse mask is not shaded
+# on the map, whose colours say where a pixel is (shaded, stage 2 localised worse than stage 1). A tiny
+# model's GRPO lr.
 TINY_DEFAULTS = dict(model="tiny", sam="grow", rollout_batch=8, group_size=8, max_new_tokens=64,
                      micro_batch=16, lr=3e-5, steps=60, sft_steps=800, sft_lr=1e-3, sft_batch=8,
-                     sft_curriculum=200, sft_stage1_only=550,
+                     sft_curriculum=200, sft_stage1_only=550, sft_points=1, shade_map=False,
                      eval_split="val", save_every=100, generation_batch=0)
 DEMO_OUT = "runs/demo"      # --tiny's out (runs/demo-sft, ... for other commands): never a real run's folder
 RELEASED = "vvangfaye/SocioReasoner-3B"                              # the authors' trained policy
@@ -2171,23 +2181,27 @@ def flag(name: str) -> str:
 def shown(value) -> str:
     return "''" if value == "" else str(value)
 
+def given_as(name: str, value) -> str:
+    """A value as the command line gives it: --name VALUE, or a switch (--name, --no-name)."""
+    if isinstance(value, bool):
+        return flag(name if value else "no_" + name)
+    return f"{flag(name)} {shown(value)}"
+
 def add_flag(parser: argparse.ArgumentParser, f: dataclasses.Field, command: str):
-    """Config field f as a flag of `command`, default None (so that main tells the flags given); a switch on
-    by default is turned off by --no-NAME."""
+    """Config field f as a flag of `command`, default None (so that main tells the flags given); a switch is
+    --NAME / --no-NAME, since --tiny may set either way what the command's default is not."""
     doc = f.metadata["docs"].get(command, f.metadata["doc"]).replace("%", "%%")        # %: for argparse
-    if f.type != "bool":
-        default = shown(COMMAND_DEFAULTS.get(command, {}).get(f.name, f.default))
-        parser.add_argument(flag(f.name), dest=f.name, type=type(f.default),
-                            help=f"{doc} (default {default})")
-    elif f.default:
-        parser.add_argument(flag("no_" + f.name), dest=f.name, action="store_false", default=None, help=doc)
+    default = shown(COMMAND_DEFAULTS.get(command, {}).get(f.name, f.default))
+    if f.type == "bool":
+        parser.add_argument(flag(f.name), dest=f.name, action=argparse.BooleanOptionalAction,
+                            help=f"{doc} (default {given_as(f.name, f.default)})")
     else:
-        parser.add_argument(flag(f.name), dest=f.name, action="store_true", default=None, help=doc)
+        parser.add_argument(flag(f.name), dest=f.name, type=type(f.default), help=f"{doc} (default {default})")
 
 def tiny_help(command: str) -> str:
     tiny = command_config(command, True, {})                                # the values --tiny gives
     names = [f.name for f in dataclasses.fields(Config) if command in f.metadata["takes"]]
-    values = " ".join(f"{flag(k)} {shown(getattr(tiny, k))}" for k in TINY_DEFAULTS if k in names)
+    values = " ".join(given_as(k, getattr(tiny, k)) for k in TINY_DEFAULTS if k in names)
     if "out" in names:
         values += f"; --out {tiny.out}"
     note = "; unless --model is given the policy is random" if command in INFERENCE.split() else ""

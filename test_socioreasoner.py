@@ -1260,6 +1260,32 @@ def test_train_step_on_hand_written_answers(policy, fresh_policy, tmp_path, monk
     assert stats["skipped"] == 0
 
 
+def test_no_shade_map_draws_only_the_boxes_on_the_map_in_every_stage2_prompt(sample, policy, monkeypatch):
+    """Eq. 3 with --no-shade-map: the coarse mask is shaded on the satellite tile but not on the map (the
+    demo's map carries position in its colours), in the warm-up's stage-2 rows and in training's and
+    inference's stage-2 prompts; by default both tiles are shaded, as in the paper."""
+    drawn = []                                                  # (which tile, shaded?) per render call
+    render = sr.render
+    def spy(image, boxes, mask, *args, **kwargs):
+        drawn.append(("map" if image is sample.map else "sat", mask is not None))
+        return render(image, boxes, mask, *args, **kwargs)
+    monkeypatch.setattr(sr, "render", spy)
+    right = {"bbox_2d": [10, 10, 40, 40]}
+    sampler = ScriptedSampler({1: [answer([right])] * 2, 2: [answer([{**right, "points": [[20, 20]]}])] * 2})
+    monkeypatch.setattr(sr, "sample_completions", sampler)
+    ref = sr.list_split(HERE / "data_sample", "train")[:1]
+    monkeypatch.setattr(sr, "read_sample", lambda r: sample)
+    for shade in (True, False):
+        drawn.clear()
+        cfg = sr.Config(group_size=2, micro_batch=2, shade_map=shade, sft_batch=1)
+        sr.warm_up_rows(sr.Run(cfg, {}, ref, [], policy, BoxFiller(), None), 0, {})
+        trained = dataclasses.replace(policy, model=copy.deepcopy(policy.model))
+        optimizer = torch.optim.SGD(trained.model.parameters(), lr=0.0)
+        sr.train_step(0, ref, trained, policy.model, optimizer, BoxFiller(), cfg)
+        sr.predict_batch(policy, BoxFiller(), [sample], cfg)
+        assert drawn == [("map", shade), ("sat", True)] * 3, shade
+
+
 def test_bench_times_a_step_from_outside_and_keeps_its_encodings_and_prompts(policy, fresh_policy):
     refs = sr.list_split(HERE / "data_sample", "train")[:2]
     cfg = sr.Config(group_size=3, max_new_tokens=6, micro_batch=3, lr=1e-3)
