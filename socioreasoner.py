@@ -2191,12 +2191,13 @@ def add_flag(parser: argparse.ArgumentParser, f: dataclasses.Field, command: str
     """Config field f as a flag of `command`, default None (so that main tells the flags given); a switch is
     --NAME / --no-NAME, since --tiny may set either way what the command's default is not."""
     doc = f.metadata["docs"].get(command, f.metadata["doc"]).replace("%", "%%")        # %: for argparse
-    default = shown(COMMAND_DEFAULTS.get(command, {}).get(f.name, f.default))
     if f.type == "bool":
         parser.add_argument(flag(f.name), dest=f.name, action=argparse.BooleanOptionalAction,
                             help=f"{doc} (default {given_as(f.name, f.default)})")
     else:
-        parser.add_argument(flag(f.name), dest=f.name, type=type(f.default), help=f"{doc} (default {default})")
+        default = shown(COMMAND_DEFAULTS.get(command, {}).get(f.name, f.default))
+        parser.add_argument(flag(f.name), dest=f.name, type=type(f.default),
+                            help=f"{doc} (default {default})")
 
 def tiny_help(command: str) -> str:
     tiny = command_config(command, True, {})                                # the values --tiny gives
