@@ -955,7 +955,8 @@ def stage2_inputs(policy: Policy, sample: Sample, boxes_model: np.ndarray, model
                   coarse: np.ndarray, shade_map: bool = True) -> dict:
     """Eqs. 3-4, x_2: a first attempt's boxes (K, 4) listed in the model frame, and drawn with its coarse
     mask onto both tiles in the mask frame (the tiles keep their size, so the model frame is stage 1's).
-    shade_map False: the map gets the boxes alone (--no-shade-map)."""
+    shade_map False: the map gets the boxes alone (--no-shade-map; the prompt's wording, which says both
+    tiles are shaded, is the checkpoint's and stays as it is)."""
     boxes_mask = to_frame(boxes_model, model_hw, sample.mask.shape)
     map_mask = coarse if shade_map else None
     rendered = [render(sample.map, boxes_mask, map_mask), render(sample.sat, boxes_mask, coarse)]
@@ -1652,8 +1653,10 @@ def restore(saved: dict, optimizer, device: torch.device):
 
 def restart_log(log: Path, state: Optional[dict]):
     """The log keeps its records up to the checkpoint continued from (its state); a new run starts empty."""
-    end = (state["phase"] == "grpo", state["step"]) if state else None        # SFT's steps come before GRPO's
-    kept = [r for r in log_lines(log) if (r["phase"] == "grpo", r["step"]) <= end] if state else []
+    kept = []
+    if state:         # (phase is GRPO, step) orders a run: (False, k) < (True, 0), SFT's steps come first
+        end = (state["phase"] == "grpo", state["step"])
+        kept = [r for r in log_lines(log) if (r["phase"] == "grpo", r["step"]) <= end]
     log.with_suffix(".tmp").write_text("".join(json.dumps(r) + "\n" for r in kept))
     os.replace(log.with_suffix(".tmp"), log)
 
@@ -2188,8 +2191,8 @@ def given_as(name: str, value) -> str:
     return f"{flag(name)} {shown(value)}"
 
 def add_flag(parser: argparse.ArgumentParser, f: dataclasses.Field, command: str):
-    """Config field f as a flag of `command`, default None (so that main tells the flags given); a switch is
-    --NAME / --no-NAME, since --tiny may set either way what the command's default is not."""
+    """Config field f as a flag of `command`, default None (so that main tells the flags given). A switch
+    has both forms, --NAME and --no-NAME, so that a flag given after --tiny can undo either setting."""
     doc = f.metadata["docs"].get(command, f.metadata["doc"]).replace("%", "%%")        # %: for argparse
     if f.type == "bool":
         parser.add_argument(flag(f.name), dest=f.name, action=argparse.BooleanOptionalAction,
