@@ -643,7 +643,11 @@ def load_policy(name: str, device: torch.device, seed: int = 0, prompts: str = "
         return build_random_policy(RANDOM_MODELS[name], seed, device, prompts)
     from transformers import AutoModelForImageTextToText as Model, AutoProcessor
     def load(cache_only: bool) -> tuple:
-        model = Model.from_pretrained(name, dtype=torch.float32, local_files_only=cache_only)
+        # use_kernels=False: with the `kernels` package installed (transformers 5.25 requires it), loading
+        # swaps layers for Hub kernels, and on a GPU the first .train() fetches them from the Hub (offline:
+        # a ValueError at the first SFT or GRPO step). The model's own layers are what the tests pin.
+        model = Model.from_pretrained(name, dtype=torch.float32, local_files_only=cache_only,
+                                      use_kernels=False)
         return model, AutoProcessor.from_pretrained(name, local_files_only=cache_only)
     saved = Path(name) / "prompts.json"
     if not prompts and saved.is_file():
@@ -2280,7 +2284,12 @@ def join_processes(command: str):
         raise SocioError(f"{command} runs in one process: under torchrun only train and sft (data parallel)")
     device = None
     if torch.cuda.is_available():
-        device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
+        local_rank = int(os.environ["LOCAL_RANK"])
+        if local_rank >= torch.cuda.device_count():
+            raise SocioError(f"torchrun started process {local_rank} on a machine with "
+                             f"{torch.cuda.device_count()} GPU(s): one process per GPU (--nproc-per-node), "
+                             "or CUDA_VISIBLE_DEVICES= for processes on the CPU")
+        device = torch.device("cuda", local_rank)
         torch.cuda.set_device(device)                 # from here on "cuda" is this process's GPU
     # the others may wait for rank 0 to write a checkpoint (a 3B run's is ~40 GB): not a hang for an hour
     dist.init_process_group("nccl" if device else "gloo", device_id=device, timeout=timedelta(hours=1))
