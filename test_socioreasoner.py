@@ -1809,7 +1809,9 @@ def test_a_run_is_asked_in_its_own_wording_through_warm_up_resume_and_report(pol
     (tmp_path / "p.json").write_text(json.dumps({"stage1": "Something else: {target}."}))
     r = run_here("train", *args, "--steps", "2", "--eval-split", "val", "--resume")   # then the report
     assert r.returncode == 0, r.stderr
-    assert len(seen) == 2 + 2 + 5 * 2 and all(t.count("Boxes for") + t.count("Refine") == 1 for t in seen)
+    passes = sr.TINY_DEFAULTS["eval_passes"]            # the report: 5 rows x 2 stages, each pass, one tile
+    assert len(seen) == 2 + 2 + 5 * 2 * passes
+    assert all(t.count("Boxes for") + t.count("Refine") == 1 for t in seen)
     for folder in ("warmup", "checkpoint"):
         assert sr.load_policy(str(out / folder), CPU).prompts == {**sr.DEFAULT_PROMPTS, **wording}
     rows = json.loads((out / "eval.json").read_text())
@@ -1817,7 +1819,7 @@ def test_a_run_is_asked_in_its_own_wording_through_warm_up_resume_and_report(pol
                           "after GRPO, shuffled tiles", "after GRPO, other kind named",
                           "blind: mean training box"]
     assert 0 <= rows["after GRPO, other kind named"]["original_gIoU"] <= 100
-    assert all(row["n"] == 1 for row in rows.values())
+    assert all(row["n"] == (1 if name.startswith("blind") else passes) for name, row in rows.items())
     assert "held-out" in r.stdout and "blind: mean training box" in r.stdout
     trained = sr.load_policy(str(out / "checkpoint"), CPU).model        # --freeze-vision: the ViT as built
     assert all(torch.equal(a, b.cpu()) for a, b in zip(trained.model.visual.parameters(),
@@ -2044,6 +2046,45 @@ def test_held_out_report_rows_controls_blind_baseline_and_eval_json(policy, tmp_
     sr.held_out_report(cfg, train_refs, refs, policy, None, BoxFiller())        # no GRPO steps: after SFT
     rows = json.loads((tmp_path / "eval.json").read_text())
     assert list(rows)[:2] == ["after SFT", "after SFT, blank tiles"]
+
+
+def test_sft_lr_falls_on_a_cosine_to_its_end_fraction(tmp_path, monkeypatch):
+    """--sft-lr-end e: the supervised lr of step s is sft_lr (e + (1 - e)(1 + cos(pi s / N)) / 2), from
+    sft_lr at the first step to e sft_lr at the (never taken) step N; e = 1 keeps it constant, exactly."""
+    cfg = sr.Config(sft_lr=1e-3, sft_lr_end=0.5, sft_steps=4)
+    assert [sr.sft_lr_at(cfg, s) for s in range(5)] == pytest.approx(
+        [1e-3, 0.9268e-3, 0.75e-3, 0.5732e-3, 0.5e-3], abs=1e-7)
+    assert {sr.sft_lr_at(dataclasses.replace(cfg, sft_lr_end=1.0), s) for s in range(5)} == {1e-3}
+    seen, sft_step = [], sr.sft_step
+    def recording(policy, optimizer, rows, micro_batch):
+        seen.append(optimizer.param_groups[0]["lr"])
+        return sft_step(policy, optimizer, rows, micro_batch)
+    monkeypatch.setattr(sr, "sft_step", recording)
+    sr.synthetic().make_synthetic_data(tmp_path / "data", n_train=2, n_val=1, seed=4)
+    r = run_here("sft", "--tiny", "--data", tmp_path / "data", "--sft-steps", "4", "--sft-batch", "1",
+                 "--eval-split", "", "--out", tmp_path / "run")                 # --tiny: --sft-lr-end 0.5
+    assert r.returncode == 0, r.stderr
+    assert seen == pytest.approx([1e-3, 0.9268e-3, 0.75e-3, 0.5732e-3], abs=1e-7)
+
+
+def test_report_rows_average_their_passes_drawn_with_the_same_seeds(monkeypatch):
+    """--eval-passes K: a row of the held-out report is the mean of K sampled passes, pass k drawing from the
+    same seed in every row (two rows differ by their policies, not their draws); n and the stage-2
+    fallbacks are summed over the passes."""
+    def one_pass(policy, segmenter, refs, cfg, images="real"):          # scores its first random draw
+        return {"gIoU": 100 * torch.rand(()).item(), "n": len(refs), "stage2_fallbacks": 1}
+    monkeypatch.setattr(sr, "evaluate", one_pass)
+    cfg = sr.Config(eval_passes=3, seed=5)
+    start = sr.evaluate_passes("start", None, ["t1", "t2"], cfg)
+    torch.manual_seed(123)                                              # whatever ran in between
+    after = sr.evaluate_passes("after", None, ["t1", "t2"], cfg, images="blank")
+    assert start == after
+    draws = []
+    for k in range(3):
+        torch.manual_seed(int(np.random.SeedSequence([5, k]).generate_state(1)[0]))
+        draws.append(100 * torch.rand(()).item())
+    assert len(set(draws)) == 3 and start["gIoU"] == pytest.approx(np.mean(draws))
+    assert start["n"] == 6 and start["stage2_fallbacks"] == 3
 
 
 def test_ablation_single_stage_trains_and_predicts_with_one_answer(sample, policy, fresh_policy):
