@@ -2187,12 +2187,13 @@ COMMANDS = {
 # (without that the text stayed unread: naming the other kind found the same place), and for the first 200
 # steps the place asked about is alone on the tile, to find a place before choosing one. Stage-2 rows cost
 # about three stage-1 rows, and stage-1-only rows are kept from one visit of a tile to the next, so stage 1
-# trains alone until step 550, then both stages for 250. Two choices let stage 2 refine rather than trail
-# stage 1 (README, "What the demo shows"): one point per region (the paper's SFT has three), as the stand-in
-# grows every point and one that misses the place grows into the ground; and the coarse mask is not shaded
-# on the map, whose colours say where a pixel is (shaded, stage 2 localised worse than stage 1). A tiny
-# model's GRPO lr. The report averages 4 sampled passes over the 64 held-out tiles: one pass moves gIoU by up
-# to 7 points, more than GRPO adds.
+# trains alone until step 550, then both stages for 250. The supervised lr falls on a cosine to half (with a
+# constant lr one seed of six never localised; decayed further, GRPO had less to add). Two choices let stage 2
+# refine rather than trail stage 1 (README, "What the demo shows"): one point per region (the paper's SFT has
+# three), as the stand-in grows every point and one that misses the place grows into the ground; and the
+# coarse mask is not shaded on the map, whose colours say where a pixel is (shaded, stage 2 localised worse
+# than stage 1). A tiny model's GRPO lr. The report averages 4 sampled passes over the 64 held-out tiles: one
+# pass moves gIoU by up to 7 points, more than GRPO adds.
 TINY_DEFAULTS = dict(model="tiny", sam="grow", rollout_batch=8, group_size=8, max_new_tokens=64,
                      micro_batch=16, lr=3e-5, steps=60, sft_steps=800, sft_lr=1e-3, sft_lr_end=0.5,
                      sft_batch=8, sft_curriculum=200, sft_stage1_only=550, sft_points=1, shade_map=False,
