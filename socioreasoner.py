@@ -1790,8 +1790,8 @@ def held_out_report(cfg: Config, train_refs: list, refs: list, policy: Policy, s
         rows[f"{trained}, other kind named"] = evaluate_passes(policy, segmenter, refs, cfg,
                                                                images="other kind")
     rows["blind: mean training box"] = segmentation_metrics(blind, gts)
-    print(f"\nheld-out {cfg.data}/{cfg.eval_split} ({len(refs)} samples, mean of {cfg.eval_passes} sampled "
-          "passes), final masks, percent:")
+    passes = f", mean of {cfg.eval_passes} sampled passes" if cfg.eval_passes > 1 else ""
+    print(f"\nheld-out {cfg.data}/{cfg.eval_split} ({len(refs)} samples{passes}), final masks, percent:")
     print(f"{'':30s} {'cIoU':>6s} {'gIoU':>6s} {'F1':>6s}  stage-1 gIoU  stage-2 fallbacks")
     for name, m in rows.items():   # fallbacks: malformed stage-2 answers, whose stage-1 mask was delivered
         s1 = f"{m['stage1_gIoU']:8.1f}{m['stage2_fallbacks']:9d} of {m['n']}" if "stage1_gIoU" in m else ""
