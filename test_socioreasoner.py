@@ -1239,7 +1239,8 @@ def test_train_step_on_hand_written_answers(policy, fresh_policy, tmp_path, monk
     sampler = ScriptedSampler({1: [answer([]), answer([right]), "no answer"],
                                2: [one_point, "junk", one_point]})
     monkeypatch.setattr(sr, "sample_completions", sampler)
-    cfg = sr.Config(group_size=3, micro_batch=3, lr=1e-3, points_mu=1.0, temperature=0.7)
+    cfg = sr.Config(group_size=3, micro_batch=3, lr=1e-3, points_mu=1.0, temperature=0.7, rollout_top_p=0.99,
+                    rollout_top_k=100)
     opt = torch.optim.AdamW(fresh_policy.model.parameters(), lr=cfg.lr, weight_decay=0.0)
     seg = BoxFiller()
     stats = sr.train_step(0, refs, fresh_policy, policy.model, opt, seg, cfg)
@@ -1254,9 +1255,11 @@ def test_train_step_on_hand_written_answers(policy, fresh_policy, tmp_path, monk
     # the default mu = 2): [3, 0, 3]
     assert seg.calls[1][1][0].tolist() == [[96, 40]]
     assert stats["reward2"] == pytest.approx(2.0) and stats["iou2"] == 1.0
-    # the rollouts sample the full softmax at the training temperature
+    # the rollouts sample at the training temperature, truncated as --rollout-top-p/--rollout-top-k say (here
+    # the authors' release's 0.99 and 100); by default the whole softmax, as the paper does
     sampling = sampler.calls[0]["sampling"]
-    assert (sampling["temperature"], sampling["top_p"], sampling["top_k"]) == (0.7, 1.0, 0)
+    assert (sampling["temperature"], sampling["top_p"], sampling["top_k"]) == (0.7, 0.99, 100)
+    assert (sr.Config().rollout_top_p, sr.Config().rollout_top_k) == (1.0, 0)
     # stage 1 sampled from the start, stage 2 after the stage-1 update, then the stage-2 update
     start, before2 = sampler.calls[0]["weight"], sampler.calls[1]["weight"]
     assert torch.equal(start, policy.model.lm_head.weight)
