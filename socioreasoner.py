@@ -2295,7 +2295,7 @@ def build_parser() -> argparse.ArgumentParser:
 # The least value of each count (group_size 2: advantages are relative to the group).
 AT_LEAST = dict(group_size=2, rollout_batch=1, micro_batch=1, sft_batch=1, max_new_tokens=1, save_every=1,
                 sft_points=1, steps=0, sft_steps=0, eval_limit=0, eval_passes=1, generation_batch=0, seed=0,
-                infer_top_k=0)
+                infer_top_k=0, rollout_top_k=0)
 
 def check_config(cfg: Config):
     """Reject values that would fail later, deep inside a library (or silently do nothing), with one line
@@ -2306,8 +2306,9 @@ def check_config(cfg: Config):
     for name in ("temperature", "infer_temperature"):
         if not getattr(cfg, name) > 0:
             problems.append(f"{flag(name)} must be positive")
-    if not 0 < cfg.infer_top_p <= 1:
-        problems.append("--infer-top-p must be in (0, 1]")
+    for name in ("infer_top_p", "rollout_top_p"):
+        if not 0 < getattr(cfg, name) <= 1:
+            problems.append(f"{flag(name)} must be in (0, 1]")
     if not 0 < cfg.sft_lr_end <= 1:
         problems.append("--sft-lr-end must be in (0, 1]")
     if cfg.sft_points > MAX_POINTS:

@@ -1699,7 +1699,8 @@ def test_recovery_hints(tmp_path, monkeypatch):
 
 BAD_VALUES = dict(select="best", group_size=1, rollout_batch=0, micro_batch=0, sft_batch=0, max_new_tokens=0,
                   save_every=0, steps=-1, sft_steps=-1, eval_limit=-1, generation_batch=-1, seed=-1,
-                  infer_top_k=-1, temperature=0.0, infer_temperature=-0.5, infer_top_p=1.5, sft_points=0)
+                  infer_top_k=-1, temperature=0.0, infer_temperature=-0.5, infer_top_p=1.5, sft_points=0,
+                  rollout_top_p=0.0, rollout_top_k=-1)
 
 
 def test_check_config_names_each_bad_flag_in_one_line():
