@@ -78,7 +78,8 @@ class Config:
                                GRPO)
     rollout_top_p: float = param(1.0, "nucleus of the rollouts' sampling (1 = off; the authors' release: "
                                  "0.99); eq. 6 scores the whole distribution", GRPO)
-    rollout_top_k: int = param(0, "top-k of the rollouts' sampling (0 = off; the authors' release: 100)", GRPO)
+    rollout_top_k: int = param(0, "top-k of the rollouts' sampling (0 = off; the authors' release: 100)",
+                               GRPO)
     max_new_tokens: int = param(512, "cap on completion length; a cut-off answer fails the format gate",
                                 EVERY)
     select: str = param("argmax", "Alg. 1 line 15: rollout carried to stage 2: 'argmax' or 'sample' ~exp(R1)",
