@@ -1558,6 +1558,11 @@ def prepare_policy(policy: Policy, cfg: Config):
         policy.model.model.visual.requires_grad_(False)
     if cfg.grad_checkpointing:  # recompute each layer's activations in backward instead of storing them
         policy.model.activation_checkpointing_enable({"use_reentrant": False})   # transformers >= 5.25
+        # That call also hooks every input embedding, the ViT's patch embedding too, to make its output
+        # require grad (what reentrant checkpointing of frozen embeddings needs; ours is not reentrant): with
+        # --freeze-vision the frozen ViT then stays in the graph, recomputed and back-propagated for
+        # gradients that nothing uses (at 3B, 2,752 attention backwards per micro-batch). Removed.
+        policy.model.disable_input_require_grads()
 
 def new_optimizer(policy: Policy, lr: float) -> torch.optim.Optimizer:
     # No weight decay: the paper gives none, and decay would pull every weight towards 0 on every step.
