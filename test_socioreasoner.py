@@ -838,7 +838,8 @@ def test_a_frozen_vision_tower_stays_out_of_the_backward_pass_under_checkpointin
         assert not any(f.requires_grad for f in features.pooler_output), checkpointing
         pol.model.zero_grad(set_to_none=True)
         sr.accumulate_grpo_gradients(pol, reference, rows, adv, sr.Config(micro_batch=4, kl_beta=0.3))
-        grads[checkpointing] = {name: p.grad for name, p in pol.model.named_parameters() if p.grad is not None}
+        grads[checkpointing] = {name: p.grad for name, p in pol.model.named_parameters()
+                                if p.grad is not None}
     assert grads[True].keys() == grads[False].keys()
     assert not any(".visual." in name for name in grads[True])
     for name, g in grads[False].items():
