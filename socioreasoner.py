@@ -781,17 +781,35 @@ def right_padded(x: torch.Tensor, n: int, fill: int) -> torch.Tensor:
 
 def embed_with_images(model, ids: torch.Tensor, prompts: list) -> torch.Tensor:
     """Token embeddings of ids (S, L) on the device, the image slots of sequence s filled with the features
-    of prompts[s]'s tiles. The vision tower runs once per distinct prompt (the G rows of a group share it)."""
+    of prompts[s]'s tiles. The vision tower runs once, over the distinct tiles of all prompts."""
     device = ids.device
-    distinct = {id(inp): inp for inp in prompts}
-    features = {}
-    for key, inp in distinct.items():
-        pixels = inp["pixel_values"].to(device)
-        per_tile = model.model.get_image_features(pixels, inp["image_grid_thw"].to(device), return_dict=True)
-        features[key] = torch.cat(per_tile.pooler_output)
+    # Prompts that show the same tiles share their features: the G rows of a group (one prompt object), and
+    # in the warm-up a tile asked about each of its two places (two prompts, equal pixels). Each image is
+    # encoded on its own inside the tower (windows and full attention stay within an image), so one call over
+    # all distinct tiles gives each prompt's features as its own call would: it saves the tower's per-call
+    # work, which on a CPU is half a tiny warm-up step; on a GPU, kernel launches.
+    distinct = []                                          # prompts with distinct tiles, in order of first use
+    which = []                                             # prompts[s] shows the tiles of distinct[which[s]]
+    for inp in prompts:
+        match = next((k for k, d in enumerate(distinct) if same_images(d, inp)), None)
+        if match is None:
+            distinct.append(inp)
+            match = len(distinct) - 1
+        which.append(match)
+    pixels = torch.cat([inp["pixel_values"] for inp in distinct]).to(device)     # (patches, C T P P)
+    grids = torch.cat([inp["image_grid_thw"] for inp in distinct]).to(device)    # (images, 3)
+    per_image = model.model.get_image_features(pixels, grids, return_dict=True).pooler_output  # [(n_i, D)]
+    first = np.cumsum([0] + [len(inp["image_grid_thw"]) for inp in distinct])    # distinct k's first image
     embeds = model.get_input_embeddings()(ids)                                    # (S, L, D)
-    scattered = torch.cat([features[id(inp)] for inp in prompts]).to(embeds.dtype)
+    scattered = torch.cat([f for k in which for f in per_image[first[k]:first[k + 1]]]).to(embeds.dtype)
     return embeds.masked_scatter((ids == model.config.image_token_id)[..., None], scattered)
+
+def same_images(a: dict, b: dict) -> bool:
+    """Whether two prompts' inputs hold the same tiles: the same object, or equal grids and pixels."""
+    if a is b:
+        return True
+    return torch.equal(a["image_grid_thw"], b["image_grid_thw"]) and torch.equal(a["pixel_values"],
+                                                                                  b["pixel_values"])
 
 def plain_hidden(policy: Policy, model, rows: list) -> tuple:
     """One sequence per row, prompt + completion -> last hidden states (B L, D) and index (B, T): where in

@@ -711,19 +711,24 @@ def test_logprobs_from_one_forward_match_generates_logits(policy, sample, monkey
         assert torch.allclose(logp[i, :len(c)].cpu(), expected, atol=1e-5)
 
 
-def test_vision_tower_runs_once_per_distinct_prompt_when_scoring(policy, sample):
-    """G rows of one prompt share one vision pass; results equal one-row-at-a-time scoring."""
+def test_the_vision_tower_runs_once_over_the_distinct_tiles_when_scoring(policy, sample):
+    """One vision pass per scoring call, over the distinct tiles only: G rows of one prompt share it, and so
+    do two prompts that show the same tiles (one tile asked about its two places, as in the warm-up); each
+    row's log-probs equal those of the row scored alone."""
     inputs, _ = sr.policy_inputs(policy, [sample.map, sample.sat], sr.STAGE1_PROMPT, sample.text)
+    same_tiles, _ = sr.policy_inputs(policy, [sample.map, sample.sat], sr.STAGE1_PROMPT, "park")
     other, _ = sr.policy_inputs(policy, [sample.sat, sample.map], sr.STAGE1_PROMPT, "park")
+    assert same_tiles["pixel_values"] is not inputs["pixel_values"]              # equal, not the same object
     rows = [(inputs, torch.tensor([60, 61, 62])), (inputs, torch.tensor([70])),
-            (other, torch.tensor([80, 81]))]
-    calls = []
-    hook = policy.model.model.visual.register_forward_hook(lambda *a: calls.append(1))
+            (same_tiles, torch.tensor([75, 76])), (other, torch.tensor([80, 81]))]
+    patches = []                                                      # the pixel rows of each tower call
+    hook = policy.model.model.visual.register_forward_hook(lambda m, args, out: patches.append(len(args[0])))
     try:
         together, _ = sr.completion_logprobs(policy, policy.model, rows, 1.0)
     finally:
         hook.remove()
-    assert len(calls) == 2                                                  # two distinct prompts, three rows
+    # one call, over the tiles of `inputs` and `other` (2 images each): four rows, three prompts, two tile sets
+    assert patches == [len(inputs["pixel_values"]) + len(other["pixel_values"])]
     for i, row in enumerate(rows):
         alone, _ = sr.completion_logprobs(policy, policy.model, [row], 1.0)
         assert torch.allclose(alone[0], together[i, :len(row[1])], atol=1e-5)
