@@ -787,7 +787,7 @@ def embed_with_images(model, ids: torch.Tensor, prompts: list) -> torch.Tensor:
     # in the warm-up a tile asked about each of its two places (two prompts, equal pixels). Each image is
     # encoded on its own inside the tower (windows and full attention stay within an image), so one call over
     # all distinct tiles gives each prompt's features as its own call would. In the tiny warm-up the tower,
-    # called once per prompt, was half of a step's time; it now encodes half as many tiles, in one call. Its
+    # called once per prompt, was half of a step's time; it now encodes each tile once, in one call. Its
     # weight gradient is then summed in another order: the same math, other float rounding.
     distinct = []                                          # prompts with distinct tiles, in order of first use
     which = []                                             # prompts[s] shows the tiles of distinct[which[s]]
