@@ -789,14 +789,17 @@ def embed_with_images(model, ids: torch.Tensor, prompts: list) -> torch.Tensor:
     # all distinct tiles gives each prompt's features as its own call would. In the tiny warm-up the tower,
     # called once per prompt, was half of a step's time; it now encodes each tile once, in one call. Its
     # weight gradient is then summed in another order: the same math, other float rounding.
-    distinct = []                                          # prompts with distinct tiles, in order of first use
-    which = []                                             # prompts[s] shows the tiles of distinct[which[s]]
+    distinct = []                                       # prompts with distinct tiles, in order of first use
+    where = {}                                          # id(prompt inputs) -> index of its tiles in distinct
     for inp in prompts:
+        if id(inp) in where:                            # a group's G rows: one object, compared once
+            continue
         match = next((k for k, d in enumerate(distinct) if same_images(d, inp)), None)
         if match is None:
             distinct.append(inp)
             match = len(distinct) - 1
-        which.append(match)
+        where[id(inp)] = match
+    which = [where[id(inp)] for inp in prompts]         # prompts[s] shows the tiles of distinct[which[s]]
     pixels = torch.cat([inp["pixel_values"] for inp in distinct]).to(device)     # (patches, C T P P)
     grids = torch.cat([inp["image_grid_thw"] for inp in distinct]).to(device)    # (images, 3)
     per_image = model.model.get_image_features(pixels, grids, return_dict=True).pooler_output  # [(n_i, D)]
@@ -806,11 +809,9 @@ def embed_with_images(model, ids: torch.Tensor, prompts: list) -> torch.Tensor:
     return embeds.masked_scatter((ids == model.config.image_token_id)[..., None], scattered)
 
 def same_images(a: dict, b: dict) -> bool:
-    """Whether two prompts' inputs hold the same tiles: the same object, or equal grids and pixels."""
-    if a is b:
-        return True
-    return torch.equal(a["image_grid_thw"], b["image_grid_thw"]) and torch.equal(a["pixel_values"],
-                                                                                  b["pixel_values"])
+    """Whether two prompts' inputs hold the same tiles: equal grids and equal pixels."""
+    same_grids = torch.equal(a["image_grid_thw"], b["image_grid_thw"])
+    return same_grids and torch.equal(a["pixel_values"], b["pixel_values"])
 
 def plain_hidden(policy: Policy, model, rows: list) -> tuple:
     """One sequence per row, prompt + completion -> last hidden states (B L, D) and index (B, T): where in
