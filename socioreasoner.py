@@ -784,11 +784,11 @@ def embed_with_images(model, ids: torch.Tensor, prompts: list) -> torch.Tensor:
     of prompts[s]'s tiles. The vision tower runs once, over the distinct tiles of all prompts."""
     device = ids.device
     # Prompts that show the same tiles share their features: the G rows of a group (one prompt object), and
-    # in the warm-up a tile asked about each of its two places (two prompts, equal pixels). Each image is
-    # encoded on its own inside the tower (windows and full attention stay within an image), so one call over
-    # all distinct tiles gives each prompt's features as its own call would. In the tiny warm-up the tower,
-    # called once per prompt, was half of a step's time; it now encodes each tile once, in one call. Its
-    # weight gradient is then summed in another order: the same math, other float rounding.
+    # in the warm-up a tile asked about each of its two places (two prompts, equal pixels); called once per
+    # prompt, the tower took half of a tiny warm-up step. Each image is encoded on its own inside the tower
+    # (windows and full attention stay within an image), so one call over the distinct tiles gives each
+    # prompt the features its own call would; only the rounding of the tower's weight gradient, summed in
+    # another order, differs.
     distinct = []                                       # prompts with distinct tiles, in order of first use
     where = {}                                          # id(prompt inputs) -> index of its tiles in distinct
     for inp in prompts:
